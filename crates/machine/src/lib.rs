@@ -1,0 +1,374 @@
+//! The tern machine: a KVM virtual machine with its RAM, vCPUs, interrupt controllers and
+//! devices, booted from a kernel image.
+//!
+//! A [`Machine`] is built stopped ([`Machine::new`]), then [`Machine::start`]ed; while running
+//! it can be paused and resumed, and reports what the guest did through [`Machine::next_event`].
+
+pub mod boot;
+pub mod cpuid;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{kvm_cpuid_entry2, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use tern_devices::acpi_pm::{AcpiPm, Pm1Block, Pm1Port};
+use tern_devices::bus::lock;
+use tern_devices::i8042::I8042;
+use tern_devices::irq::IrqLine;
+use tern_devices::pvpanic::PvPanic;
+use tern_devices::serial::{ConsoleOut, SerialDevice};
+use tern_devices::{Bus, GuestEvent, GuestEventSender};
+
+pub use memory::GuestRam;
+pub use vcpu::{VcpuHandle, VcpuState};
+
+use layout::*;
+
+/// Errors while building or running a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("cannot open /dev/kvm: {0}")]
+    NoKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM lacks a capability tern needs: {0}")]
+    MissingCapability(&'static str),
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0} vCPUs requested; this host supports 1 to {1}")]
+    BadVcpuCount(u32, u32),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    #[error("device set-up failed: {0}")]
+    Device(String),
+    #[error("the machine is not in a state that allows this ({0})")]
+    BadState(&'static str),
+    #[error("vCPU {0} did not stop within {1:?}")]
+    PauseTimeout(u32, Duration),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
+    move |source| MachineError::Kvm { what, source }
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    pub mem_mib: u64,
+    pub vcpus: u32,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+/// Handles on the machine's devices.
+pub struct Devices {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub acpi_pm: Arc<Mutex<AcpiPm>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub pvpanic: Arc<Mutex<PvPanic>>,
+}
+
+enum Vcpus {
+    Created(Vec<vcpu::Vcpu>),
+    Running(Vec<VcpuHandle>),
+}
+
+/// A KVM virtual machine.
+pub struct Machine {
+    // Field order is drop order: vCPU threads stop before the VM and its RAM go away.
+    vcpus: Vcpus,
+    devices: Devices,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    events: GuestEventSender,
+    events_rx: Receiver<GuestEvent>,
+    cpuid: Vec<kvm_cpuid_entry2>,
+    paused: bool,
+    vm: VmFd,
+    ram: GuestRam,
+    _kvm: Kvm,
+}
+
+/// How long a vCPU may take to leave KVM_RUN when asked to pause.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Machine {
+    /// Builds a machine and loads its kernel; no vCPU runs yet.
+    pub fn new(config: &MachineConfig, console: ConsoleOut) -> Result<Self, MachineError> {
+        let kvm = Kvm::new().map_err(MachineError::NoKvm)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "in-kernel irqchip"),
+            (Cap::UserMemory, "user memory"),
+            (Cap::ImmediateExit, "immediate exit"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::Pit2, "PIT"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(MachineError::MissingCapability(name));
+            }
+        }
+        let max_vcpus = kvm.get_max_vcpus() as u32;
+        if config.vcpus == 0 || config.vcpus > max_vcpus.min(255) {
+            return Err(MachineError::BadVcpuCount(config.vcpus, max_vcpus.min(255)));
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(kvm_err("set TSS address"))?;
+        vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+
+        let ram = GuestRam::new_memfd(config.mem_mib)?;
+        ram.register(&vm)?;
+
+        let (events, events_rx) = GuestEventSender::channel();
+        let (devices, pio, mmio) = build_devices(&vm, console, &events)?;
+
+        let cpuid = cpuid::supported(&kvm).map_err(kvm_err("get supported CPUID"))?;
+        let vcpus = create_vcpus(&kvm, &vm, config.vcpus, &cpuid)?;
+
+        let spec = boot::BootSpec {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: &config.cmdline,
+        };
+        let entry = boot::load(ram.memory(), ram.size(), &spec)?;
+        boot::setup_boot_vcpu(vcpus[0].fd(), ram.memory(), entry)?;
+
+        Ok(Machine {
+            vcpus: Vcpus::Created(vcpus),
+            devices,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            events,
+            events_rx,
+            cpuid,
+            paused: false,
+            vm,
+            ram,
+            _kvm: kvm,
+        })
+    }
+
+    /// Starts the vCPU threads (paused if `paused`).
+    pub fn start(&mut self, paused: bool) -> Result<(), MachineError> {
+        let Vcpus::Created(created) = std::mem::replace(&mut self.vcpus, Vcpus::Running(vec![]))
+        else {
+            return Err(MachineError::BadState("already started"));
+        };
+        let mut handles = Vec::with_capacity(created.len());
+        for vcpu in created {
+            handles.push(vcpu.spawn(
+                self.pio.clone(),
+                self.mmio.clone(),
+                self.events.clone(),
+                paused,
+            )?);
+        }
+        self.vcpus = Vcpus::Running(handles);
+        self.paused = paused;
+        Ok(())
+    }
+
+    fn handles(&self) -> Result<&[VcpuHandle], MachineError> {
+        match &self.vcpus {
+            Vcpus::Running(h) => Ok(h),
+            Vcpus::Created(_) => Err(MachineError::BadState("not started")),
+        }
+    }
+
+    /// Stops every vCPU; returns once none of them runs guest code.
+    pub fn pause(&mut self) -> Result<(), MachineError> {
+        let handles = self.handles()?;
+        let acks = handles
+            .iter()
+            .map(|h| h.request_pause())
+            .collect::<Result<Vec<_>, _>>()?;
+        for (h, ack) in handles.iter().zip(acks) {
+            ack.recv_timeout(PAUSE_TIMEOUT)
+                .map_err(|_| MachineError::PauseTimeout(h.index(), PAUSE_TIMEOUT))?;
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&mut self) -> Result<(), MachineError> {
+        for h in self.handles()? {
+            h.resume()?;
+        }
+        self.paused = false;
+        Ok(())
+    }
+
+    /// True while paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Waits up to `timeout` for the next thing the guest did.
+    pub fn next_event(&self, timeout: Duration) -> Option<GuestEvent> {
+        match self.events_rx.recv_timeout(timeout) {
+            Ok(e) => Some(e),
+            Err(RecvTimeoutError::Timeout) => None,
+            // Impossible while `self.events` exists; treat as nothing happened.
+            Err(RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Presses the ACPI power button.
+    pub fn press_power_button(&self) {
+        lock(&self.devices.acpi_pm).press_power_button();
+    }
+
+    /// Queues console input; returns how many bytes the UART accepted.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        lock(&self.devices.serial).enqueue_input(bytes)
+    }
+
+    /// Host CPU time used by all vCPUs, in nanoseconds.
+    pub fn cpu_time_ns(&self) -> u64 {
+        self.handles()
+            .map(|h| h.iter().map(|v| v.cpu_time_ns()).sum())
+            .unwrap_or(0)
+    }
+
+    /// Stops and joins every vCPU thread. The machine cannot run again afterwards.
+    pub fn shut_down(&mut self) {
+        if let Vcpus::Running(handles) = &mut self.vcpus {
+            for h in handles.iter_mut() {
+                h.stop();
+            }
+        }
+    }
+
+    /// The KVM VM handle (dirty logging, interrupt controller state).
+    pub fn vm(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The devices.
+    pub fn devices(&self) -> &Devices {
+        &self.devices
+    }
+
+    /// CPUID entries KVM supports on this host (before per-vCPU patching).
+    pub fn host_cpuid(&self) -> &[kvm_cpuid_entry2] {
+        &self.cpuid
+    }
+
+    /// Captures every vCPU; the machine must be paused.
+    pub fn capture_vcpus(&self) -> Result<Vec<VcpuState>, MachineError> {
+        if !self.paused {
+            return Err(MachineError::BadState("vCPU state can only be captured while paused"));
+        }
+        Ok(self
+            .handles()?
+            .iter()
+            .map(|h| h.capture())
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    count: u32,
+    cpuid: &[kvm_cpuid_entry2],
+) -> Result<Vec<vcpu::Vcpu>, MachineError> {
+    let xsave_size = usize::try_from(vm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+    let mut vcpus: Vec<vcpu::Vcpu> = Vec::with_capacity(count as usize);
+    let mut msrs: Vec<u32> = Vec::new();
+    for index in 0..count {
+        let vcpu = vcpu::Vcpu::new(vm, index, count, cpuid, &msrs, xsave_size)?;
+        if index == 0 {
+            msrs = vcpu::saveable_msrs(kvm, vcpu.fd());
+        }
+        vcpus.push(vcpu);
+    }
+    if let Some(first) = vcpus.first_mut() {
+        first.set_msr_indices(&msrs);
+    }
+    Ok(vcpus)
+}
+
+fn build_devices(
+    vm: &VmFd,
+    console: ConsoleOut,
+    events: &GuestEventSender,
+) -> Result<(Devices, Bus, Bus), MachineError> {
+    let dev_err = |e: std::io::Error| MachineError::Device(e.to_string());
+    let irq = |gsi: u32| -> Result<IrqLine, MachineError> {
+        let line = IrqLine::new(gsi).map_err(dev_err)?;
+        vm.register_irqfd(line.eventfd(), gsi)
+            .map_err(kvm_err("register irqfd"))?;
+        Ok(line)
+    };
+    let serial = Arc::new(Mutex::new(SerialDevice::new(irq(SERIAL_GSI)?, console)));
+    let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(irq(ACPI_SCI_GSI)?, events.clone())));
+    let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
+    let pvpanic = Arc::new(Mutex::new(PvPanic::new(events.clone())));
+
+    let mut pio = Bus::new();
+    let bus_err = |e: tern_devices::BusError| MachineError::Device(e.to_string());
+    pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)
+        .map_err(bus_err)?;
+    pio.insert(i8042.clone(), u64::from(I8042_PORT), 5)
+        .map_err(bus_err)?;
+    for (block, port, len) in [
+        (Pm1Block::Event, ACPI_PM1A_EVT_PORT, 4),
+        (Pm1Block::Control, ACPI_PM1A_CNT_PORT, 2),
+    ] {
+        let port_dev = Arc::new(Mutex::new(Pm1Port {
+            pm: acpi_pm.clone(),
+            block,
+        }));
+        pio.insert(port_dev, u64::from(port), len).map_err(bus_err)?;
+    }
+    pio.insert(pvpanic.clone(), u64::from(PVPANIC_PORT), 1)
+        .map_err(bus_err)?;
+    let mmio = Bus::new();
+    Ok((
+        Devices {
+            serial,
+            acpi_pm,
+            i8042,
+            pvpanic,
+        },
+        pio,
+        mmio,
+    ))
+}
+
+/// A console sink that discards output (tests, benchmarks).
+pub fn null_console() -> ConsoleOut {
+    Box::new(std::io::sink()) as Box<dyn Write + Send>
+}

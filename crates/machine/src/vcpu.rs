@@ -1,0 +1,687 @@
+//! vCPUs: creation and configuration, the run loop on its own thread, and state capture.
+//!
+//! Each vCPU thread owns its `VcpuFd`. The machine talks to it through a command channel; a
+//! command sent while the vCPU is inside `KVM_RUN` is noticed because the sender also "kicks"
+//! the thread: it sets `immediate_exit` in the shared `kvm_run` page and sends a signal, so
+//! `KVM_RUN` returns `EINTR` whether or not the thread had entered it yet.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, Msrs, Xsave,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use tern_devices::{Bus, GuestEvent, GuestEventSender};
+
+use crate::cpuid;
+
+/// Errors of vCPU set-up and state handling.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {index}: {what} failed: {source}")]
+    Kvm {
+        index: u32,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: {message}")]
+    Other { index: u32, message: String },
+    #[error("vCPU {0} thread is gone")]
+    Gone(u32),
+}
+
+fn kvm_err(index: u32, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Kvm {
+        index,
+        what,
+        source,
+    }
+}
+
+/// MSRs whose write order matters on restore: the TSC first, its deadline last.
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+
+/// The complete architectural state of one vCPU as KVM exposes it.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub index: u32,
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    /// XSAVE area (FPU, SSE, AVX, ...), as 32-bit words.
+    pub xsave: Vec<u32>,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    /// LAPIC register page.
+    pub lapic: Vec<u8>,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Guest TSC frequency, if KVM reports it.
+    pub tsc_khz: Option<u32>,
+}
+
+/// A created, configured vCPU that has not started running.
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+    cpuid: Vec<kvm_cpuid_entry2>,
+    msr_indices: Vec<u32>,
+    xsave_size: usize,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` of `count` with the host-supported CPUID `base`.
+    pub fn new(
+        vm: &VmFd,
+        index: u32,
+        count: u32,
+        base: &[kvm_cpuid_entry2],
+        msr_indices: &[u32],
+        xsave_size: usize,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err(index, "create"))?;
+        let cpuid = cpuid::for_vcpu(base, index, count);
+        let kvm_cpuid = cpuid::to_kvm(&cpuid).map_err(|e| VcpuError::Other {
+            index,
+            message: format!("CPUID table: {e:?}"),
+        })?;
+        fd.set_cpuid2(&kvm_cpuid).map_err(kvm_err(index, "set CPUID"))?;
+        let vcpu = Vcpu {
+            index,
+            fd,
+            cpuid,
+            msr_indices: msr_indices.to_vec(),
+            xsave_size,
+        };
+        vcpu.set_boot_msrs()?;
+        vcpu.set_lapic_lints()?;
+        vcpu.set_boot_fpu()?;
+        Ok(vcpu)
+    }
+
+    /// Sets the MSRs captured with the state (probed once per machine, see [`saveable_msrs`]).
+    pub fn set_msr_indices(&mut self, indices: &[u32]) {
+        self.msr_indices = indices.to_vec();
+    }
+
+    /// Index (also the APIC ID) of this vCPU.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The KVM handle, for boot-time register set-up.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The CPUID this vCPU was created with.
+    pub fn cpuid(&self) -> &[kvm_cpuid_entry2] {
+        &self.cpuid
+    }
+
+    fn set_boot_msrs(&self) -> Result<(), VcpuError> {
+        let entries = [
+            msr(MSR_IA32_MISC_ENABLE, 1), // fast string operations
+            msr(MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, default write-back
+        ];
+        let msrs = Msrs::from_entries(&entries).map_err(|e| VcpuError::Other {
+            index: self.index,
+            message: format!("MSR table: {e:?}"),
+        })?;
+        self.fd
+            .set_msrs(&msrs)
+            .map_err(kvm_err(self.index, "set MSRs"))?;
+        Ok(())
+    }
+
+    /// LINT0 delivers ExtINT (the legacy PIC) and LINT1 NMI, as firmware would set them.
+    fn set_lapic_lints(&self) -> Result<(), VcpuError> {
+        const APIC_LVT0: usize = 0x350;
+        const APIC_LVT1: usize = 0x360;
+        const MODE_EXTINT: u32 = 0x7;
+        const MODE_NMI: u32 = 0x4;
+        let mut lapic = self.fd.get_lapic().map_err(kvm_err(self.index, "get LAPIC"))?;
+        for (reg, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
+            let v = lapic_reg(&lapic, reg);
+            set_lapic_reg(&mut lapic, reg, (v & !0x700) | (mode << 8));
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(kvm_err(self.index, "set LAPIC"))
+    }
+
+    fn set_boot_fpu(&self) -> Result<(), VcpuError> {
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(kvm_err(self.index, "set FPU"))
+    }
+
+    /// Where the vCPU is, in one line: for crash reports.
+    pub fn describe(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                r.rip, r.rsp, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            _ => "registers unavailable".into(),
+        }
+    }
+
+    /// Captures the full state. Only valid while the vCPU is not running.
+    pub fn capture(&self) -> Result<VcpuState, VcpuError> {
+        let i = self.index;
+        let fd = &self.fd;
+        // MP state and events first: KVM may have to flush pending work into them.
+        let mp_state = fd.get_mp_state().map_err(kvm_err(i, "get MP state"))?;
+        let events = fd.get_vcpu_events().map_err(kvm_err(i, "get events"))?;
+        let regs = fd.get_regs().map_err(kvm_err(i, "get registers"))?;
+        let sregs = fd.get_sregs().map_err(kvm_err(i, "get segment registers"))?;
+        let xsave = self.get_xsave()?;
+        let xcrs = fd.get_xcrs().map_err(kvm_err(i, "get XCRs"))?;
+        let debugregs = fd.get_debug_regs().map_err(kvm_err(i, "get debug registers"))?;
+        let lapic = fd.get_lapic().map_err(kvm_err(i, "get LAPIC"))?;
+        let msrs = self.get_msrs()?;
+        let tsc_khz = fd.get_tsc_khz().ok();
+        Ok(VcpuState {
+            index: i,
+            cpuid: self.cpuid.clone(),
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic: lapic.regs.iter().map(|&b| b as u8).collect(),
+            mp_state,
+            events,
+            msrs,
+            tsc_khz,
+        })
+    }
+
+    /// Puts a captured state back. The CPUID must be the one this vCPU was created with.
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        let i = self.index;
+        let fd = &self.fd;
+        if state.lapic.len() != std::mem::size_of::<kvm_lapic_state>() {
+            return Err(VcpuError::Other {
+                index: i,
+                message: format!("LAPIC state of {} bytes", state.lapic.len()),
+            });
+        }
+        if let Some(khz) = state.tsc_khz {
+            if fd.get_tsc_khz().ok() != Some(khz) {
+                // Keep the guest's TSC rate where the host can scale it; otherwise the guest
+                // still runs, with its clocksource re-calibrated by kvmclock.
+                let _ = fd.set_tsc_khz(khz);
+            }
+        }
+        fd.set_mp_state(state.mp_state)
+            .map_err(kvm_err(i, "set MP state"))?;
+        fd.set_regs(&state.regs).map_err(kvm_err(i, "set registers"))?;
+        fd.set_sregs(&state.sregs)
+            .map_err(kvm_err(i, "set segment registers"))?;
+        self.set_xsave(&state.xsave)?;
+        fd.set_xcrs(&state.xcrs).map_err(kvm_err(i, "set XCRs"))?;
+        fd.set_debug_regs(&state.debugregs)
+            .map_err(kvm_err(i, "set debug registers"))?;
+        let mut lapic = kvm_lapic_state::default();
+        for (dst, &src) in lapic.regs.iter_mut().zip(&state.lapic) {
+            *dst = src as _;
+        }
+        fd.set_lapic(&lapic).map_err(kvm_err(i, "set LAPIC"))?;
+        self.set_msrs(&state.msrs)?;
+        fd.set_vcpu_events(&state.events)
+            .map_err(kvm_err(i, "set events"))?;
+        Ok(())
+    }
+
+    fn get_xsave(&self) -> Result<Vec<u32>, VcpuError> {
+        let i = self.index;
+        let base = std::mem::size_of::<kvm_bindings::kvm_xsave>();
+        if self.xsave_size <= base {
+            let x = self.fd.get_xsave().map_err(kvm_err(i, "get XSAVE"))?;
+            return Ok(x.region.to_vec());
+        }
+        let extra = (self.xsave_size - base).div_ceil(4);
+        let mut x = Xsave::new(extra).map_err(|e| VcpuError::Other {
+            index: i,
+            message: format!("XSAVE buffer: {e:?}"),
+        })?;
+        // SAFETY: the buffer was sized from KVM_CAP_XSAVE2.
+        unsafe { self.fd.get_xsave2(&mut x) }.map_err(kvm_err(i, "get XSAVE2"))?;
+        let mut words = x.as_fam_struct_ref().xsave.region.to_vec();
+        words.extend_from_slice(x.as_slice());
+        Ok(words)
+    }
+
+    fn set_xsave(&self, words: &[u32]) -> Result<(), VcpuError> {
+        let i = self.index;
+        let base_words = std::mem::size_of::<kvm_bindings::kvm_xsave>() / 4;
+        let expected = self.xsave_size.max(base_words * 4).div_ceil(4);
+        if words.len() != expected {
+            return Err(VcpuError::Other {
+                index: i,
+                message: format!(
+                    "XSAVE area of {} bytes, this host uses {}",
+                    words.len() * 4,
+                    expected * 4
+                ),
+            });
+        }
+        let mut x = Xsave::new(words.len() - base_words).map_err(|e| VcpuError::Other {
+            index: i,
+            message: format!("XSAVE buffer: {e:?}"),
+        })?;
+        // SAFETY: header and FAM are filled from a buffer of exactly their combined size.
+        unsafe {
+            x.as_mut_fam_struct()
+                .xsave
+                .region
+                .copy_from_slice(&words[..base_words]);
+            x.as_mut_slice().copy_from_slice(&words[base_words..]);
+            self.fd.set_xsave2(&x)
+        }
+        .map_err(kvm_err(i, "set XSAVE"))
+    }
+
+    fn get_msrs(&self) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+        let i = self.index;
+        let entries: Vec<kvm_msr_entry> = self.msr_indices.iter().map(|&m| msr(m, 0)).collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| VcpuError::Other {
+            index: i,
+            message: format!("MSR table: {e:?}"),
+        })?;
+        let read = self.fd.get_msrs(&mut msrs).map_err(kvm_err(i, "get MSRs"))?;
+        if read != entries.len() {
+            return Err(VcpuError::Other {
+                index: i,
+                message: format!("KVM read {read} of {} MSRs", entries.len()),
+            });
+        }
+        Ok(msrs.as_slice().to_vec())
+    }
+
+    fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<(), VcpuError> {
+        let i = self.index;
+        let msrs = Msrs::from_entries(entries).map_err(|e| VcpuError::Other {
+            index: i,
+            message: format!("MSR table: {e:?}"),
+        })?;
+        let written = self.fd.set_msrs(&msrs).map_err(kvm_err(i, "set MSRs"))?;
+        if written != entries.len() {
+            let failed = entries.get(written).map(|e| e.index).unwrap_or(0);
+            return Err(VcpuError::Other {
+                index: i,
+                message: format!("KVM refused MSR {failed:#x}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts the run loop on a new thread.
+    pub fn spawn(
+        self,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        events: GuestEventSender,
+        start_paused: bool,
+    ) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler();
+        let index = self.index;
+        let (tx, rx) = mpsc::channel();
+        let tid = Arc::new(AtomicI32::new(0));
+        let mut runner = VcpuRunner {
+            vcpu: self,
+            pio,
+            mmio,
+            events,
+            rx,
+            paused: start_paused,
+            stopped: false,
+            tid: tid.clone(),
+            kvm_run: 0,
+        };
+        let kvm_run = runner.vcpu.fd.get_kvm_run() as *mut kvm_run as usize;
+        runner.kvm_run = kvm_run;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || runner.run())
+            .map_err(|e| VcpuError::Other {
+                index,
+                message: format!("cannot start thread: {e}"),
+            })?;
+        Ok(VcpuHandle {
+            index,
+            tx,
+            kick: Kick {
+                kvm_run,
+                thread: std::os::unix::thread::JoinHandleExt::as_pthread_t(&thread),
+            },
+            thread: Some(thread),
+            tid,
+        })
+    }
+}
+
+fn msr(index: u32, data: u64) -> kvm_msr_entry {
+    kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }
+}
+
+fn lapic_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
+    let b = &lapic.regs[offset..offset + 4];
+    u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+}
+
+fn set_lapic_reg(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
+    for (i, byte) in value.to_le_bytes().iter().enumerate() {
+        lapic.regs[offset + i] = *byte as _;
+    }
+}
+
+/// MSRs worth saving: those KVM lists and can actually read on this host, TSC first and the
+/// TSC deadline last so that a restore sets the deadline relative to the restored TSC.
+pub fn saveable_msrs(kvm: &kvm_ioctls::Kvm, probe: &VcpuFd) -> Vec<u32> {
+    let Ok(list) = kvm.get_msr_index_list() else {
+        return Vec::new();
+    };
+    let mut readable: Vec<u32> = list
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|&index| {
+            let Ok(mut one) = Msrs::from_entries(&[msr(index, 0)]) else {
+                return false;
+            };
+            matches!(probe.get_msrs(&mut one), Ok(1))
+        })
+        .collect();
+    readable.sort_by_key(|&m| match m {
+        MSR_IA32_TSC => 0,
+        MSR_IA32_TSC_DEADLINE => 2,
+        _ => 1,
+    });
+    readable
+}
+
+/// Requests to a running vCPU thread.
+enum Command {
+    Pause(Sender<()>),
+    Resume,
+    Capture(Sender<Result<VcpuState, VcpuError>>),
+    Restore(Box<VcpuState>, Sender<Result<(), VcpuError>>),
+    Exit,
+}
+
+/// Forces a vCPU out of `KVM_RUN`.
+struct Kick {
+    kvm_run: usize,
+    thread: libc::pthread_t,
+}
+
+impl Kick {
+    fn kick(&self) {
+        // SAFETY: the kvm_run page stays mapped while the VcpuFd (owned by the thread we are
+        // about to signal, joined before the handle is dropped) exists; a byte store is atomic.
+        unsafe {
+            let run = self.kvm_run as *mut kvm_run;
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1);
+            libc::pthread_kill(self.thread, kick_signal());
+        }
+    }
+}
+
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick) {
+            log::error!("cannot install the vCPU kick handler: {e}");
+        }
+    });
+}
+
+/// The machine's handle on a running vCPU thread.
+pub struct VcpuHandle {
+    index: u32,
+    tx: Sender<Command>,
+    kick: Kick,
+    thread: Option<JoinHandle<()>>,
+    tid: Arc<AtomicI32>,
+}
+
+impl VcpuHandle {
+    /// vCPU index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), VcpuError> {
+        self.tx.send(cmd).map_err(|_| VcpuError::Gone(self.index))?;
+        self.kick.kick();
+        Ok(())
+    }
+
+    /// Asks the vCPU to stop; wait for it with the returned receiver.
+    pub fn request_pause(&self) -> Result<Receiver<()>, VcpuError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Pause(tx))?;
+        Ok(rx)
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        self.send(Command::Resume)
+    }
+
+    /// Captures the state of a paused vCPU.
+    pub fn capture(&self) -> Result<VcpuState, VcpuError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Capture(tx))?;
+        rx.recv().map_err(|_| VcpuError::Gone(self.index))?
+    }
+
+    /// Restores the state of a paused vCPU.
+    pub fn restore(&self, state: VcpuState) -> Result<(), VcpuError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Restore(Box::new(state), tx))?;
+        rx.recv().map_err(|_| VcpuError::Gone(self.index))?
+    }
+
+    /// Host CPU time consumed by this vCPU's thread, in nanoseconds.
+    pub fn cpu_time_ns(&self) -> u64 {
+        let tid = self.tid.load(Ordering::Relaxed);
+        if tid == 0 {
+            return 0;
+        }
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(&mut self) {
+        let _ = self.send(Command::Exit);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// State of the vCPU thread.
+struct VcpuRunner {
+    vcpu: Vcpu,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    events: GuestEventSender,
+    rx: Receiver<Command>,
+    paused: bool,
+    /// Set after a fatal exit: the vCPU never runs again.
+    stopped: bool,
+    tid: Arc<AtomicI32>,
+    /// The vCPU's kvm_run page, read for the element size of string I/O.
+    kvm_run: usize,
+}
+
+impl VcpuRunner {
+    fn run(&mut self) {
+        // SAFETY: gettid has no preconditions.
+        self.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+        while self.handle_commands() {
+            self.run_once();
+        }
+    }
+
+    fn set_immediate_exit(&mut self, value: u8) {
+        self.vcpu.fd.set_kvm_immediate_exit(value);
+    }
+
+    /// Handles queued commands; blocks while paused. Returns false when the thread must end.
+    fn handle_commands(&mut self) -> bool {
+        // Clear the kick before looking at the queue: a command queued after this point sets
+        // it again, so it cannot be missed.
+        self.set_immediate_exit(0);
+        loop {
+            let cmd = if self.paused || self.stopped {
+                match self.rx.recv() {
+                    Ok(c) => c,
+                    Err(_) => return false,
+                }
+            } else {
+                match self.rx.try_recv() {
+                    Ok(c) => c,
+                    Err(TryRecvError::Empty) => return true,
+                    Err(TryRecvError::Disconnected) => return false,
+                }
+            };
+            match cmd {
+                Command::Pause(ack) => {
+                    self.complete_pending_io();
+                    self.paused = true;
+                    // Tell a kvmclock guest it was stopped on purpose (no soft-lockup alarms).
+                    let _ = self.vcpu.fd.kvmclock_ctrl();
+                    let _ = ack.send(());
+                }
+                Command::Resume => self.paused = false,
+                Command::Capture(reply) => {
+                    let _ = reply.send(self.vcpu.capture());
+                }
+                Command::Restore(state, reply) => {
+                    let _ = reply.send(self.vcpu.restore(&state));
+                }
+                Command::Exit => return false,
+            }
+        }
+    }
+
+    /// An I/O or MMIO exit is only complete once KVM_RUN is entered again; do that with
+    /// immediate_exit set so that captured registers are past the instruction.
+    fn complete_pending_io(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.set_immediate_exit(1);
+        let _ = self.vcpu.fd.run();
+        self.set_immediate_exit(0);
+    }
+
+    fn run_once(&mut self) {
+        let index = self.vcpu.index;
+        let kvm_run = self.kvm_run;
+        let fatal = match self.vcpu.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoOut(port, data) => {
+                    for chunk in data.chunks(io_size(kvm_run)) {
+                        self.pio.write(u64::from(port), chunk);
+                    }
+                    None
+                }
+                VcpuExit::IoIn(port, data) => {
+                    for chunk in data.chunks_mut(io_size(kvm_run)) {
+                        self.pio.read(u64::from(port), chunk);
+                    }
+                    None
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    self.mmio.read(addr, data);
+                    None
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    self.mmio.write(addr, data);
+                    None
+                }
+                VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
+                VcpuExit::Shutdown => Some("triple fault".to_string()),
+                VcpuExit::InternalError => Some(internal_error(self.vcpu.fd.get_kvm_run())),
+                VcpuExit::FailEntry(reason, cpu) => {
+                    Some(format!("VM entry failed (reason {reason:#x}, cpu {cpu})"))
+                }
+                VcpuExit::SystemEvent(kind, _) => Some(format!("system event {kind}")),
+                other => Some(format!("unexpected exit {other:?}")),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(format!("KVM_RUN failed: {e}")),
+        };
+        if let Some(reason) = fatal {
+            let reason = format!("{reason} ({})", self.vcpu.describe());
+            log::error!("vcpu{index}: {reason}");
+            self.stopped = true;
+            self.events
+                .send(GuestEvent::Crashed(format!("vCPU {index}: {reason}")));
+        }
+    }
+}
+
+/// Element size of the port I/O that caused the current exit (a string instruction
+/// transfers `count` elements of this size in one exit).
+fn io_size(kvm_run: usize) -> usize {
+    // SAFETY: called only while handling a KVM_EXIT_IO, when `io` is the active member of the
+    // vCPU's mapped kvm_run page.
+    let size = unsafe { (*(kvm_run as *const kvm_run)).__bindgen_anon_1.io.size };
+    usize::from(size).max(1)
+}
+
+fn internal_error(run: &kvm_run) -> String {
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let ndata = (internal.ndata as usize).min(internal.data.len());
+    let data: Vec<String> = internal.data[..ndata]
+        .iter()
+        .map(|d| format!("{d:#x}"))
+        .collect();
+    format!(
+        "KVM internal error (suberror {}, data [{}])",
+        internal.suberror,
+        data.join(", ")
+    )
+}
