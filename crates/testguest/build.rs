@@ -11,7 +11,12 @@ fn main() {
     let target_dir = out_dir.join("guest-target");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
 
-    for path in ["Cargo.toml", "Cargo.lock", ".cargo/config.toml", "tern-test-guest"] {
+    for path in [
+        "Cargo.toml",
+        "Cargo.lock",
+        ".cargo/config.toml",
+        "tern-test-guest",
+    ] {
         println!("cargo:rerun-if-changed={}", guest_dir.join(path).display());
     }
 
@@ -21,11 +26,16 @@ fn main() {
         .arg(&target_dir);
     // The outer build's flags and target settings are for tern, not for a bare-metal kernel.
     for (key, _) in std::env::vars() {
-        if key.starts_with("CARGO_") && key != "CARGO_HOME" || key == "RUSTFLAGS" || key == "RUSTC_WRAPPER" {
+        if key.starts_with("CARGO_") && key != "CARGO_HOME"
+            || key == "RUSTFLAGS"
+            || key == "RUSTC_WRAPPER"
+        {
             cmd.env_remove(&key);
         }
     }
-    let status = cmd.status().expect("cannot run cargo to build the test guest");
+    let status = cmd
+        .status()
+        .expect("cannot run cargo to build the test guest");
     assert!(status.success(), "building the test guest failed");
 
     let elf = target_dir.join("release/tern-test-guest");

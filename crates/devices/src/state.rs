@@ -72,7 +72,10 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let s = Sample { a: 7, b: vec![1, 2, 3] };
+        let s = Sample {
+            a: 7,
+            b: vec![1, 2, 3],
+        };
         let bytes = encode_state("x", &s).unwrap();
         assert_eq!(decode_state::<Sample>("x", &bytes).unwrap(), s);
     }

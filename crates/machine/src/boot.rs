@@ -162,7 +162,10 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Guest RAM as the firmware would report it: type 1 = usable, 2 = reserved.
 pub fn e820_map(ram_size: u64) -> Vec<(u64, u64, u32)> {
-    let mut map = vec![(0, EBDA_START, 1), (EBDA_START, HIGH_MEMORY_START - EBDA_START, 2)];
+    let mut map = vec![
+        (0, EBDA_START, 1),
+        (EBDA_START, HIGH_MEMORY_START - EBDA_START, 2),
+    ];
     for (start, len) in ram_ranges(ram_size) {
         let end = start + len;
         let start = start.max(HIGH_MEMORY_START);
@@ -229,8 +232,11 @@ fn write_pvh_start_info(
             type_: kind,
             reserved: 0,
         };
-        mem.write_obj(entry, GuestAddress(PVH_MEMMAP_START + i as u64 * entry_size))
-            .map_err(mem_err)?;
+        mem.write_obj(
+            entry,
+            GuestAddress(PVH_MEMMAP_START + i as u64 * entry_size),
+        )
+        .map_err(mem_err)?;
     }
     let modlist_paddr = PVH_MEMMAP_START + map.len() as u64 * entry_size;
     if let Some((paddr, size)) = initrd {
@@ -300,8 +306,11 @@ fn write_identity_map(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     mem.write_obj(BOOT_PD_START | PRESENT_RW, GuestAddress(BOOT_PDPT_START))
         .map_err(mem_err)?;
     for i in 0..512u64 {
-        mem.write_obj((i << 21) | PRESENT_RW | HUGE, GuestAddress(BOOT_PD_START + i * 8))
-            .map_err(mem_err)?;
+        mem.write_obj(
+            (i << 21) | PRESENT_RW | HUGE,
+            GuestAddress(BOOT_PD_START + i * 8),
+        )
+        .map_err(mem_err)?;
     }
     Ok(())
 }

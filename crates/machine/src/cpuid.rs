@@ -70,7 +70,8 @@ pub fn for_vcpu(entries: &[kvm_cpuid_entry2], index: u32, count: u32) -> Vec<kvm
             0x8000_0001 => e.ecx &= !EXT1_ECX_SVM,
             0x8000_0008 => {
                 // AMD: number of cores minus one, and the APIC-ID size.
-                e.ecx = (e.ecx & !0xf0ff) | (count.saturating_sub(1) & 0xff) | (id_bits(count) << 12);
+                e.ecx =
+                    (e.ecx & !0xf0ff) | (count.saturating_sub(1) & 0xff) | (id_bits(count) << 12);
             }
             0x8000_001e => {
                 e.eax = index;
@@ -133,7 +134,12 @@ mod tests {
 
     #[test]
     fn apic_id_and_topology_follow_the_vcpu() {
-        let base = vec![entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0x8000_0001, 0)];
+        let base = vec![
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0x8000_0001, 0),
+        ];
         let patched = for_vcpu(&base, 3, 4);
         assert_eq!(patched[0].ebx >> 24, 3);
         assert_eq!((patched[0].ebx >> 16) & 0xff, 4);

@@ -92,7 +92,13 @@ mod tests {
     #[test]
     fn large_machine_skips_the_hole() {
         let r = ram_ranges(4 << 30);
-        assert_eq!(r, vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, (4 << 30) - MMIO_HOLE_START)]);
+        assert_eq!(
+            r,
+            vec![
+                (0, MMIO_HOLE_START),
+                (MMIO_HOLE_END, (4 << 30) - MMIO_HOLE_START)
+            ]
+        );
         assert_eq!(r.iter().map(|r| r.1).sum::<u64>(), 4 << 30);
     }
 }

@@ -95,7 +95,7 @@ pub struct Machine {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     events: GuestEventSender,
-    events_rx: Receiver<GuestEvent>,
+    events_rx: Option<Receiver<GuestEvent>>,
     cpuid: Vec<kvm_cpuid_entry2>,
     paused: bool,
     vm: VmFd,
@@ -158,7 +158,7 @@ impl Machine {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             events,
-            events_rx,
+            events_rx: Some(events_rx),
             cpuid,
             paused: false,
             vm,
@@ -223,14 +223,21 @@ impl Machine {
         self.paused
     }
 
-    /// Waits up to `timeout` for the next thing the guest did.
+    /// Waits up to `timeout` for the next thing the guest did (None once the receiver was
+    /// taken with [`Machine::take_events`]).
     pub fn next_event(&self, timeout: Duration) -> Option<GuestEvent> {
-        match self.events_rx.recv_timeout(timeout) {
+        match self.events_rx.as_ref()?.recv_timeout(timeout) {
             Ok(e) => Some(e),
             Err(RecvTimeoutError::Timeout) => None,
             // Impossible while `self.events` exists; treat as nothing happened.
             Err(RecvTimeoutError::Disconnected) => None,
         }
+    }
+
+    /// Takes the receiver of guest events, for a caller that waits on it without holding the
+    /// machine (which other threads need for pause, console input, ...).
+    pub fn take_events(&mut self) -> Option<Receiver<GuestEvent>> {
+        self.events_rx.take()
     }
 
     /// Presses the ACPI power button.
@@ -282,7 +289,9 @@ impl Machine {
     /// Captures every vCPU; the machine must be paused.
     pub fn capture_vcpus(&self) -> Result<Vec<VcpuState>, MachineError> {
         if !self.paused {
-            return Err(MachineError::BadState("vCPU state can only be captured while paused"));
+            return Err(MachineError::BadState(
+                "vCPU state can only be captured while paused",
+            ));
         }
         Ok(self
             .handles()?
@@ -351,7 +360,8 @@ fn build_devices(
             pm: acpi_pm.clone(),
             block,
         }));
-        pio.insert(port_dev, u64::from(port), len).map_err(bus_err)?;
+        pio.insert(port_dev, u64::from(port), len)
+            .map_err(bus_err)?;
     }
     pio.insert(pvpanic.clone(), u64::from(PVPANIC_PORT), 1)
         .map_err(bus_err)?;

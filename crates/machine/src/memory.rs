@@ -153,7 +153,11 @@ impl GuestRam {
 fn set_slot(vm: &VmFd, slot: &RamSlot, dirty_log: bool) -> Result<(), MemoryError> {
     let region = kvm_userspace_memory_region {
         slot: slot.slot,
-        flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        flags: if dirty_log {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
         guest_phys_addr: slot.guest_addr,
         memory_size: slot.size,
         userspace_addr: slot.host_addr,
@@ -209,8 +213,8 @@ fn map_file(
         });
         file_offset += len;
     }
-    let memory = GuestMemoryMmap::from_regions(regions)
-        .map_err(|e| MemoryError::Assemble(e.to_string()))?;
+    let memory =
+        GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Assemble(e.to_string()))?;
     Ok((memory, slots))
 }
 
@@ -226,7 +230,9 @@ mod tests {
         assert_eq!(ram.slots().len(), 1);
         let v: u64 = ram.memory().read_obj(GuestAddress(0x1000)).unwrap();
         assert_eq!(v, 0);
-        ram.memory().write_obj(0xdead_beefu64, GuestAddress(0x1000)).unwrap();
+        ram.memory()
+            .write_obj(0xdead_beefu64, GuestAddress(0x1000))
+            .unwrap();
         let v: u64 = ram.memory().read_obj(GuestAddress(0x1000)).unwrap();
         assert_eq!(v, 0xdead_beef);
         assert_eq!(ram.memory().num_regions(), 1);
@@ -243,6 +249,9 @@ mod tests {
 
     #[test]
     fn zero_size_is_refused() {
-        assert!(matches!(GuestRam::new_memfd(0), Err(MemoryError::BadSize(0))));
+        assert!(matches!(
+            GuestRam::new_memfd(0),
+            Err(MemoryError::BadSize(0))
+        ));
     }
 }

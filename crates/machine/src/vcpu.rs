@@ -97,7 +97,8 @@ impl Vcpu {
             index,
             message: format!("CPUID table: {e:?}"),
         })?;
-        fd.set_cpuid2(&kvm_cpuid).map_err(kvm_err(index, "set CPUID"))?;
+        fd.set_cpuid2(&kvm_cpuid)
+            .map_err(kvm_err(index, "set CPUID"))?;
         let vcpu = Vcpu {
             index,
             fd,
@@ -133,7 +134,7 @@ impl Vcpu {
 
     fn set_boot_msrs(&self) -> Result<(), VcpuError> {
         let entries = [
-            msr(MSR_IA32_MISC_ENABLE, 1), // fast string operations
+            msr(MSR_IA32_MISC_ENABLE, 1),          // fast string operations
             msr(MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, default write-back
         ];
         let msrs = Msrs::from_entries(&entries).map_err(|e| VcpuError::Other {
@@ -152,7 +153,10 @@ impl Vcpu {
         const APIC_LVT1: usize = 0x360;
         const MODE_EXTINT: u32 = 0x7;
         const MODE_NMI: u32 = 0x4;
-        let mut lapic = self.fd.get_lapic().map_err(kvm_err(self.index, "get LAPIC"))?;
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(kvm_err(self.index, "get LAPIC"))?;
         for (reg, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
             let v = lapic_reg(&lapic, reg);
             set_lapic_reg(&mut lapic, reg, (v & !0x700) | (mode << 8));
@@ -168,7 +172,9 @@ impl Vcpu {
             mxcsr: 0x1f80,
             ..Default::default()
         };
-        self.fd.set_fpu(&fpu).map_err(kvm_err(self.index, "set FPU"))
+        self.fd
+            .set_fpu(&fpu)
+            .map_err(kvm_err(self.index, "set FPU"))
     }
 
     /// Where the vCPU is, in one line: for crash reports.
@@ -190,10 +196,14 @@ impl Vcpu {
         let mp_state = fd.get_mp_state().map_err(kvm_err(i, "get MP state"))?;
         let events = fd.get_vcpu_events().map_err(kvm_err(i, "get events"))?;
         let regs = fd.get_regs().map_err(kvm_err(i, "get registers"))?;
-        let sregs = fd.get_sregs().map_err(kvm_err(i, "get segment registers"))?;
+        let sregs = fd
+            .get_sregs()
+            .map_err(kvm_err(i, "get segment registers"))?;
         let xsave = self.get_xsave()?;
         let xcrs = fd.get_xcrs().map_err(kvm_err(i, "get XCRs"))?;
-        let debugregs = fd.get_debug_regs().map_err(kvm_err(i, "get debug registers"))?;
+        let debugregs = fd
+            .get_debug_regs()
+            .map_err(kvm_err(i, "get debug registers"))?;
         let lapic = fd.get_lapic().map_err(kvm_err(i, "get LAPIC"))?;
         let msrs = self.get_msrs()?;
         let tsc_khz = fd.get_tsc_khz().ok();
@@ -232,7 +242,8 @@ impl Vcpu {
         }
         fd.set_mp_state(state.mp_state)
             .map_err(kvm_err(i, "set MP state"))?;
-        fd.set_regs(&state.regs).map_err(kvm_err(i, "set registers"))?;
+        fd.set_regs(&state.regs)
+            .map_err(kvm_err(i, "set registers"))?;
         fd.set_sregs(&state.sregs)
             .map_err(kvm_err(i, "set segment registers"))?;
         self.set_xsave(&state.xsave)?;
@@ -306,7 +317,10 @@ impl Vcpu {
             index: i,
             message: format!("MSR table: {e:?}"),
         })?;
-        let read = self.fd.get_msrs(&mut msrs).map_err(kvm_err(i, "get MSRs"))?;
+        let read = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(kvm_err(i, "get MSRs"))?;
         if read != entries.len() {
             return Err(VcpuError::Other {
                 index: i,

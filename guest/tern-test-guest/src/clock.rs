@@ -23,8 +23,16 @@ pub struct PvClock {
 pub struct PvClockPage(pub [PvClock; MAX_CPUS]);
 
 pub static mut PVCLOCK: PvClockPage = PvClockPage(
-    [PvClock { version: 0, pad0: 0, tsc_timestamp: 0, system_time: 0, tsc_to_system_mul: 0, tsc_shift: 0, flags: 0, pad: [0; 2] };
-        MAX_CPUS],
+    [PvClock {
+        version: 0,
+        pad0: 0,
+        tsc_timestamp: 0,
+        system_time: 0,
+        tsc_to_system_mul: 0,
+        tsc_shift: 0,
+        flags: 0,
+        pad: [0; 2],
+    }; MAX_CPUS],
 );
 
 /// Guest time in nanoseconds, read from `cpu`'s pvclock page.

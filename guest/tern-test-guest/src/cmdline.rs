@@ -13,7 +13,12 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Params { heartbeat_ms: 100, wss_mib: 0, write_mibps: 0, verify_ms: 2000 }
+        Params {
+            heartbeat_ms: 100,
+            wss_mib: 0,
+            write_mibps: 0,
+            verify_ms: 2000,
+        }
     }
 }
 
@@ -47,7 +52,9 @@ pub fn parse(addr: u64) -> (Params, &'static [u8]) {
     };
     for word in line.split(|&c| c == b' ') {
         let mut kv = word.splitn(2, |&c| c == b'=');
-        let (Some(key), Some(value)) = (kv.next(), kv.next()) else { continue };
+        let (Some(key), Some(value)) = (kv.next(), kv.next()) else {
+            continue;
+        };
         match key {
             b"heartbeat_ms" => p.heartbeat_ms = parse_u64(value).unwrap_or(p.heartbeat_ms).max(1),
             b"wss_mib" => p.wss_mib = parse_u64(value).unwrap_or(0),

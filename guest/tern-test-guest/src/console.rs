@@ -43,7 +43,10 @@ pub fn print_fmt(args: fmt::Arguments) {
     {
         core::hint::spin_loop();
     }
-    let mut line = Line { buf: [0; 512], len: 0 };
+    let mut line = Line {
+        buf: [0; 512],
+        len: 0,
+    };
     let _ = line.write_fmt(args);
     line.flush();
     LOCK.store(false, Ordering::Release);

@@ -11,18 +11,24 @@ pub const LAPIC_BASE: usize = 0xfee0_0000;
 
 #[inline]
 pub fn outb(port: u16, value: u8) {
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 #[inline]
 pub fn outw(port: u16, value: u16) {
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 #[inline]
 pub fn inw(port: u16) -> u16 {
     let v: u16;
-    unsafe { asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 
@@ -48,8 +54,6 @@ pub fn mmio_read32(addr: usize) -> u32 {
 pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
-
-
 
 /// Tells the host the guest panicked.
 pub fn pvpanic() {

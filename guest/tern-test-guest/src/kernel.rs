@@ -23,9 +23,15 @@ struct IdtEntry {
 #[repr(C, align(16))]
 struct Idt([IdtEntry; 256]);
 
-static mut IDT: Idt = Idt(
-    [IdtEntry { offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, zero: 0 }; 256],
-);
+static mut IDT: Idt = Idt([IdtEntry {
+    offset_low: 0,
+    selector: 0,
+    ist: 0,
+    type_attr: 0,
+    offset_mid: 0,
+    offset_high: 0,
+    zero: 0,
+}; 256]);
 
 /// 64-bit TSS followed by its I/O permission bitmap (all zero: every port allowed) and the
 /// mandatory trailing 0xff byte.
@@ -50,8 +56,17 @@ const TSS_SIZE: usize = core::mem::size_of::<Tss>();
 struct TssSlot(Tss);
 
 const EMPTY_TSS: TssSlot = TssSlot(Tss {
-    reserved0: 0, rsp0: 0, rsp1: 0, rsp2: 0, reserved1: 0, ist: [0; 7], reserved2: 0,
-    reserved3: 0, iomap_base: 0, iomap: [0; 8192], iomap_end: 0,
+    reserved0: 0,
+    rsp0: 0,
+    rsp1: 0,
+    rsp2: 0,
+    reserved1: 0,
+    ist: [0; 7],
+    reserved2: 0,
+    reserved3: 0,
+    iomap_base: 0,
+    iomap: [0; 8192],
+    iomap_end: 0,
 });
 static mut TSS: [TssSlot; MAX_CPUS] = [EMPTY_TSS; MAX_CPUS];
 
@@ -105,7 +120,10 @@ unsafe fn load_idt() {
         limit: u16,
         base: u64,
     }
-    let p = Pointer { limit: (core::mem::size_of::<Idt>() - 1) as u16, base: addr_of_mut!(IDT) as u64 };
+    let p = Pointer {
+        limit: (core::mem::size_of::<Idt>() - 1) as u16,
+        base: addr_of_mut!(IDT) as u64,
+    };
     asm!("lidt [{}]", in(reg) &p, options(nostack, readonly));
 }
 

@@ -58,16 +58,31 @@ const STEP_PAGES: u64 = 512;
 const MAX_DEBT_NS: u64 = 100_000_000;
 
 impl Share {
-    pub fn new(cpu: usize, cpus: usize, ws: WorkingSet, write_mibps: u64, verify_ms: u64, now: u64) -> Self {
+    pub fn new(
+        cpu: usize,
+        cpus: usize,
+        ws: WorkingSet,
+        write_mibps: u64,
+        verify_ms: u64,
+        now: u64,
+    ) -> Self {
         let per = ws.pages / cpus as u64;
         let first = per * cpu as u64;
-        let count = if cpu + 1 == cpus { ws.pages - first } else { per };
+        let count = if cpu + 1 == cpus {
+            ws.pages - first
+        } else {
+            per
+        };
         let write_rate = if write_mibps == u64::MAX {
             u64::MAX
         } else {
             write_mibps * (1 << 20) / PAGE / cpus as u64
         };
-        let verify_rate = if count == 0 { 0 } else { (count * 1000 / verify_ms.max(1)).max(1) };
+        let verify_rate = if count == 0 {
+            0
+        } else {
+            (count * 1000 / verify_ms.max(1)).max(1)
+        };
         Share {
             cpu,
             ws,
@@ -98,7 +113,8 @@ impl Share {
         if rate == u64::MAX {
             return STEP_PAGES;
         }
-        let target = (u128::from(now.saturating_sub(start)) * u128::from(rate) / 1_000_000_000) as u64;
+        let target =
+            (u128::from(now.saturating_sub(start)) * u128::from(rate) / 1_000_000_000) as u64;
         let max_debt = (u128::from(rate) * u128::from(MAX_DEBT_NS) / 1_000_000_000) as u64 + 1;
         if target > *done + max_debt {
             *done = target - max_debt;
@@ -115,7 +131,8 @@ impl Share {
             if rate == u64::MAX {
                 return 0;
             }
-            let at = self.start_ns + ((u128::from(done + 1) * 1_000_000_000) / u128::from(rate)) as u64;
+            let at =
+                self.start_ns + ((u128::from(done + 1) * 1_000_000_000) / u128::from(rate)) as u64;
             at.saturating_sub(now)
         };
         next(self.write_rate, self.writes_done).min(next(self.verify_rate, self.verifies_done))
@@ -135,7 +152,12 @@ impl Share {
         self.writes_done += writes;
         WRITTEN[self.cpu].fetch_add(writes, Ordering::Relaxed);
 
-        let verifies = Self::due(self.verify_rate, self.start_ns, now, &mut self.verifies_done);
+        let verifies = Self::due(
+            self.verify_rate,
+            self.start_ns,
+            now,
+            &mut self.verifies_done,
+        );
         for _ in 0..verifies {
             let page = self.first + self.verify_cursor;
             self.verify_page(page);

@@ -12,7 +12,9 @@ pub struct RegSet {
     pub xmm: [[u64; 2]; 16],
 }
 
-const GPR_NAMES: [&str; 10] = ["rbx", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
+const GPR_NAMES: [&str; 10] = [
+    "rbx", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+];
 
 extern "C" {
     fn regcheck_sleep(ns: u64, expected: *const RegSet, found: *mut RegSet);
@@ -21,9 +23,16 @@ extern "C" {
 /// The fixed values for `cpu`: different on every CPU and in every register.
 pub fn expected(cpu: usize) -> RegSet {
     let c = cpu as u64;
-    let mut r = RegSet { gpr: [0; 10], xmm: [[0; 2]; 16] };
+    let mut r = RegSet {
+        gpr: [0; 10],
+        xmm: [[0; 2]; 16],
+    };
     for (i, g) in r.gpr.iter_mut().enumerate() {
-        *g = 0x7e57_0000_0000_0000 | (c << 40) | ((i as u64) << 32) | 0xa5a5_0000 | (i as u64 * 0x1111);
+        *g = 0x7e57_0000_0000_0000
+            | (c << 40)
+            | ((i as u64) << 32)
+            | 0xa5a5_0000
+            | (i as u64 * 0x1111);
     }
     for (i, x) in r.xmm.iter_mut().enumerate() {
         x[0] = 0x5e5e_0000_0000_0000 | (c << 40) | ((i as u64) << 32) | 0x0123_4567;
@@ -40,7 +49,10 @@ pub static CHECKS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPU
 /// Sleeps `ns` with the fixed values live in the registers, then checks them.
 pub fn sleep_checked(cpu: usize, expected: &RegSet, ns: u64) {
     let ns = ns.clamp(crate::clock::MIN_SLEEP_NS, crate::clock::MAX_SLEEP_NS);
-    let mut found = RegSet { gpr: [0; 10], xmm: [[0; 2]; 16] };
+    let mut found = RegSet {
+        gpr: [0; 10],
+        xmm: [[0; 2]; 16],
+    };
     unsafe { regcheck_sleep(ns, expected, &mut found) };
     CHECKS[cpu].fetch_add(1, Ordering::Relaxed);
     if found == *expected {
@@ -48,7 +60,12 @@ pub fn sleep_checked(cpu: usize, expected: &RegSet, ns: u64) {
     }
     for (i, (e, f)) in expected.gpr.iter().zip(found.gpr.iter()).enumerate() {
         if e != f {
-            report(cpu, format_args!("{}", GPR_NAMES[i]), *e as u128, *f as u128);
+            report(
+                cpu,
+                format_args!("{}", GPR_NAMES[i]),
+                *e as u128,
+                *f as u128,
+            );
         }
     }
     for (i, (e, f)) in expected.xmm.iter().zip(found.xmm.iter()).enumerate() {
@@ -63,7 +80,9 @@ pub fn sleep_checked(cpu: usize, expected: &RegSet, ns: u64) {
 fn report(cpu: usize, reg: core::fmt::Arguments, expected: u128, found: u128) {
     let n = ERRORS[cpu].fetch_add(1, Ordering::Relaxed);
     if n < 32 {
-        crate::println!("REGISTER MISMATCH cpu={cpu} reg={reg} expected={expected:#x} found={found:#x}");
+        crate::println!(
+            "REGISTER MISMATCH cpu={cpu} reg={reg} expected={expected:#x} found={found:#x}"
+        );
     }
 }
 

@@ -49,7 +49,7 @@ pub fn start_aps(expected: usize) -> usize {
     unsafe {
         let start = core::ptr::addr_of!(__ap_trampoline_start) as usize;
         let end = core::ptr::addr_of!(__ap_trampoline_end) as usize;
-        let load = core::ptr::addr_of!(__ap_trampoline_load) as *const u8;
+        let load = core::ptr::addr_of!(__ap_trampoline_load);
         core::ptr::copy_nonoverlapping(load, start as *mut u8, end - start);
     }
     const ALL_BUT_SELF: u32 = 3 << 18;

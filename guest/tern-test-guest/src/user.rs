@@ -6,9 +6,9 @@ use crate::clock::{self, now_ns};
 use crate::cmdline::{self, Params};
 use crate::hw;
 use crate::memtest::{self, Share, WorkingSet};
+use crate::println;
 use crate::regs;
 use crate::smp;
-use crate::println;
 
 /// `hvm_start_info` fields the guest uses.
 #[repr(C)]
@@ -41,8 +41,17 @@ struct Shared {
 }
 
 static mut SHARED: Shared = Shared {
-    params: Params { heartbeat_ms: 100, wss_mib: 0, write_mibps: 0, verify_ms: 2000 },
-    ws: WorkingSet { gens: 0, base: 0, pages: 0 },
+    params: Params {
+        heartbeat_ms: 100,
+        wss_mib: 0,
+        write_mibps: 0,
+        verify_ms: 2000,
+    },
+    ws: WorkingSet {
+        gens: 0,
+        base: 0,
+        pages: 0,
+    },
     cpus: 1,
 };
 
@@ -76,9 +85,16 @@ fn layout_working_set(info: &StartInfo, wss_mib: u64) -> WorkingSet {
         pages -= 256; // shrink in 1 MiB steps until it fits
     }
     if pages * memtest::PAGE < wanted {
-        println!("warning: working set reduced to {} MiB to fit in RAM", pages * memtest::PAGE >> 20);
+        println!(
+            "warning: working set reduced to {} MiB to fit in RAM",
+            (pages * memtest::PAGE) >> 20
+        );
     }
-    WorkingSet { gens, base: base_for(pages), pages }
+    WorkingSet {
+        gens,
+        base: base_for(pages),
+        pages,
+    }
 }
 
 /// Entered by `iretq` from `kernel.rs` on every CPU.
@@ -119,7 +135,7 @@ fn boot_cpu_main(start_info: u64) -> ! {
     println!(
         "ready cpus={online}/{cpus} heartbeat_ms={} wss_mib={} write_mibps={} verify_ms={} ws_base={:#x}",
         p.heartbeat_ms,
-        ws.pages * memtest::PAGE >> 20,
+        (ws.pages * memtest::PAGE) >> 20,
         if p.write_mibps == u64::MAX { -1i64 } else { p.write_mibps as i64 },
         p.verify_ms,
         ws.base
@@ -146,7 +162,14 @@ fn run(cpu: usize) -> ! {
     let p = &shared.params;
     let expected = regs::expected(cpu);
     let start = now_ns(cpu);
-    let mut share = Share::new(cpu, shared.cpus, shared.ws, p.write_mibps, p.verify_ms, start);
+    let mut share = Share::new(
+        cpu,
+        shared.cpus,
+        shared.ws,
+        p.write_mibps,
+        p.verify_ms,
+        start,
+    );
     let hb_ns = p.heartbeat_ms * 1_000_000;
     let mut next_hb = start;
     let mut seq = 0u64;

@@ -1,0 +1,13 @@
+//! What crosses tern's sockets: the CLI ↔ daemon API, the daemon ↔ guest-process (VMM)
+//! control protocol, and the console stream.
+//!
+//! Requests and replies are single JSON lines ([`framing`]). A console stream, once accepted,
+//! carries binary [`console`] frames.
+
+pub mod console;
+pub mod framing;
+pub mod messages;
+pub mod vmm;
+
+pub use framing::{read_message, write_message, FramingError};
+pub use messages::{DomainInfo, DomainState, Reply, Request};

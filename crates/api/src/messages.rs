@@ -1,0 +1,132 @@
+//! The CLI ↔ daemon API.
+
+use serde::{Deserialize, Serialize};
+
+/// A request from `tern` to the daemon. Domains are named by name or numeric ID.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    List,
+    /// Create a guest from a parsed config (as JSON, see tern-config's `DomainConfig`).
+    Create {
+        config: serde_json::Value,
+        paused: bool,
+    },
+    Console {
+        domain: String,
+        dump: bool,
+        timestamps: bool,
+    },
+    Pause {
+        domain: String,
+    },
+    Unpause {
+        domain: String,
+    },
+    Shutdown {
+        domain: String,
+        wait: bool,
+    },
+    Destroy {
+        domain: String,
+    },
+}
+
+/// One message from the daemon. A request gets any number of `Warning`s and `Progress`es,
+/// then exactly one `Ok` or `Error`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Ok {
+        #[serde(default)]
+        data: serde_json::Value,
+    },
+    Error {
+        message: String,
+    },
+    Warning {
+        message: String,
+    },
+    Progress {
+        data: serde_json::Value,
+    },
+}
+
+impl Reply {
+    /// An `Ok` carrying `data`.
+    pub fn ok<T: Serialize>(data: &T) -> Reply {
+        Reply::Ok {
+            data: serde_json::to_value(data).unwrap_or(serde_json::Value::Null),
+        }
+    }
+
+    /// An `Error` with `message`.
+    pub fn error(message: impl Into<String>) -> Reply {
+        Reply::Error {
+            message: message.into(),
+        }
+    }
+}
+
+/// A domain's state as `tern list` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainState {
+    /// Its vCPUs are busy.
+    Running,
+    /// Its vCPUs are mostly idle (halted, waiting for an interrupt).
+    Blocked,
+    Paused,
+    /// It powered off and is kept (on_poweroff = "preserve").
+    Shutdown,
+    /// It crashed, or its process died; kept until destroyed.
+    Crashed,
+}
+
+impl DomainState {
+    /// The word `tern list` prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainState::Running => "running",
+            DomainState::Blocked => "blocked",
+            DomainState::Paused => "paused",
+            DomainState::Shutdown => "shutdown",
+            DomainState::Crashed => "crashed",
+        }
+    }
+}
+
+/// One row of `tern list`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DomainInfo {
+    pub name: String,
+    pub id: u32,
+    pub uuid: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub state: DomainState,
+    pub cpu_time_s: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_tagged_json() {
+        let r = Request::Pause {
+            domain: "g1".into(),
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"op":"pause","domain":"g1"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let r = Reply::ok(&vec![1]);
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Reply>(&s).unwrap(), r);
+    }
+}

@@ -1,0 +1,76 @@
+//! The daemon ↔ guest-process control protocol, spoken on `<domain dir>/control.sock`.
+
+use serde::{Deserialize, Serialize};
+
+/// What the daemon asks a guest process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum VmmRequest {
+    Status,
+    Pause,
+    Unpause,
+    /// Press the ACPI power button.
+    PowerButton,
+    /// Stop the guest and end the process.
+    Destroy,
+    /// Switch this connection to a console stream ([`crate::console`] frames out, raw input in).
+    Console,
+    /// Keep this connection open and send [`VmmEvent`]s until the process ends.
+    Monitor,
+}
+
+/// Run state of the guest inside its process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmRunState {
+    Running,
+    Blocked,
+    Paused,
+}
+
+/// Answer to [`VmmRequest::Status`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmmStatus {
+    pub state: VmmRunState,
+    pub cpu_time_ns: u64,
+    pub pid: u32,
+}
+
+/// Why a guest process ended (also written to `<domain dir>/exit.json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The guest powered off.
+    Poweroff,
+    /// The guest asked for a reset.
+    Reboot,
+    /// The guest crashed or panicked.
+    Crash { message: String },
+    /// Destroyed on request.
+    Destroyed,
+}
+
+/// Pushed on a monitor connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum VmmEvent {
+    /// The process is about to end, for this reason.
+    Exiting(ExitReason),
+}
+
+/// Reply of the guest process to one request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum VmmReply {
+    Ok,
+    Status(VmmStatus),
+    Error { message: String },
+}
+
+/// First line a guest process prints on stdout: it is ready, or it failed to start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum VmmStartup {
+    Ready { pid: u32 },
+    Failed { message: String },
+}

@@ -1,0 +1,200 @@
+//! `tern`: the command-line tool (the role of `xm`), the daemon (`tern daemon`) and the guest
+//! process (`tern vmm`, started by the daemon) in one executable.
+
+mod client;
+mod console;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tern_api::{DomainInfo, Request};
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Run, save, restore and migrate KVM guests"
+)]
+struct Cli {
+    /// The daemon's socket.
+    #[arg(
+        long,
+        global = true,
+        env = "TERN_SOCKET",
+        default_value = "/run/tern/ternd.sock"
+    )]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon that owns this host's guests.
+    Daemon {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create and start a guest from an xl-style config file.
+    Create {
+        file: PathBuf,
+        /// Leave the guest paused.
+        #[arg(short, long)]
+        paused: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the guests of this host.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach to a guest's serial console (Ctrl-] detaches).
+    Console {
+        domain: String,
+        /// Print everything the guest wrote on this host so far, then exit.
+        #[arg(long)]
+        dump: bool,
+        /// Prefix each line with the host time (Unix seconds) at which it arrived.
+        #[arg(long)]
+        timestamps: bool,
+    },
+    /// Stop a guest's vCPUs.
+    Pause { domain: String },
+    /// Let a paused guest run again.
+    Unpause { domain: String },
+    /// Ask a guest to power off (ACPI power button).
+    Shutdown {
+        domain: String,
+        /// Wait until it has shut down.
+        #[arg(short, long)]
+        wait: bool,
+    },
+    /// Stop a guest at once and forget it.
+    Destroy { domain: String },
+    /// The process of one guest (started by the daemon).
+    #[command(hide = true)]
+    Vmm {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("Error: {}", first.trim_start_matches("error: "));
+            eprintln!("(see `tern --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {}", one_line(&format!("{e:#}")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let socket = cli.socket.as_path();
+    match cli.command {
+        Command::Daemon { config } => {
+            let config = tern_config::load_daemon_config(&config)?;
+            tern_daemon::run(config)?;
+        }
+        Command::Vmm { dir } => return Ok(ExitCode::from(tern_vmm::run(&dir) as u8)),
+        Command::Create { file, paused, json } => create(socket, &file, paused, json)?,
+        Command::List { json } => list(socket, json)?,
+        Command::Console {
+            domain,
+            dump,
+            timestamps,
+        } => {
+            if dump {
+                console::dump(socket, &domain, timestamps)?;
+            } else {
+                console::attach(socket, &domain, timestamps)?;
+            }
+        }
+        Command::Pause { domain } => {
+            client::call(socket, &Request::Pause { domain })?;
+        }
+        Command::Unpause { domain } => {
+            client::call(socket, &Request::Unpause { domain })?;
+        }
+        Command::Shutdown { domain, wait } => {
+            client::call(socket, &Request::Shutdown { domain, wait })?;
+        }
+        Command::Destroy { domain } => {
+            client::call(socket, &Request::Destroy { domain })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn create(socket: &Path, file: &Path, paused: bool, json: bool) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read config file {}", file.display()))?;
+    let base = file
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    let parsed = tern_config::parse_domain_config(&text, base.as_deref())
+        .with_context(|| format!("{}", file.display()))?;
+    for w in &parsed.warnings {
+        eprintln!("Warning: {}: {w}", file.display());
+    }
+    let request = Request::Create {
+        config: serde_json::to_value(&parsed.config)?,
+        paused,
+    };
+    let data = client::call(socket, &request)?;
+    if json {
+        println!("{data}");
+    } else {
+        let id = data.get("id").and_then(|v| v.as_u64()).unwrap_or(0);
+        println!("Started domain {} (id={id})", parsed.config.name);
+    }
+    Ok(())
+}
+
+fn list(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let data = client::call(socket, &Request::List)?;
+    let domains: Vec<DomainInfo> =
+        serde_json::from_value(data).context("the daemon sent a malformed list")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&domains)?);
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:>5} {:>8} {:>5} {:<9} {:>9}",
+        "Name", "ID", "Mem(MiB)", "VCPUs", "State", "Time(s)"
+    );
+    for d in domains {
+        println!(
+            "{:<32} {:>5} {:>8} {:>5} {:<9} {:>9.1}",
+            d.name,
+            d.id,
+            d.memory_mib,
+            d.vcpus,
+            d.state.as_str(),
+            d.cpu_time_s
+        );
+    }
+    Ok(())
+}

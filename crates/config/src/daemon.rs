@@ -1,0 +1,376 @@
+//! The daemon's own configuration, a TOML file:
+//!
+//! ```toml
+//! state_dir = "/var/lib/tern"
+//! socket = "/run/tern/ternd.sock"
+//!
+//! [relocation]
+//! server = true
+//! address = "192.0.2.10"
+//! port = 8002
+//! hosts_allow = ['^localhost$', '^192\.0\.2\.[0-9]+$']
+//! ```
+//!
+//! Every key is optional. Unlike guest configs, unknown keys are errors: this file belongs to
+//! tern alone, so an unknown key is a typo that would otherwise silently change nothing.
+
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+use serde::{de::Error as _, Deserialize, Deserializer, Serialize};
+
+use crate::error::{quote, ConfigError};
+
+/// Settings of the tern daemon.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Where guest records and saved images live; `/var/lib/tern` by default.
+    #[serde(deserialize_with = "non_empty_path")]
+    pub state_dir: PathBuf,
+    /// The control socket; `/run/tern/ternd.sock` by default.
+    #[serde(deserialize_with = "non_empty_path")]
+    pub socket: PathBuf,
+    /// The `[relocation]` table: accepting guests migrated from other hosts.
+    pub relocation: RelocationConfig,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            state_dir: PathBuf::from("/var/lib/tern"),
+            socket: PathBuf::from("/run/tern/ternd.sock"),
+            relocation: RelocationConfig::default(),
+        }
+    }
+}
+
+/// The relocation (incoming migration) server, like xend's `xend-relocation-*` settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelocationConfig {
+    /// Whether to listen at all; off by default.
+    pub server: bool,
+    /// The address to listen on; `None` (or `""` in the file) means all addresses.
+    #[serde(
+        deserialize_with = "empty_means_none",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub address: Option<String>,
+    /// The TCP port, 1 to 65535; 8002 by default, as xend's.
+    #[serde(deserialize_with = "nonzero_port")]
+    pub port: u16,
+    /// Which peers may connect; empty allows all.
+    pub hosts_allow: HostsAllow,
+}
+
+/// xend's relocation port.
+const DEFAULT_RELOCATION_PORT: u16 = 8002;
+
+impl Default for RelocationConfig {
+    fn default() -> Self {
+        RelocationConfig {
+            server: false,
+            address: None,
+            port: DEFAULT_RELOCATION_PORT,
+            hosts_allow: HostsAllow::default(),
+        }
+    }
+}
+
+impl RelocationConfig {
+    /// Whether a peer may migrate guests here: true if `hosts_allow` is empty, or if any of
+    /// its patterns matches the peer's address or, when known, its name. Patterns are not
+    /// anchored for the user, as in xend's `xend-relocation-hosts-allow`.
+    pub fn allows(&self, peer_addr: &str, peer_name: Option<&str>) -> bool {
+        self.hosts_allow.is_empty()
+            || self.hosts_allow.is_match(peer_addr)
+            || peer_name.is_some_and(|name| self.hosts_allow.is_match(name))
+    }
+}
+
+/// A list of regular expressions, compiled once when the list is built.
+///
+/// Serialises as the list of patterns; deserialising compiles them and fails on the first
+/// pattern that does not compile. Two lists are equal if their patterns are.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+pub struct HostsAllow {
+    patterns: Vec<String>,
+    regexes: Vec<Regex>,
+}
+
+/// A `hosts_allow` pattern that is not a valid regular expression.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid regular expression {} in hosts_allow: {reason}", quote(.pattern))]
+pub struct InvalidPattern {
+    /// The pattern as given.
+    pub pattern: String,
+    /// What the regex compiler said, on one line.
+    pub reason: String,
+}
+
+impl HostsAllow {
+    /// Compiles `patterns`, in order.
+    pub fn new<I, S>(patterns: I) -> Result<Self, InvalidPattern>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let patterns: Vec<String> = patterns.into_iter().map(Into::into).collect();
+        let regexes = patterns
+            .iter()
+            .map(|pattern| {
+                Regex::new(pattern).map_err(|e| InvalidPattern {
+                    pattern: pattern.clone(),
+                    reason: regex_error_summary(&e),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(HostsAllow { patterns, regexes })
+    }
+
+    /// The patterns as given.
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+
+    /// Whether there are no patterns.
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// Whether any pattern matches anywhere in `text`.
+    pub fn is_match(&self, text: &str) -> bool {
+        self.regexes.iter().any(|r| r.is_match(text))
+    }
+}
+
+impl PartialEq for HostsAllow {
+    fn eq(&self, other: &Self) -> bool {
+        // The regexes are compiled from the patterns, so the patterns say it all.
+        self.patterns == other.patterns
+    }
+}
+
+impl TryFrom<Vec<String>> for HostsAllow {
+    type Error = InvalidPattern;
+
+    fn try_from(patterns: Vec<String>) -> Result<Self, Self::Error> {
+        HostsAllow::new(patterns)
+    }
+}
+
+impl From<HostsAllow> for Vec<String> {
+    fn from(hosts: HostsAllow) -> Self {
+        hosts.patterns
+    }
+}
+
+/// Parses a daemon config from TOML text. Absent keys take their defaults.
+pub fn parse_daemon_config(text: &str) -> Result<DaemonConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| toml_error(text, &e))
+}
+
+/// Reads and parses the daemon config file at `path`. Errors start with `path`.
+pub fn load_daemon_config(path: &Path) -> Result<DaemonConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    parse_daemon_config(&text).map_err(|e| e.in_file(path))
+}
+
+/// A toml error as `line N: message`; toml's own Display spans several lines with a snippet.
+fn toml_error(text: &str, error: &toml::de::Error) -> ConfigError {
+    let message = one_line(error.message());
+    match error.span() {
+        Some(span) => ConfigError::at(line_of(text, span.start), message),
+        None => ConfigError::Invalid { message },
+    }
+}
+
+/// The 1-based line that byte `offset` of `text` is on.
+fn line_of(text: &str, offset: usize) -> usize {
+    let before = text.as_bytes().get(..offset).unwrap_or(text.as_bytes());
+    before.iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// Joins the non-empty lines of `message` with `; `.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The gist of a regex error; a syntax error's Display draws the pattern and a caret over
+/// several lines, and its last line says what is wrong.
+fn regex_error_summary(error: &regex::Error) -> String {
+    let text = error.to_string();
+    match text.lines().rev().find_map(|l| l.strip_prefix("error: ")) {
+        Some(reason) => reason.trim().to_string(),
+        None => one_line(&text),
+    }
+}
+
+fn non_empty_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PathBuf, D::Error> {
+    let path = PathBuf::deserialize(deserializer)?;
+    if path.as_os_str().is_empty() {
+        return Err(D::Error::custom("path must not be empty"));
+    }
+    Ok(path)
+}
+
+fn empty_means_none<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    let address = Option::<String>::deserialize(deserializer)?;
+    Ok(address.filter(|a| !a.is_empty()))
+}
+
+fn nonzero_port<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
+    let port = u16::deserialize(deserializer)?;
+    if port == 0 {
+        return Err(D::Error::custom("port must be between 1 and 65535, got 0"));
+    }
+    Ok(port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse_daemon_config(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c = parse_daemon_config("").unwrap();
+        assert_eq!(c, DaemonConfig::default());
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/tern"));
+        assert_eq!(c.socket, PathBuf::from("/run/tern/ternd.sock"));
+        assert!(!c.relocation.server);
+        assert_eq!(c.relocation.address, None);
+        assert_eq!(c.relocation.port, 8002);
+        assert!(c.relocation.hosts_allow.is_empty());
+    }
+
+    #[test]
+    fn full_file() {
+        let c = parse_daemon_config(
+            r#"
+state_dir = "/srv/tern"
+socket = "/tmp/t.sock"
+
+[relocation]
+server = true
+address = "192.0.2.10"
+port = 9000
+hosts_allow = ['^localhost$', '^192\.0\.2\.[0-9]+$']
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/srv/tern"));
+        assert_eq!(c.socket, PathBuf::from("/tmp/t.sock"));
+        assert!(c.relocation.server);
+        assert_eq!(c.relocation.address.as_deref(), Some("192.0.2.10"));
+        assert_eq!(c.relocation.port, 9000);
+        assert_eq!(
+            c.relocation.hosts_allow.patterns(),
+            ["^localhost$", r"^192\.0\.2\.[0-9]+$"]
+        );
+    }
+
+    #[test]
+    fn empty_address_means_all() {
+        let c = parse_daemon_config("[relocation]\naddress = ''").unwrap();
+        assert_eq!(c.relocation.address, None);
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        assert_eq!(
+            err("state_dir = '/x'\nsokcet = '/y'\n"),
+            "line 2: unknown field `sokcet`, expected one of `state_dir`, `socket`, `relocation`"
+        );
+        assert_eq!(
+            err("[relocation]\nserver = true\nportt = 1\n"),
+            "line 3: unknown field `portt`, expected one of `server`, `address`, `port`, `hosts_allow`"
+        );
+        assert_eq!(
+            err("[relocation]\nport = 0\n"),
+            "line 2: port must be between 1 and 65535, got 0"
+        );
+        assert!(err("[relocation]\nport = 70000\n").starts_with("line 2: "));
+        assert!(err("[relocation]\nserver = 'yes'\n").starts_with("line 2: invalid type"));
+        assert_eq!(err("state_dir = ''"), "line 1: path must not be empty");
+        assert_eq!(err("a = \n"), "line 1: invalid string; expected `\"`, `'`");
+        assert!(err("x = 1\n[relocation\n").starts_with("line 2: "));
+    }
+
+    #[test]
+    fn bad_pattern_is_named() {
+        let e = err("[relocation]\nhosts_allow = [\n  '^ok$',\n  '(unclosed',\n]\n");
+        assert!(
+            e.contains("invalid regular expression '(unclosed' in hosts_allow: unclosed group"),
+            "{e}"
+        );
+        assert!(e.starts_with("line "), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn allows() {
+        let mut r = RelocationConfig::default();
+        assert!(r.allows("203.0.113.9", None));
+        r.hosts_allow = HostsAllow::new([r"^localhost$", r"^192\.0\.2\."]).unwrap();
+        assert!(r.allows("192.0.2.44", None));
+        assert!(!r.allows("203.0.113.9", None));
+        assert!(r.allows("203.0.113.9", Some("localhost")));
+        assert!(!r.allows("203.0.113.9", Some("localhost.example")));
+        // Unanchored patterns match anywhere, as in xend.
+        r.hosts_allow = HostsAllow::new(["example"]).unwrap();
+        assert!(r.allows("10.1.1.1", Some("a.example.org")));
+    }
+
+    #[test]
+    fn serde_round_trip() {
+        let mut c = DaemonConfig::default();
+        c.relocation.server = true;
+        c.relocation.address = Some("::1".into());
+        c.relocation.hosts_allow = HostsAllow::new(["^a$", "b"]).unwrap();
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(parse_daemon_config(&text).unwrap(), c);
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<DaemonConfig>(&json).unwrap(), c);
+        let bad = json.replace("^a$", "(");
+        assert!(serde_json::from_str::<DaemonConfig>(&bad).is_err());
+    }
+
+    #[test]
+    fn load_prefixes_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ternd.toml");
+        std::fs::write(&path, "[relocation]\nport = 0\n").unwrap();
+        let e = load_daemon_config(&path).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: line 2: port must be between 1 and 65535, got 0",
+                path.display()
+            )
+        );
+        let missing = dir.path().join("nope.toml");
+        let e = load_daemon_config(&missing).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: ", missing.display())), "{e}");
+        std::fs::write(&path, "state_dir = '/s'\n").unwrap();
+        assert_eq!(
+            load_daemon_config(&path).unwrap().state_dir,
+            PathBuf::from("/s")
+        );
+    }
+}

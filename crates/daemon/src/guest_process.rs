@@ -1,0 +1,136 @@
+//! Starting guest processes and talking to them.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use tern_api::vmm::{VmmReply, VmmRequest, VmmStartup, VmmStatus};
+use tern_api::{read_message, write_message};
+use tern_vmm::record::DomainDir;
+
+/// How long a guest process may take to build its machine and report.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a guest process may take to answer a request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts `tern vmm` for the domain in `dir` and waits until it reports ready or failed.
+///
+/// The process gets its own session so that signals aimed at the daemon (or its terminal)
+/// do not reach guests: guests outlive a daemon restart.
+pub fn spawn(dir: &DomainDir) -> anyhow::Result<(Child, u32)> {
+    let exe = std::env::current_exe().context("cannot find the tern executable")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.process_log())
+        .with_context(|| format!("cannot open {}", dir.process_log().display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("vmm")
+        .arg("--dir")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the guest process")?;
+    let stdout = child.stdout.take().context("guest process has no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let result = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+        let _ = tx.send(result);
+    });
+    let startup = match rx.recv_timeout(STARTUP_TIMEOUT) {
+        Ok(Ok(line)) if !line.is_empty() => serde_json::from_str::<VmmStartup>(&line)
+            .map_err(|e| anyhow!("guest process said something unexpected: {e}")),
+        Ok(_) => Err(anyhow!(
+            "guest process exited during start-up (see {})",
+            dir.process_log().display()
+        )),
+        Err(_) => Err(anyhow!(
+            "guest process did not start within {STARTUP_TIMEOUT:?}"
+        )),
+    };
+    match startup {
+        Ok(VmmStartup::Ready { pid }) => Ok((child, pid)),
+        Ok(VmmStartup::Failed { message }) => {
+            let _ = child.wait();
+            Err(anyhow!(message))
+        }
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
+/// A connection to a guest process's control socket.
+pub struct Control {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Control {
+    /// Connects to the guest process of `dir`.
+    pub fn connect(dir: &DomainDir) -> anyhow::Result<Self> {
+        let stream = UnixStream::connect(dir.control_socket()).with_context(|| {
+            format!(
+                "guest process is not reachable at {}",
+                dir.control_socket().display()
+            )
+        })?;
+        stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        Ok(Control {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// Sends one request and returns its reply.
+    pub fn call(&mut self, req: &VmmRequest) -> anyhow::Result<VmmReply> {
+        write_message(&mut self.writer, req).context("guest process went away")?;
+        read_message(&mut self.reader).context("guest process did not answer")
+    }
+
+    /// Sends a request that must succeed.
+    pub fn expect_ok(&mut self, req: &VmmRequest) -> anyhow::Result<()> {
+        match self.call(req)? {
+            VmmReply::Ok => Ok(()),
+            VmmReply::Error { message } => bail!(message),
+            other => bail!("unexpected reply from guest process: {other:?}"),
+        }
+    }
+
+    /// Asks for the guest's status.
+    pub fn status(&mut self) -> anyhow::Result<VmmStatus> {
+        match self.call(&VmmRequest::Status)? {
+            VmmReply::Status(s) => Ok(s),
+            VmmReply::Error { message } => bail!(message),
+            other => bail!("unexpected reply from guest process: {other:?}"),
+        }
+    }
+
+    /// The underlying stream, for long-lived uses (monitor, console).
+    pub fn into_parts(self) -> (BufReader<UnixStream>, UnixStream) {
+        (self.reader, self.writer)
+    }
+}
+
+/// One request on a fresh connection.
+pub fn request(dir: &DomainDir, req: &VmmRequest) -> anyhow::Result<()> {
+    Control::connect(dir)?.expect_ok(req)
+}

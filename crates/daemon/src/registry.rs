@@ -1,0 +1,495 @@
+//! The domains of this host and their life cycle.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use tern_api::vmm::{ExitReason, VmmEvent, VmmRequest, VmmRunState};
+use tern_api::{read_message, DomainInfo, DomainState};
+use tern_config::{Action, DomainConfig};
+use tern_vmm::record::{write_atomically, DomainDir, DomainRecord};
+
+use crate::guest_process::{self, Control};
+
+/// Where a domain is in its life.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Life {
+    /// Its process is being started.
+    Starting,
+    /// Its process runs.
+    Live { pid: u32 },
+    /// It ended and is kept for inspection (shutdown or crashed) until destroyed.
+    Ended(DomainState),
+}
+
+/// One domain of this host.
+pub struct Domain {
+    pub id: u32,
+    pub uuid: String,
+    pub config: DomainConfig,
+    pub dir: DomainDir,
+    pub life: Life,
+    /// Recent automatic restarts, to stop a crash loop.
+    restarts: Vec<Instant>,
+}
+
+/// Most automatic restarts within [`RESTART_WINDOW`] before a domain is left crashed.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// Memory a guest process needs beyond the guest's RAM (page tables, buffers, the process).
+const OVERHEAD_MIB: u64 = 64;
+
+/// The daemon's view of its domains.
+pub struct Registry {
+    state_dir: PathBuf,
+    domains: Mutex<BTreeMap<u32, Domain>>,
+    /// Signalled on every change, for requests that wait for one.
+    changed: Condvar,
+}
+
+fn domains_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("domains")
+}
+
+impl Registry {
+    /// A registry keeping its domains under `state_dir`.
+    pub fn new(state_dir: &Path) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(domains_dir(state_dir))
+            .with_context(|| format!("cannot create {}", domains_dir(state_dir).display()))?;
+        Ok(Arc::new(Registry {
+            state_dir: state_dir.to_path_buf(),
+            domains: Mutex::new(BTreeMap::new()),
+            changed: Condvar::new(),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u32, Domain>> {
+        self.domains.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Allocates the next domain ID. IDs are never reused: the counter is kept on disk.
+    fn allocate_id(&self, domains: &BTreeMap<u32, Domain>) -> anyhow::Result<u32> {
+        let path = self.state_dir.join("next-domid");
+        let stored = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(1);
+        let after_existing = domains.keys().max().map_or(1, |m| m + 1);
+        let id = stored.max(after_existing).max(1);
+        write_atomically(&path, (id + 1).to_string().as_bytes())?;
+        Ok(id)
+    }
+
+    /// Finds a domain by name or numeric ID.
+    pub fn find(&self, key: &str) -> anyhow::Result<(u32, DomainDir, Life)> {
+        let domains = self.lock();
+        let by_id = key.parse::<u32>().ok().and_then(|id| domains.get(&id));
+        let found = by_id.or_else(|| domains.values().find(|d| d.config.name == key));
+        match found {
+            Some(d) => Ok((d.id, d.dir.clone(), d.life.clone())),
+            None => bail!("no domain '{key}' on this host"),
+        }
+    }
+
+    /// Finds a domain whose process runs.
+    pub fn find_live(&self, key: &str) -> anyhow::Result<(u32, DomainDir)> {
+        let (id, dir, life) = self.find(key)?;
+        match life {
+            Life::Live { .. } => Ok((id, dir)),
+            Life::Starting => bail!("domain '{key}' is still starting"),
+            Life::Ended(state) => bail!("domain '{key}' is not running (it is {})", state.as_str()),
+        }
+    }
+
+    /// Creates and starts a domain; returns its ID.
+    pub fn create(
+        self: &Arc<Self>,
+        mut config: DomainConfig,
+        paused: bool,
+    ) -> anyhow::Result<(u32, String)> {
+        check_boot_files(&config)?;
+        check_free_memory(config.memory_mib)?;
+        let uuid = config
+            .uuid
+            .get_or_insert_with(uuid::Uuid::new_v4)
+            .to_string();
+        let (id, dir) = {
+            let mut domains = self.lock();
+            if let Some(d) = domains.values().find(|d| d.config.name == config.name) {
+                bail!(
+                    "a domain named '{}' already exists on this host (ID {})",
+                    config.name,
+                    d.id
+                );
+            }
+            if let Some(d) = domains.values().find(|d| d.uuid == uuid) {
+                bail!(
+                    "a domain with UUID {uuid} already exists on this host ('{}')",
+                    d.config.name
+                );
+            }
+            let id = self.allocate_id(&domains)?;
+            let dir = DomainDir::new(domains_dir(&self.state_dir).join(id.to_string()));
+            domains.insert(
+                id,
+                Domain {
+                    id,
+                    uuid: uuid.clone(),
+                    config: config.clone(),
+                    dir: dir.clone(),
+                    life: Life::Starting,
+                    restarts: Vec::new(),
+                },
+            );
+            (id, dir)
+        };
+        let record = DomainRecord {
+            id,
+            uuid: uuid.clone(),
+            config,
+            start_paused: paused,
+        };
+        let started = std::fs::create_dir_all(dir.path())
+            .with_context(|| format!("cannot create {}", dir.path().display()))
+            .and_then(|_| dir.save_record(&record))
+            .and_then(|_| self.launch(id, &dir));
+        if let Err(e) = started {
+            self.forget(id);
+            return Err(e);
+        }
+        Ok((id, uuid))
+    }
+
+    /// Starts the process of domain `id` and watches it.
+    fn launch(self: &Arc<Self>, id: u32, dir: &DomainDir) -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(dir.exit_file());
+        let (child, pid) = guest_process::spawn(dir)?;
+        self.watch(id, dir, Some(child))?;
+        self.set_life(id, Life::Live { pid });
+        Ok(())
+    }
+
+    /// Opens a monitor connection to a running process and reacts when it ends.
+    fn watch(
+        self: &Arc<Self>,
+        id: u32,
+        dir: &DomainDir,
+        child: Option<Child>,
+    ) -> anyhow::Result<()> {
+        let mut control = Control::connect(dir)?;
+        control.expect_ok(&VmmRequest::Monitor)?;
+        let (mut reader, _writer) = control.into_parts();
+        reader.get_ref().set_read_timeout(None)?;
+        let registry = self.clone();
+        std::thread::Builder::new()
+            .name(format!("monitor-{id}"))
+            .spawn(move || {
+                let _keep_open = _writer;
+                let mut reason = None;
+                while let Ok(VmmEvent::Exiting(r)) = read_message::<VmmEvent>(&mut reader) {
+                    reason = Some(r);
+                }
+                // Drain until the process really closed the socket.
+                let mut sink = [0u8; 64];
+                while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+                if let Some(mut child) = child {
+                    let _ = child.wait();
+                }
+                registry.guest_ended(id, reason);
+            })?;
+        Ok(())
+    }
+
+    fn set_life(&self, id: u32, life: Life) {
+        if let Some(d) = self.lock().get_mut(&id) {
+            d.life = life;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Removes a domain and its directory.
+    fn forget(&self, id: u32) {
+        if let Some(d) = self.lock().remove(&id) {
+            let _ = std::fs::remove_dir_all(d.dir.path());
+        }
+        self.changed.notify_all();
+    }
+
+    /// Applies the domain's policy after its process ended.
+    fn guest_ended(self: &Arc<Self>, id: u32, reason: Option<ExitReason>) {
+        let Some(dir) = self.lock().get(&id).map(|d| d.dir.clone()) else {
+            return;
+        };
+        let reason = reason
+            .or_else(|| read_exit_file(&dir))
+            .unwrap_or(ExitReason::Crash {
+                message: "the guest process died".into(),
+            });
+        log::info!("domain {id} ended: {reason:?}");
+        let action = {
+            let mut domains = self.lock();
+            let Some(d) = domains.get_mut(&id) else {
+                return;
+            };
+            let action = match &reason {
+                ExitReason::Destroyed => Action::Destroy,
+                ExitReason::Poweroff => d.config.on_poweroff,
+                ExitReason::Reboot => d.config.on_reboot,
+                ExitReason::Crash { .. } => d.config.on_crash,
+            };
+            let restart = matches!(
+                action,
+                Action::Restart | Action::RenameRestart | Action::CoredumpRestart
+            );
+            if restart {
+                d.restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
+                if d.restarts.len() >= MAX_RESTARTS {
+                    log::warn!("domain {id} restarted {MAX_RESTARTS} times within {RESTART_WINDOW:?}; leaving it crashed");
+                    d.life = Life::Ended(DomainState::Crashed);
+                    self.changed.notify_all();
+                    return;
+                }
+                d.restarts.push(Instant::now());
+                d.life = Life::Starting;
+            }
+            action
+        };
+        match action {
+            Action::Destroy | Action::CoredumpDestroy => self.forget(id),
+            Action::Preserve => {
+                let state = match reason {
+                    ExitReason::Poweroff | ExitReason::Reboot => DomainState::Shutdown,
+                    _ => DomainState::Crashed,
+                };
+                self.set_life(id, Life::Ended(state));
+            }
+            Action::Restart | Action::RenameRestart | Action::CoredumpRestart => {
+                if let Err(e) = self.launch(id, &dir) {
+                    log::error!("cannot restart domain {id}: {e:#}");
+                    self.set_life(id, Life::Ended(DomainState::Crashed));
+                }
+            }
+        }
+    }
+
+    /// Waits until `done` holds for the domain map, or `timeout` passes.
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&BTreeMap<u32, Domain>) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut domains = self.lock();
+        loop {
+            if done(&domains) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            domains = self
+                .changed
+                .wait_timeout(domains, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Destroys a domain: stops its process if it runs, forgets it.
+    pub fn destroy(&self, key: &str) -> anyhow::Result<()> {
+        let (id, dir, life) = self.find(key)?;
+        match life {
+            Life::Ended(_) => {
+                self.forget(id);
+                Ok(())
+            }
+            Life::Starting => bail!("domain '{key}' is still starting; try again"),
+            Life::Live { pid } => {
+                if let Err(e) = guest_process::request(&dir, &VmmRequest::Destroy) {
+                    log::warn!("domain {id} did not take the destroy request ({e:#}); killing it");
+                    kill(pid);
+                }
+                let gone = |d: &BTreeMap<u32, Domain>| !d.contains_key(&id);
+                if !self.wait_until(Duration::from_secs(10), gone) {
+                    kill(pid);
+                    if !self.wait_until(Duration::from_secs(10), gone) {
+                        bail!("domain '{key}' did not go away after being killed");
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Presses the guest's power button; with `wait`, returns once it is gone or shut down.
+    pub fn shutdown(&self, key: &str, wait: bool) -> anyhow::Result<()> {
+        let (id, dir) = self.find_live(key)?;
+        guest_process::request(&dir, &VmmRequest::PowerButton)?;
+        if wait {
+            let down = |d: &BTreeMap<u32, Domain>| {
+                d.get(&id)
+                    .is_none_or(|d| !matches!(d.life, Life::Live { .. } | Life::Starting))
+            };
+            if !self.wait_until(Duration::from_secs(120), down) {
+                bail!("domain '{key}' did not shut down within 120 s");
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows for `tern list`.
+    pub fn list(&self) -> Vec<DomainInfo> {
+        let snapshot: Vec<(u32, String, String, u64, u32, DomainDir, Life)> = self
+            .lock()
+            .values()
+            .map(|d| {
+                (
+                    d.id,
+                    d.config.name.clone(),
+                    d.uuid.clone(),
+                    d.config.memory_mib,
+                    d.config.vcpus,
+                    d.dir.clone(),
+                    d.life.clone(),
+                )
+            })
+            .collect();
+        snapshot
+            .into_iter()
+            .map(|(id, name, uuid, memory_mib, vcpus, dir, life)| {
+                let (state, cpu_ns) = match life {
+                    Life::Live { .. } => {
+                        match Control::connect(&dir).and_then(|mut c| c.status()) {
+                            Ok(s) => (run_state(s.state), s.cpu_time_ns),
+                            Err(_) => (DomainState::Crashed, 0),
+                        }
+                    }
+                    Life::Starting => (DomainState::Paused, 0),
+                    Life::Ended(state) => (state, 0),
+                };
+                DomainInfo {
+                    name,
+                    id,
+                    uuid,
+                    memory_mib,
+                    vcpus,
+                    state,
+                    cpu_time_s: cpu_ns as f64 / 1e9,
+                }
+            })
+            .collect()
+    }
+
+    /// Finds guest processes left by a previous daemon and takes them over.
+    pub fn adopt_existing(self: &Arc<Self>) {
+        let Ok(entries) = std::fs::read_dir(domains_dir(&self.state_dir)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let dir = DomainDir::new(entry.path());
+            let record = match dir.load_record() {
+                Ok(r) => r,
+                Err(e) => {
+                    log::warn!("ignoring {}: {e:#}", entry.path().display());
+                    continue;
+                }
+            };
+            self.lock().insert(
+                id,
+                Domain {
+                    id,
+                    uuid: record.uuid.clone(),
+                    config: record.config.clone(),
+                    dir: dir.clone(),
+                    life: Life::Starting,
+                    restarts: Vec::new(),
+                },
+            );
+            match self.watch(id, &dir, None) {
+                Ok(()) => {
+                    let pid = std::fs::read_to_string(dir.pid_file())
+                        .ok()
+                        .and_then(|p| p.trim().parse().ok())
+                        .unwrap_or(0);
+                    log::info!("adopted running domain {id} ('{}')", record.config.name);
+                    self.set_life(id, Life::Live { pid });
+                }
+                Err(_) => self.guest_ended(id, None),
+            }
+        }
+    }
+
+    /// Domain IDs and directories, for requests that need them.
+    pub fn dir_of(&self, key: &str) -> anyhow::Result<DomainDir> {
+        self.find(key).map(|(_, dir, _)| dir)
+    }
+}
+
+fn run_state(s: VmmRunState) -> DomainState {
+    match s {
+        VmmRunState::Running => DomainState::Running,
+        VmmRunState::Blocked => DomainState::Blocked,
+        VmmRunState::Paused => DomainState::Paused,
+    }
+}
+
+fn read_exit_file(dir: &DomainDir) -> Option<ExitReason> {
+    let text = std::fs::read(dir.exit_file()).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+fn kill(pid: u32) {
+    if pid > 1 {
+        // SAFETY: sending a signal has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+}
+
+fn check_boot_files(config: &DomainConfig) -> anyhow::Result<()> {
+    let kernel = config
+        .kernel
+        .as_ref()
+        .ok_or_else(|| anyhow!("the config of '{}' names no kernel", config.name))?;
+    std::fs::File::open(kernel)
+        .with_context(|| format!("cannot read kernel {}", kernel.display()))?;
+    if let Some(ramdisk) = &config.ramdisk {
+        std::fs::File::open(ramdisk)
+            .with_context(|| format!("cannot read ramdisk {}", ramdisk.display()))?;
+    }
+    Ok(())
+}
+
+/// Host memory available for new guests, in MiB.
+pub fn available_memory_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+fn check_free_memory(memory_mib: u64) -> anyhow::Result<()> {
+    let Some(available) = available_memory_mib() else {
+        return Ok(());
+    };
+    let needed = memory_mib + OVERHEAD_MIB;
+    if needed > available {
+        bail!(
+            "not enough free memory on this host: the guest needs {memory_mib} MiB plus {OVERHEAD_MIB} MiB overhead, {available} MiB are available"
+        );
+    }
+    Ok(())
+}

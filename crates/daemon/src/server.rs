@@ -1,0 +1,104 @@
+//! The daemon's API on its Unix socket: one request per connection.
+
+use std::io::BufReader;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+
+use tern_api::vmm::VmmRequest;
+use tern_api::{read_message, write_message, Reply, Request};
+use tern_config::DomainConfig;
+
+use crate::console;
+use crate::guest_process;
+use crate::registry::Registry;
+
+/// Accepts clients forever, one thread each.
+pub fn serve(listener: UnixListener, registry: Arc<Registry>) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let registry = registry.clone();
+                let _ = std::thread::Builder::new()
+                    .name("client".into())
+                    .spawn(move || handle_client(stream, &registry));
+            }
+            Err(e) => log::warn!("accept failed: {e}"),
+        }
+    }
+}
+
+fn handle_client(stream: UnixStream, registry: &Arc<Registry>) {
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut writer = stream;
+    let request: Request = match read_message(&mut reader) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = write_message(&mut writer, &Reply::error(format!("bad request: {e}")));
+            return;
+        }
+    };
+    let result = match request {
+        Request::Console {
+            domain,
+            dump,
+            timestamps,
+        } => console_request(&mut writer, reader, registry, &domain, dump, timestamps),
+        other => handle(registry, other).map(|data| {
+            let _ = write_message(&mut writer, &Reply::Ok { data });
+        }),
+    };
+    if let Err(e) = result {
+        let _ = write_message(&mut writer, &Reply::error(format!("{e:#}")));
+    }
+}
+
+fn console_request(
+    writer: &mut UnixStream,
+    reader: BufReader<UnixStream>,
+    registry: &Arc<Registry>,
+    domain: &str,
+    dump: bool,
+    timestamps: bool,
+) -> anyhow::Result<()> {
+    if dump {
+        let dir = registry.dir_of(domain)?;
+        return console::dump(writer, &dir, timestamps);
+    }
+    let (_, dir) = registry.find_live(domain)?;
+    console::attach(writer.try_clone()?, reader, &dir)
+}
+
+fn handle(registry: &Arc<Registry>, request: Request) -> anyhow::Result<serde_json::Value> {
+    Ok(match request {
+        Request::List => serde_json::to_value(registry.list())?,
+        Request::Create { config, paused } => {
+            let config: DomainConfig = serde_json::from_value(config)
+                .map_err(|e| anyhow::anyhow!("malformed guest config: {e}"))?;
+            let name = config.name.clone();
+            let (id, uuid) = registry.create(config, paused)?;
+            serde_json::json!({ "id": id, "name": name, "uuid": uuid })
+        }
+        Request::Pause { domain } => {
+            let (_, dir) = registry.find_live(&domain)?;
+            guest_process::request(&dir, &VmmRequest::Pause)?;
+            serde_json::Value::Null
+        }
+        Request::Unpause { domain } => {
+            let (_, dir) = registry.find_live(&domain)?;
+            guest_process::request(&dir, &VmmRequest::Unpause)?;
+            serde_json::Value::Null
+        }
+        Request::Shutdown { domain, wait } => {
+            registry.shutdown(&domain, wait)?;
+            serde_json::Value::Null
+        }
+        Request::Destroy { domain } => {
+            registry.destroy(&domain)?;
+            serde_json::Value::Null
+        }
+        Request::Console { .. } => anyhow::bail!("console requests are handled separately"),
+    })
+}

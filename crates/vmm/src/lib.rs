@@ -1,0 +1,324 @@
+//! The guest process: one per guest, started by the daemon as `tern vmm --dir <domain dir>`.
+//!
+//! It builds the machine from `domain.json`, serves the daemon on `control.sock`, and keeps
+//! running when the daemon goes away (a restarted daemon finds it again through the domain
+//! directory). When the guest ends it records why in `exit.json` before exiting.
+
+pub mod console;
+pub mod console_log;
+pub mod logging;
+pub mod record;
+
+use std::io::{BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tern_api::vmm::{
+    ExitReason, VmmEvent, VmmReply, VmmRequest, VmmRunState, VmmStartup, VmmStatus,
+};
+use tern_api::{read_message, write_message};
+use tern_devices::GuestEvent;
+use tern_machine::{Machine, MachineConfig};
+
+use console::ConsoleHub;
+use record::{write_atomically, DomainDir, DomainRecord};
+
+/// What ends the main loop.
+enum MainEvent {
+    Guest(GuestEvent),
+    Destroy,
+}
+
+/// Shared state of the guest process.
+struct Vmm {
+    machine: Mutex<Machine>,
+    console: Arc<ConsoleHub>,
+    monitors: Mutex<Vec<UnixStream>>,
+    main: Sender<MainEvent>,
+    /// The vCPUs used a good part of a CPU over the last sample period.
+    busy: AtomicBool,
+}
+
+/// Share of one host CPU above which `tern list` calls a guest running rather than blocked.
+const BUSY_SHARE: f64 = 0.25;
+const SAMPLE_PERIOD: Duration = Duration::from_millis(500);
+
+impl Vmm {
+    fn machine(&self) -> MutexGuard<'_, Machine> {
+        self.machine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn status(&self) -> VmmStatus {
+        let m = self.machine();
+        let state = if m.is_paused() {
+            VmmRunState::Paused
+        } else if self.busy.load(Ordering::Relaxed) {
+            VmmRunState::Running
+        } else {
+            VmmRunState::Blocked
+        };
+        VmmStatus {
+            state,
+            cpu_time_ns: m.cpu_time_ns(),
+            pid: std::process::id(),
+        }
+    }
+
+    fn handle(&self, req: VmmRequest) -> VmmReply {
+        let result = match req {
+            VmmRequest::Status => return VmmReply::Status(self.status()),
+            VmmRequest::Pause => self.machine().pause().map_err(|e| e.to_string()),
+            VmmRequest::Unpause => self.machine().resume().map_err(|e| e.to_string()),
+            VmmRequest::PowerButton => {
+                self.machine().press_power_button();
+                Ok(())
+            }
+            VmmRequest::Destroy => {
+                let _ = self.main.send(MainEvent::Destroy);
+                Ok(())
+            }
+            VmmRequest::Console | VmmRequest::Monitor => Ok(()),
+        };
+        match result {
+            Ok(()) => VmmReply::Ok,
+            Err(message) => VmmReply::Error { message },
+        }
+    }
+}
+
+/// Runs the guest of `dir` until it ends; returns the process exit code.
+pub fn run(dir: &Path) -> i32 {
+    logging::init("vmm");
+    let dir = DomainDir::new(dir);
+    match start(&dir) {
+        Ok((vmm, listener, events)) => {
+            announce(&VmmStartup::Ready {
+                pid: std::process::id(),
+            });
+            serve(vmm, listener, events, &dir)
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            log::error!("cannot start the guest: {message}");
+            let _ = std::fs::remove_file(dir.control_socket());
+            announce(&VmmStartup::Failed { message });
+            1
+        }
+    }
+}
+
+/// Tells the daemon (on stdout, one line) whether the guest started, then lets go of stdout.
+fn announce(msg: &VmmStartup) {
+    let mut out = std::io::stdout();
+    let _ = write_message(&mut out, msg);
+    // SAFETY: replacing fd 1 by /dev/null; nothing else writes to stdout afterwards.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+        if null >= 0 {
+            libc::dup2(null, 1);
+            libc::close(null);
+        }
+    }
+}
+
+type Started = (Arc<Vmm>, UnixListener, mpsc::Receiver<MainEvent>);
+
+fn machine_config(record: &DomainRecord) -> anyhow::Result<MachineConfig> {
+    let c = &record.config;
+    let kernel = c
+        .kernel
+        .clone()
+        .context("the guest config names no kernel (tern boots kernels directly; bootloaders are not supported)")?;
+    Ok(MachineConfig {
+        mem_mib: c.memory_mib,
+        vcpus: c.vcpus,
+        kernel,
+        initrd: c.ramdisk.clone(),
+        cmdline: c.cmdline.clone(),
+    })
+}
+
+fn start(dir: &DomainDir) -> anyhow::Result<Started> {
+    let record = dir.load_record()?;
+    let console = ConsoleHub::open(dir.path()).context("cannot open the console log")?;
+    let mut machine = Machine::new(&machine_config(&record)?, console.output())?;
+    let guest_events = machine
+        .take_events()
+        .context("machine events already taken")?;
+
+    let socket = dir.control_socket();
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    std::fs::write(dir.pid_file(), std::process::id().to_string())?;
+    machine.start(record.start_paused)?;
+
+    let (main, main_rx) = mpsc::channel();
+    let forward = main.clone();
+    std::thread::Builder::new()
+        .name("guest-events".into())
+        .spawn(move || {
+            while let Ok(e) = guest_events.recv() {
+                if forward.send(MainEvent::Guest(e)).is_err() {
+                    break;
+                }
+            }
+        })?;
+    let vmm = Arc::new(Vmm {
+        machine: Mutex::new(machine),
+        console,
+        monitors: Mutex::new(Vec::new()),
+        main,
+        busy: AtomicBool::new(false),
+    });
+    Ok((vmm, listener, main_rx))
+}
+
+fn serve(
+    vmm: Arc<Vmm>,
+    listener: UnixListener,
+    events: mpsc::Receiver<MainEvent>,
+    dir: &DomainDir,
+) -> i32 {
+    let sampler = vmm.clone();
+    let _ = std::thread::Builder::new()
+        .name("cpu-sampler".into())
+        .spawn(move || sample_cpu(&sampler));
+    let acceptor = vmm.clone();
+    let _ = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let vmm = acceptor.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || serve_connection(&vmm, stream));
+            }
+        });
+    let reason = match events.recv() {
+        Ok(MainEvent::Destroy) | Err(_) => ExitReason::Destroyed,
+        Ok(MainEvent::Guest(GuestEvent::PowerOff)) => ExitReason::Poweroff,
+        Ok(MainEvent::Guest(GuestEvent::Reset)) => ExitReason::Reboot,
+        Ok(MainEvent::Guest(GuestEvent::Panic)) => ExitReason::Crash {
+            message: "the guest reported a panic".into(),
+        },
+        Ok(MainEvent::Guest(GuestEvent::Crashed(message))) => ExitReason::Crash { message },
+    };
+    finish(&vmm, dir, reason)
+}
+
+fn sample_cpu(vmm: &Vmm) {
+    let mut last = (Instant::now(), vmm.machine().cpu_time_ns());
+    loop {
+        std::thread::sleep(SAMPLE_PERIOD);
+        let now = (Instant::now(), vmm.machine().cpu_time_ns());
+        let wall = now.0.duration_since(last.0).as_nanos() as f64;
+        let used = now.1.saturating_sub(last.1) as f64;
+        vmm.busy
+            .store(wall > 0.0 && used / wall > BUSY_SHARE, Ordering::Relaxed);
+        last = now;
+    }
+}
+
+fn serve_connection(vmm: &Arc<Vmm>, stream: UnixStream) {
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut writer = stream;
+    while let Ok(req) = read_message::<VmmRequest>(&mut reader) {
+        let reply = vmm.handle(req.clone());
+        if write_message(&mut writer, &reply).is_err() {
+            return;
+        }
+        match req {
+            VmmRequest::Console => return stream_console(vmm, reader, writer),
+            VmmRequest::Monitor => return keep_monitor(vmm, reader, writer),
+            _ => {}
+        }
+    }
+}
+
+/// Console stream: frames of guest output out, raw console input in.
+fn stream_console(vmm: &Arc<Vmm>, mut input: BufReader<UnixStream>, output: UnixStream) {
+    let frames = vmm.console.subscribe();
+    let Ok(out_half) = output.try_clone() else {
+        return;
+    };
+    let writer = std::thread::Builder::new()
+        .name("console-out".into())
+        .spawn(move || {
+            let mut out = std::io::BufWriter::new(out_half);
+            while let Ok(first) = frames.recv() {
+                for frame in console::coalesce(first, &frames) {
+                    if frame.write_to(&mut out).is_err() {
+                        return;
+                    }
+                }
+                if out.flush().is_err() {
+                    return;
+                }
+            }
+        });
+    let mut buf = [0u8; 256];
+    loop {
+        match input.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => feed_console(vmm, &buf[..n]),
+        }
+    }
+    // Input ended; output goes on until the guest leaves or the peer goes away.
+    if let Ok(w) = writer {
+        let _ = w.join();
+    }
+    let _ = output.shutdown(std::net::Shutdown::Both);
+}
+
+/// Passes input to the UART as its 64-byte FIFO drains.
+fn feed_console(vmm: &Vmm, mut bytes: &[u8]) {
+    for _ in 0..10_000 {
+        if bytes.is_empty() {
+            return;
+        }
+        let taken = vmm.machine().console_input(bytes);
+        bytes = &bytes[taken..];
+        if taken == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+fn keep_monitor(vmm: &Arc<Vmm>, mut reader: BufReader<UnixStream>, writer: UnixStream) {
+    if let Ok(w) = writer.try_clone() {
+        vmm.monitors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(w);
+    }
+    // The daemon never sends more on a monitor connection; wait for it to hang up.
+    let mut sink = [0u8; 64];
+    while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+}
+
+fn finish(vmm: &Vmm, dir: &DomainDir, reason: ExitReason) -> i32 {
+    log::info!("guest ends: {reason:?}");
+    if let Ok(json) = serde_json::to_vec(&reason) {
+        if let Err(e) = write_atomically(&dir.exit_file(), &json) {
+            log::error!("{e:#}");
+        }
+    }
+    vmm.machine().shut_down();
+    let monitors = std::mem::take(&mut *vmm.monitors.lock().unwrap_or_else(|p| p.into_inner()));
+    for mut m in monitors {
+        let _ = write_message(&mut m, &VmmEvent::Exiting(reason.clone()));
+    }
+    vmm.console.close();
+    let _ = std::fs::remove_file(dir.control_socket());
+    let _ = std::fs::remove_file(dir.pid_file());
+    0
+}
