@@ -75,7 +75,7 @@ fn memory_and_register_checks_pass_on_a_busy_1gib_guest() {
     let first = host.wait_heartbeat("mem", 1, Duration::from_secs(20));
     let hb = host.wait_heartbeat("mem", first.seq + 24, Duration::from_secs(30));
     assert_eq!(hb.cpus, 2);
-    assert!(hb.passes >= 4, "full verification passes: {}", hb.passes);
+    assert!(hb.passes >= 2, "full verification passes: {}", hb.passes);
     assert_eq!(hb.mem_errors, 0);
     assert_eq!(hb.reg_errors, 0);
     assert!(hb.reg_checks > 100, "register checks: {}", hb.reg_checks);

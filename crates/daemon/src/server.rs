@@ -46,7 +46,7 @@ fn handle_client(stream: UnixStream, registry: &Arc<Registry>) {
             dump,
             timestamps,
         } => console_request(&mut writer, reader, registry, &domain, dump, timestamps),
-        other => handle(registry, other).map(|data| {
+        other => handle(registry, other, &mut writer).map(|data| {
             let _ = write_message(&mut writer, &Reply::Ok { data });
         }),
     };
@@ -71,12 +71,25 @@ fn console_request(
     console::attach(writer.try_clone()?, reader, &dir)
 }
 
-fn handle(registry: &Arc<Registry>, request: Request) -> anyhow::Result<serde_json::Value> {
+fn handle(
+    registry: &Arc<Registry>,
+    request: Request,
+    client: &mut UnixStream,
+) -> anyhow::Result<serde_json::Value> {
     Ok(match request {
         Request::List => serde_json::to_value(registry.list())?,
         Request::Create { config, paused } => {
             let config: DomainConfig = serde_json::from_value(config)
                 .map_err(|e| anyhow::anyhow!("malformed guest config: {e}"))?;
+            if !config.disks.is_empty() || !config.vifs.is_empty() {
+                let message = "disks and network interfaces are not attached yet in this version; the guest starts without them";
+                let _ = write_message(
+                    client,
+                    &Reply::Warning {
+                        message: message.into(),
+                    },
+                );
+            }
             let name = config.name.clone();
             let (id, uuid) = registry.create(config, paused)?;
             serde_json::json!({ "id": id, "name": name, "uuid": uuid })

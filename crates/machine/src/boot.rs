@@ -279,7 +279,10 @@ fn write_zero_page(
     params.hdr.loadflags |= CAN_USE_HEAP;
     params.hdr.heap_end_ptr = 0xfe00;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline.len() as u32 + 1;
+    // hdr.cmdline_size is the kernel's limit, for the loader to read: check, do not write.
+    if header.version >= 0x0206 && cmdline.len() as u32 >= header.cmdline_size {
+        return Err(BootError::CmdlineTooLong(cmdline.len()));
+    }
     if let Some((addr, size)) = initrd {
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;

@@ -301,6 +301,28 @@ impl Machine {
     }
 }
 
+impl Machine {
+    /// Restores every vCPU from captured states (one per vCPU, in index order); the machine
+    /// must be paused.
+    pub fn restore_vcpus(&self, states: Vec<VcpuState>) -> Result<(), MachineError> {
+        if !self.paused {
+            return Err(MachineError::BadState(
+                "vCPU state can only be restored while paused",
+            ));
+        }
+        let handles = self.handles()?;
+        if states.len() != handles.len() {
+            return Err(MachineError::BadState(
+                "vCPU count differs from the saved state",
+            ));
+        }
+        for (h, state) in handles.iter().zip(states) {
+            h.restore(state)?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Machine {
     fn drop(&mut self) {
         self.shut_down();

@@ -9,7 +9,25 @@
 //! | `write_mibps` | write rate over all vCPUs, MiB/s, or `max` | 0 |
 //! | `verify_ms` | period of one full verification pass | 2000 |
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::Path;
+
+/// Serialises tests that run guests: the build machine has two cores, and timing-sensitive
+/// tests must not starve each other. Held across threads and test binaries (a file lock).
+pub struct KvmLock(#[allow(dead_code)] File);
+
+impl KvmLock {
+    /// Blocks until no other guest-running test holds the lock.
+    pub fn acquire() -> KvmLock {
+        let path = std::env::temp_dir().join("tern-kvm-tests.lock");
+        let file = File::create(&path).expect("cannot create the KVM test lock file");
+        // SAFETY: flock on a descriptor we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "cannot take the KVM test lock");
+        KvmLock(file)
+    }
+}
 
 /// Path of the built test guest ELF (PVH entry).
 pub fn path() -> &'static Path {

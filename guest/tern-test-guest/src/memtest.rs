@@ -204,6 +204,15 @@ impl Share {
     }
 }
 
+/// Verification passes completed over the whole working set (every CPU's share).
+pub fn full_passes(cpus: usize) -> u64 {
+    PASSES[..cpus.clamp(1, MAX_CPUS)]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .min()
+        .unwrap_or(0)
+}
+
 pub fn total(counters: &[AtomicU64]) -> u64 {
     counters.iter().map(|c| c.load(Ordering::Relaxed)).sum()
 }

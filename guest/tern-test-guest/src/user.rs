@@ -117,6 +117,7 @@ fn boot_cpu_main(start_info: u64) -> ! {
     let (params, line) = cmdline::parse(info.cmdline_paddr);
     let line = core::str::from_utf8(line).unwrap_or("?");
     println!("boot cmdline=\"{line}\"");
+    report_modules(info);
     if !clock::available(0) {
         println!("kvmclock is not available; cannot keep time");
         hw::pvpanic();
@@ -141,6 +142,26 @@ fn boot_cpu_main(start_info: u64) -> ! {
         ws.base
     );
     run(0)
+}
+
+#[repr(C)]
+struct ModlistEntry {
+    paddr: u64,
+    size: u64,
+    cmdline_paddr: u64,
+    reserved: u64,
+}
+
+/// Reports each boot module (the initrd) with an FNV-1a checksum, so that a test can check
+/// it arrived intact.
+fn report_modules(info: &StartInfo) {
+    let entries = info.modlist_paddr as *const ModlistEntry;
+    for i in 0..info.nr_modules as usize {
+        let m = unsafe { &*entries.add(i) };
+        let data = unsafe { core::slice::from_raw_parts(m.paddr as *const u8, m.size as usize) };
+        let sum = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        println!("module {i} paddr={:#x} size={} fnv1a={sum:#018x}", m.paddr, m.size);
+    }
 }
 
 fn ap_main(cpu: usize) -> ! {
@@ -210,7 +231,7 @@ fn heartbeat(seq: u64, now: u64) {
         smp::ONLINE.load(Ordering::Relaxed) + 1,
         memtest::total(&memtest::WRITTEN),
         memtest::total(&memtest::VERIFIED),
-        memtest::total(&memtest::PASSES),
+        memtest::full_passes(unsafe { (*core::ptr::addr_of!(SHARED)).cpus }),
         memtest::ERRORS.load(Ordering::Relaxed),
         regs::total_checks(),
         regs::total_errors(),

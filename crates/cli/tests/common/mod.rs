@@ -3,29 +3,15 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub use tern_testguest::Heartbeat;
+pub use tern_testguest::{Heartbeat, KvmLock};
 
 /// Path of the `tern` executable under test.
 pub fn tern_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tern"))
-}
-
-/// KVM tests share two cores: one test at a time, across threads and test binaries.
-pub struct KvmLock(File);
-
-impl KvmLock {
-    pub fn acquire() -> KvmLock {
-        let f = File::create(std::env::temp_dir().join("tern-kvm-tests.lock")).expect("lock file");
-        // SAFETY: flock on a descriptor we own.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0, "cannot take the KVM test lock");
-        KvmLock(f)
-    }
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
