@@ -10,4 +10,6 @@ pub mod messages;
 pub mod vmm;
 
 pub use framing::{read_message, write_message, FramingError};
-pub use messages::{DomainInfo, DomainState, Reply, Request};
+pub use messages::{
+    DomainInfo, DomainState, Progress, Reply, Request, RestoreSummary, SaveSummary,
+};

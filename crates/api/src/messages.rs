@@ -30,6 +30,19 @@ pub enum Request {
     Destroy {
         domain: String,
     },
+    /// Write the guest's state to `path` (absolute); the guest ends unless `keep_running`.
+    Save {
+        domain: String,
+        path: String,
+        keep_running: bool,
+    },
+    /// Bring a guest back from a checkpoint (absolute `path`). `copy` loads all memory
+    /// before the guest runs instead of on demand.
+    Restore {
+        path: String,
+        paused: bool,
+        copy: bool,
+    },
 }
 
 /// One message from the daemon. A request gets any number of `Warning`s and `Progress`es,
@@ -106,6 +119,43 @@ pub struct DomainInfo {
     pub vcpus: u32,
     pub state: DomainState,
     pub cpu_time_s: f64,
+}
+
+/// What a save did (the summary `tern save` prints).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SaveSummary {
+    pub path: String,
+    pub file_bytes: u64,
+    pub memory_bytes: u64,
+    /// Guest pages written (pages never touched or all zero are not stored).
+    pub pages_stored: u64,
+    /// From the pause to the last byte handed to the kernel.
+    pub write_seconds: f64,
+    /// Including fsync and rename: the file is durable and complete.
+    pub total_seconds: f64,
+    pub kept_running: bool,
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RestoreSummary {
+    pub id: u32,
+    pub name: String,
+    pub uuid: String,
+    /// "lazy" or "copy".
+    pub mode: String,
+    /// From the start of the guest process until its vCPUs ran (or were ready, if paused).
+    pub running_after_ms: f64,
+    /// Until every page of the checkpoint was verified and in memory.
+    pub loaded_after_ms: f64,
+    pub pages_loaded: u64,
+}
+
+/// Progress of a long operation.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
 }
 
 #[cfg(test)]

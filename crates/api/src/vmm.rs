@@ -17,6 +17,11 @@ pub enum VmmRequest {
     Console,
     /// Keep this connection open and send [`VmmEvent`]s until the process ends.
     Monitor,
+    /// Write a checkpoint to `path`; the process ends afterwards unless `keep_running`.
+    Save {
+        path: String,
+        keep_running: bool,
+    },
 }
 
 /// Run state of the guest inside its process.
@@ -48,6 +53,8 @@ pub enum ExitReason {
     Crash { message: String },
     /// Destroyed on request.
     Destroyed,
+    /// Saved to a checkpoint and stopped.
+    Saved,
 }
 
 /// Pushed on a monitor connection.
@@ -65,12 +72,21 @@ pub enum VmmReply {
     Ok,
     Status(VmmStatus),
     Error { message: String },
+    Progress(crate::messages::Progress),
+    Saved(crate::messages::SaveSummary),
 }
 
 /// First line a guest process prints on stdout: it is ready, or it failed to start.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum VmmStartup {
-    Ready { pid: u32 },
-    Failed { message: String },
+    Ready {
+        pid: u32,
+        /// Present when the guest was restored from a checkpoint.
+        #[serde(default)]
+        restore: Option<crate::messages::RestoreSummary>,
+    },
+    Failed {
+        message: String,
+    },
 }

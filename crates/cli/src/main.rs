@@ -1,8 +1,10 @@
 //! `tern`: the command-line tool (the role of `xm`), the daemon (`tern daemon`) and the guest
 //! process (`tern vmm`, started by the daemon) in one executable.
 
+mod checkpoint;
 mod client;
 mod console;
+mod progress;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -74,6 +76,28 @@ enum Command {
     },
     /// Stop a guest at once and forget it.
     Destroy { domain: String },
+    /// Write a running guest's whole state to FILE; the guest stops afterwards.
+    Save {
+        domain: String,
+        file: PathBuf,
+        /// Leave the guest running after the checkpoint (like `xl save -c`).
+        #[arg(short = 'c', long)]
+        keep_running: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring a guest back from a checkpoint FILE.
+    Restore {
+        file: PathBuf,
+        /// Restore without starting it.
+        #[arg(short, long)]
+        paused: bool,
+        /// Load all memory before the guest runs, instead of on demand.
+        #[arg(long)]
+        copy: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// The process of one guest (started by the daemon).
     #[command(hide = true)]
     Vmm {
@@ -143,6 +167,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Destroy { domain } => {
             client::call(socket, &Request::Destroy { domain })?;
         }
+        Command::Save {
+            domain,
+            file,
+            keep_running,
+            json,
+        } => checkpoint::save(socket, &domain, &file, keep_running, json)?,
+        Command::Restore {
+            file,
+            paused,
+            copy,
+            json,
+        } => checkpoint::restore(socket, &file, paused, copy, json)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use tern_api::vmm::{VmmReply, VmmRequest, VmmStartup, VmmStatus};
+use tern_api::RestoreSummary;
 use tern_api::{read_message, write_message};
 use tern_vmm::record::DomainDir;
 
@@ -17,11 +18,18 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a guest process may take to answer a request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A guest process that reported ready.
+pub struct Started {
+    pub child: Child,
+    pub pid: u32,
+    pub restore: Option<RestoreSummary>,
+}
+
 /// Starts `tern vmm` for the domain in `dir` and waits until it reports ready or failed.
 ///
 /// The process gets its own session so that signals aimed at the daemon (or its terminal)
 /// do not reach guests: guests outlive a daemon restart.
-pub fn spawn(dir: &DomainDir) -> anyhow::Result<(Child, u32)> {
+pub fn spawn(dir: &DomainDir) -> anyhow::Result<Started> {
     let exe = std::env::current_exe().context("cannot find the tern executable")?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -64,7 +72,11 @@ pub fn spawn(dir: &DomainDir) -> anyhow::Result<(Child, u32)> {
         )),
     };
     match startup {
-        Ok(VmmStartup::Ready { pid }) => Ok((child, pid)),
+        Ok(VmmStartup::Ready { pid, restore }) => Ok(Started {
+            child,
+            pid,
+            restore,
+        }),
         Ok(VmmStartup::Failed { message }) => {
             let _ = child.wait();
             Err(anyhow!(message))
@@ -122,6 +134,13 @@ impl Control {
             VmmReply::Error { message } => bail!(message),
             other => bail!("unexpected reply from guest process: {other:?}"),
         }
+    }
+
+    /// Reader and writer, for exchanges longer than one request and reply; no timeouts.
+    pub fn parts_mut(&mut self) -> (&mut BufReader<UnixStream>, &mut UnixStream) {
+        let _ = self.writer.set_read_timeout(None);
+        let _ = self.writer.set_write_timeout(None);
+        (&mut self.reader, &mut self.writer)
     }
 
     /// The underlying stream, for long-lived uses (monitor, console).

@@ -1,6 +1,7 @@
 //! The tern daemon (the role of xend): owns the domains of one host, runs each guest in its
 //! own process, and serves the `tern` CLI on a Unix socket.
 
+pub mod checkpoint;
 pub mod console;
 pub mod guest_process;
 pub mod registry;

@@ -8,10 +8,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use tern_api::vmm::{ExitReason, VmmEvent, VmmRequest, VmmRunState};
-use tern_api::{read_message, DomainInfo, DomainState};
+use tern_api::vmm::{ExitReason, VmmEvent, VmmReply, VmmRequest, VmmRunState};
+use tern_api::{
+    read_message, write_message, DomainInfo, DomainState, Progress, RestoreSummary, SaveSummary,
+};
 use tern_config::{Action, DomainConfig};
-use tern_vmm::record::{write_atomically, DomainDir, DomainRecord};
+use tern_vmm::record::{write_atomically, DomainDir, DomainRecord, RestoreSpec};
 
 use crate::guest_process::{self, Control};
 
@@ -105,13 +107,40 @@ impl Registry {
         }
     }
 
-    /// Creates and starts a domain; returns its ID.
+    /// Creates and starts a domain from a config; returns its ID and UUID.
     pub fn create(
         self: &Arc<Self>,
-        mut config: DomainConfig,
+        config: DomainConfig,
         paused: bool,
     ) -> anyhow::Result<(u32, String)> {
         check_boot_files(&config)?;
+        let (id, uuid, _) = self.start_domain(config, paused, None)?;
+        Ok((id, uuid))
+    }
+
+    /// Restores a domain from a checkpoint file.
+    pub fn restore(
+        self: &Arc<Self>,
+        path: &Path,
+        paused: bool,
+        copy: bool,
+    ) -> anyhow::Result<RestoreSummary> {
+        let config = crate::checkpoint::read_config(path)?;
+        let spec = RestoreSpec {
+            path: path.to_path_buf(),
+            copy,
+        };
+        let (id, _, summary) = self.start_domain(config, paused, Some(spec))?;
+        summary.ok_or_else(|| anyhow!("guest process {id} did not report its restore"))
+    }
+
+    /// Checks, registers and starts a domain.
+    fn start_domain(
+        self: &Arc<Self>,
+        mut config: DomainConfig,
+        paused: bool,
+        restore: Option<RestoreSpec>,
+    ) -> anyhow::Result<(u32, String, Option<RestoreSummary>)> {
         check_free_memory(config.memory_mib)?;
         let uuid = config
             .uuid
@@ -152,25 +181,70 @@ impl Registry {
             uuid: uuid.clone(),
             config,
             start_paused: paused,
+            restore,
         };
         let started = std::fs::create_dir_all(dir.path())
             .with_context(|| format!("cannot create {}", dir.path().display()))
             .and_then(|_| dir.save_record(&record))
             .and_then(|_| self.launch(id, &dir));
-        if let Err(e) = started {
-            self.forget(id);
-            return Err(e);
+        match started {
+            Ok(summary) => Ok((id, uuid, summary)),
+            Err(e) => {
+                self.forget(id);
+                Err(e)
+            }
         }
-        Ok((id, uuid))
     }
 
     /// Starts the process of domain `id` and watches it.
-    fn launch(self: &Arc<Self>, id: u32, dir: &DomainDir) -> anyhow::Result<()> {
+    fn launch(
+        self: &Arc<Self>,
+        id: u32,
+        dir: &DomainDir,
+    ) -> anyhow::Result<Option<RestoreSummary>> {
         let _ = std::fs::remove_file(dir.exit_file());
-        let (child, pid) = guest_process::spawn(dir)?;
-        self.watch(id, dir, Some(child))?;
+        let started = guest_process::spawn(dir)?;
+        let pid = started.pid;
+        self.watch(id, dir, Some(started.child))?;
         self.set_life(id, Life::Live { pid });
-        Ok(())
+        Ok(started.restore)
+    }
+
+    /// Saves a running domain to `path`; unless `keep_running`, it is gone afterwards.
+    pub fn save(
+        &self,
+        key: &str,
+        path: &Path,
+        keep_running: bool,
+        mut progress: impl FnMut(&Progress),
+    ) -> anyhow::Result<SaveSummary> {
+        let (id, dir) = self.find_live(key)?;
+        let mut control = Control::connect(&dir)?;
+        let request = VmmRequest::Save {
+            path: path.display().to_string(),
+            keep_running,
+        };
+        let (mut reader, mut writer) = control_parts(&mut control);
+        write_message(&mut writer, &request).context("guest process went away")?;
+        let summary = loop {
+            match read_message::<VmmReply>(&mut reader) {
+                Ok(VmmReply::Progress(p)) => progress(&p),
+                Ok(VmmReply::Saved(summary)) => break summary,
+                Ok(VmmReply::Error { message }) => bail!(message),
+                Ok(other) => bail!("unexpected reply from guest process: {other:?}"),
+                Err(e) => {
+                    tern_vmm::save::remove_partials(path);
+                    bail!("the guest process went away while saving ({e})");
+                }
+            }
+        };
+        if !keep_running {
+            let gone = |d: &BTreeMap<u32, Domain>| !d.contains_key(&id);
+            if !self.wait_until(Duration::from_secs(30), gone) {
+                bail!("saved, but domain '{key}' did not stop afterwards");
+            }
+        }
+        Ok(summary)
     }
 
     /// Opens a monitor connection to a running process and reacts when it ends.
@@ -236,7 +310,7 @@ impl Registry {
                 return;
             };
             let action = match &reason {
-                ExitReason::Destroyed => Action::Destroy,
+                ExitReason::Destroyed | ExitReason::Saved => Action::Destroy,
                 ExitReason::Poweroff => d.config.on_poweroff,
                 ExitReason::Reboot => d.config.on_reboot,
                 ExitReason::Crash { .. } => d.config.on_crash,
@@ -268,7 +342,7 @@ impl Registry {
                 self.set_life(id, Life::Ended(state));
             }
             Action::Restart | Action::RenameRestart | Action::CoredumpRestart => {
-                if let Err(e) = self.launch(id, &dir) {
+                if let Err(e) = boot_fresh(&dir).and_then(|_| self.launch(id, &dir)) {
                     log::error!("cannot restart domain {id}: {e:#}");
                     self.set_life(id, Life::Ended(DomainState::Crashed));
                 }
@@ -435,6 +509,23 @@ impl Registry {
     pub fn dir_of(&self, key: &str) -> anyhow::Result<DomainDir> {
         self.find(key).map(|(_, dir, _)| dir)
     }
+}
+
+/// A restarted domain boots its kernel, whatever it was restored from.
+fn boot_fresh(dir: &DomainDir) -> anyhow::Result<()> {
+    let mut record = dir.load_record()?;
+    record.restore = None;
+    record.start_paused = false;
+    dir.save_record(&record)
+}
+
+fn control_parts(
+    control: &mut Control,
+) -> (
+    &mut std::io::BufReader<std::os::unix::net::UnixStream>,
+    &mut std::os::unix::net::UnixStream,
+) {
+    control.parts_mut()
 }
 
 fn run_state(s: VmmRunState) -> DomainState {

@@ -71,6 +71,16 @@ fn console_request(
     console::attach(writer.try_clone()?, reader, &dir)
 }
 
+/// Paths come from the CLI already made absolute; refuse anything else rather than guess a
+/// working directory.
+fn absolute(path: &str) -> anyhow::Result<std::path::PathBuf> {
+    let p = std::path::PathBuf::from(path);
+    if !p.is_absolute() {
+        anyhow::bail!("path '{path}' is not absolute");
+    }
+    Ok(p)
+}
+
 fn handle(
     registry: &Arc<Registry>,
     request: Request,
@@ -111,6 +121,22 @@ fn handle(
         Request::Destroy { domain } => {
             registry.destroy(&domain)?;
             serde_json::Value::Null
+        }
+        Request::Save {
+            domain,
+            path,
+            keep_running,
+        } => {
+            let path = absolute(&path)?;
+            let summary = registry.save(&domain, &path, keep_running, |p| {
+                let data = serde_json::to_value(p).unwrap_or_default();
+                let _ = write_message(client, &Reply::Progress { data });
+            })?;
+            serde_json::to_value(summary)?
+        }
+        Request::Restore { path, paused, copy } => {
+            let path = absolute(&path)?;
+            serde_json::to_value(registry.restore(&path, paused, copy)?)?
         }
         Request::Console { .. } => anyhow::bail!("console requests are handled separately"),
     })

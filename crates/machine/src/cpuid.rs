@@ -120,8 +120,92 @@ pub fn feature_words(entries: &[kvm_cpuid_entry2]) -> Vec<(u32, u32, [u32; 4])> 
         .collect()
 }
 
+/// Names of well-known feature bits, by (leaf, subleaf, register index 0..4 = eax..edx, bit).
+const FEATURE_NAMES: &[(u32, u32, usize, u32, &str)] = &[
+    (0x1, 0, 2, 0, "sse3"),
+    (0x1, 0, 2, 1, "pclmulqdq"),
+    (0x1, 0, 2, 9, "ssse3"),
+    (0x1, 0, 2, 12, "fma"),
+    (0x1, 0, 2, 13, "cx16"),
+    (0x1, 0, 2, 19, "sse4.1"),
+    (0x1, 0, 2, 20, "sse4.2"),
+    (0x1, 0, 2, 21, "x2apic"),
+    (0x1, 0, 2, 22, "movbe"),
+    (0x1, 0, 2, 23, "popcnt"),
+    (0x1, 0, 2, 24, "tsc-deadline"),
+    (0x1, 0, 2, 25, "aes"),
+    (0x1, 0, 2, 26, "xsave"),
+    (0x1, 0, 2, 28, "avx"),
+    (0x1, 0, 2, 29, "f16c"),
+    (0x1, 0, 2, 30, "rdrand"),
+    (0x1, 0, 3, 25, "sse"),
+    (0x1, 0, 3, 26, "sse2"),
+    (0x7, 0, 1, 0, "fsgsbase"),
+    (0x7, 0, 1, 3, "bmi1"),
+    (0x7, 0, 1, 5, "avx2"),
+    (0x7, 0, 1, 7, "smep"),
+    (0x7, 0, 1, 8, "bmi2"),
+    (0x7, 0, 1, 9, "erms"),
+    (0x7, 0, 1, 16, "avx512f"),
+    (0x7, 0, 1, 18, "rdseed"),
+    (0x7, 0, 1, 19, "adx"),
+    (0x7, 0, 1, 20, "smap"),
+    (0x7, 0, 1, 29, "sha"),
+    (0x7, 0, 2, 9, "vaes"),
+    (0x7, 0, 2, 10, "vpclmulqdq"),
+    (0x8000_0001, 0, 2, 0, "lahf_lm"),
+    (0x8000_0001, 0, 2, 5, "abm"),
+    (0x8000_0001, 0, 3, 20, "nx"),
+    (0x8000_0001, 0, 3, 26, "pdpe1gb"),
+    (0x8000_0001, 0, 3, 27, "rdtscp"),
+    (0x8000_0001, 0, 3, 29, "lm"),
+];
+
+const REG_NAMES: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
+
+/// Features present in `saved` but missing from `host` (both from [`feature_words`]), by name
+/// where known, else as `cpuid <leaf>.<subleaf> <reg> bit <n>`.
+pub fn missing_features(
+    saved: &[(u32, u32, [u32; 4])],
+    host: &[(u32, u32, [u32; 4])],
+) -> Vec<String> {
+    let mut missing = Vec::new();
+    for &(leaf, subleaf, regs) in saved {
+        let have = host
+            .iter()
+            .find(|h| h.0 == leaf && h.1 == subleaf)
+            .map(|h| h.2)
+            .unwrap_or([0; 4]);
+        for (r, (&want, &got)) in regs.iter().zip(have.iter()).enumerate() {
+            let lacking = want & !got;
+            for bit in (0..32).filter(|b| lacking & (1 << b) != 0) {
+                let name = FEATURE_NAMES
+                    .iter()
+                    .find(|f| f.0 == leaf && f.1 == subleaf && f.2 == r && f.3 == bit)
+                    .map(|f| f.4.to_string())
+                    .unwrap_or_else(|| {
+                        format!("cpuid {leaf:#x}.{subleaf} {} bit {bit}", REG_NAMES[r])
+                    });
+                missing.push(name);
+            }
+        }
+    }
+    missing
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn missing_features_are_named() {
+        let saved = vec![(0x7, 0, [0, (1 << 5) | (1 << 12), 0, 0])];
+        let host = vec![(0x7, 0, [0, 0, 0, 0])];
+        assert_eq!(
+            super::missing_features(&saved, &host),
+            vec!["avx2", "cpuid 0x7.0 ebx bit 12"]
+        );
+        assert!(super::missing_features(&saved, &saved).is_empty());
+    }
+
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {

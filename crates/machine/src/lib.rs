@@ -8,7 +8,9 @@ pub mod boot;
 pub mod cpuid;
 pub mod layout;
 pub mod memory;
+pub mod uffd;
 pub mod vcpu;
+pub mod vm_state;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -24,10 +26,11 @@ use tern_devices::i8042::I8042;
 use tern_devices::irq::IrqLine;
 use tern_devices::pvpanic::PvPanic;
 use tern_devices::serial::{ConsoleOut, SerialDevice};
-use tern_devices::{Bus, GuestEvent, GuestEventSender};
+use tern_devices::{Bus, GuestEvent, GuestEventSender, Snapshottable};
 
 pub use memory::GuestRam;
 pub use vcpu::{VcpuHandle, VcpuState};
+pub use vm_state::VmState;
 
 use layout::*;
 
@@ -82,6 +85,18 @@ pub struct Devices {
     pub pvpanic: Arc<Mutex<PvPanic>>,
 }
 
+impl Devices {
+    /// Every device with state, for checkpoints (the engine only sees the trait).
+    fn stateful(&self) -> Vec<Arc<Mutex<dyn Snapshottable + Send>>> {
+        vec![
+            self.serial.clone(),
+            self.acpi_pm.clone(),
+            self.i8042.clone(),
+            self.pvpanic.clone(),
+        ]
+    }
+}
+
 enum Vcpus {
     Created(Vec<vcpu::Vcpu>),
     Running(Vec<VcpuHandle>),
@@ -109,22 +124,43 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 impl Machine {
     /// Builds a machine and loads its kernel; no vCPU runs yet.
     pub fn new(config: &MachineConfig, console: ConsoleOut) -> Result<Self, MachineError> {
-        let kvm = Kvm::new().map_err(MachineError::NoKvm)?;
-        for (cap, name) in [
-            (Cap::Irqchip, "in-kernel irqchip"),
-            (Cap::UserMemory, "user memory"),
-            (Cap::ImmediateExit, "immediate exit"),
-            (Cap::Irqfd, "irqfd"),
-            (Cap::Pit2, "PIT"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(MachineError::MissingCapability(name));
-            }
+        let kvm = open_kvm()?;
+        check_vcpu_count(&kvm, config.vcpus)?;
+        let base = cpuid::supported(&kvm).map_err(kvm_err("get supported CPUID"))?;
+        let cpuids = (0..config.vcpus)
+            .map(|i| cpuid::for_vcpu(&base, i, config.vcpus))
+            .collect();
+        let machine = Machine::build(kvm, config.mem_mib, cpuids, console)?;
+        let spec = boot::BootSpec {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: &config.cmdline,
+        };
+        let entry = boot::load(machine.ram.memory(), machine.ram.size(), &spec)?;
+        if let Vcpus::Created(vcpus) = &machine.vcpus {
+            boot::setup_boot_vcpu(vcpus[0].fd(), machine.ram.memory(), entry)?;
         }
-        let max_vcpus = kvm.get_max_vcpus() as u32;
-        if config.vcpus == 0 || config.vcpus > max_vcpus.min(255) {
-            return Err(MachineError::BadVcpuCount(config.vcpus, max_vcpus.min(255)));
-        }
+        Ok(machine)
+    }
+
+    /// Builds a machine to restore a checkpoint into: zeroed RAM of `mem_mib`, and one vCPU per
+    /// entry of `cpuids`, each with exactly that CPUID (the one the guest was started with).
+    pub fn new_blank(
+        mem_mib: u64,
+        cpuids: Vec<Vec<kvm_cpuid_entry2>>,
+        console: ConsoleOut,
+    ) -> Result<Self, MachineError> {
+        let kvm = open_kvm()?;
+        check_vcpu_count(&kvm, cpuids.len() as u32)?;
+        Machine::build(kvm, mem_mib, cpuids, console)
+    }
+
+    fn build(
+        kvm: Kvm,
+        mem_mib: u64,
+        cpuids: Vec<Vec<kvm_cpuid_entry2>>,
+        console: ConsoleOut,
+    ) -> Result<Self, MachineError> {
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
         vm.set_tss_address(0xfffb_d000)
             .map_err(kvm_err("set TSS address"))?;
@@ -135,23 +171,13 @@ impl Machine {
         };
         vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
 
-        let ram = GuestRam::new_memfd(config.mem_mib)?;
+        let ram = GuestRam::new_memfd(mem_mib)?;
         ram.register(&vm)?;
 
         let (events, events_rx) = GuestEventSender::channel();
         let (devices, pio, mmio) = build_devices(&vm, console, &events)?;
-
         let cpuid = cpuid::supported(&kvm).map_err(kvm_err("get supported CPUID"))?;
-        let vcpus = create_vcpus(&kvm, &vm, config.vcpus, &cpuid)?;
-
-        let spec = boot::BootSpec {
-            kernel: &config.kernel,
-            initrd: config.initrd.as_deref(),
-            cmdline: &config.cmdline,
-        };
-        let entry = boot::load(ram.memory(), ram.size(), &spec)?;
-        boot::setup_boot_vcpu(vcpus[0].fd(), ram.memory(), entry)?;
-
+        let vcpus = create_vcpus(&kvm, &vm, cpuids)?;
         Ok(Machine {
             vcpus: Vcpus::Created(vcpus),
             devices,
@@ -302,6 +328,67 @@ impl Machine {
 }
 
 impl Machine {
+    /// Captures the VM-wide state (interrupt controllers, PIT, clock); the machine must be
+    /// paused.
+    pub fn capture_vm_state(&self) -> Result<VmState, MachineError> {
+        if !self.paused {
+            return Err(MachineError::BadState(
+                "VM state can only be captured while paused",
+            ));
+        }
+        vm_state::capture(&self.vm, self.ram.size(), self.handles()?.len() as u32)
+    }
+
+    /// Restores interrupt controllers, PIT and clock; the machine must be paused.
+    pub fn restore_vm_state(&self, state: &VmState) -> Result<(), MachineError> {
+        if !self.paused {
+            return Err(MachineError::BadState(
+                "VM state can only be restored while paused",
+            ));
+        }
+        if state.memory_bytes != self.ram.size() || state.vcpus as usize != self.handles()?.len() {
+            return Err(MachineError::BadState(
+                "the saved machine has a different shape",
+            ));
+        }
+        vm_state::restore_devices(&self.vm, state)?;
+        vm_state::restore_clock(&self.vm, state.clock_ns)
+    }
+
+    /// Captures every device's state as (id, bytes).
+    pub fn capture_devices(&self) -> Result<Vec<(String, Vec<u8>)>, MachineError> {
+        self.devices
+            .stateful()
+            .iter()
+            .map(|d| {
+                let d = lock(d);
+                let bytes = d
+                    .snapshot()
+                    .map_err(|e| MachineError::Device(e.to_string()))?;
+                Ok((d.snapshot_id(), bytes))
+            })
+            .collect()
+    }
+
+    /// Restores device states captured by [`Machine::capture_devices`]. A state for a device
+    /// this machine does not have is an error; a device without saved state keeps its reset
+    /// state.
+    pub fn restore_devices(&self, states: &[(String, Vec<u8>)]) -> Result<(), MachineError> {
+        let devices = self.devices.stateful();
+        for (id, bytes) in states {
+            let device = devices
+                .iter()
+                .find(|d| lock(d).snapshot_id() == *id)
+                .ok_or_else(|| {
+                    MachineError::Device(format!("no device '{id}' to restore state into"))
+                })?;
+            lock(device)
+                .restore(bytes)
+                .map_err(|e| MachineError::Device(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// Restores every vCPU from captured states (one per vCPU, in index order); the machine
     /// must be paused.
     pub fn restore_vcpus(&self, states: Vec<VcpuState>) -> Result<(), MachineError> {
@@ -329,17 +416,41 @@ impl Drop for Machine {
     }
 }
 
+fn open_kvm() -> Result<Kvm, MachineError> {
+    let kvm = Kvm::new().map_err(MachineError::NoKvm)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "in-kernel irqchip"),
+        (Cap::UserMemory, "user memory"),
+        (Cap::ImmediateExit, "immediate exit"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::Pit2, "PIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(MachineError::MissingCapability(name));
+        }
+    }
+    Ok(kvm)
+}
+
+fn check_vcpu_count(kvm: &Kvm, vcpus: u32) -> Result<(), MachineError> {
+    let max = (kvm.get_max_vcpus() as u32).min(255);
+    if vcpus == 0 || vcpus > max {
+        return Err(MachineError::BadVcpuCount(vcpus, max));
+    }
+    Ok(())
+}
+
 fn create_vcpus(
     kvm: &Kvm,
     vm: &VmFd,
-    count: u32,
-    cpuid: &[kvm_cpuid_entry2],
+    cpuids: Vec<Vec<kvm_cpuid_entry2>>,
 ) -> Result<Vec<vcpu::Vcpu>, MachineError> {
     let xsave_size = usize::try_from(vm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
-    let mut vcpus: Vec<vcpu::Vcpu> = Vec::with_capacity(count as usize);
+    let mut vcpus: Vec<vcpu::Vcpu> = Vec::with_capacity(cpuids.len());
     let mut msrs: Vec<u32> = Vec::new();
-    for index in 0..count {
-        let vcpu = vcpu::Vcpu::new(vm, index, count, cpuid, &msrs, xsave_size)?;
+    for (index, cpuid) in cpuids.into_iter().enumerate() {
+        let index = index as u32;
+        let vcpu = vcpu::Vcpu::new(vm, index, cpuid, &msrs, xsave_size)?;
         if index == 0 {
             msrs = vcpu::saveable_msrs(kvm, vcpu.fd());
         }
@@ -398,6 +509,12 @@ fn build_devices(
         pio,
         mmio,
     ))
+}
+
+/// The CPUID KVM supports on this host (what a guest started here may use).
+pub fn host_cpuid() -> Result<Vec<kvm_cpuid_entry2>, MachineError> {
+    let kvm = open_kvm()?;
+    cpuid::supported(&kvm).map_err(kvm_err("get supported CPUID"))
 }
 
 /// A console sink that discards output (tests, benchmarks).

@@ -80,19 +80,17 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// Creates vCPU `index` of `count` with the host-supported CPUID `base`.
+    /// Creates vCPU `index` with exactly the CPUID `cpuid` (see [`cpuid::for_vcpu`]).
     pub fn new(
         vm: &VmFd,
         index: u32,
-        count: u32,
-        base: &[kvm_cpuid_entry2],
+        cpuid: Vec<kvm_cpuid_entry2>,
         msr_indices: &[u32],
         xsave_size: usize,
     ) -> Result<Self, VcpuError> {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(kvm_err(index, "create"))?;
-        let cpuid = cpuid::for_vcpu(base, index, count);
         let kvm_cpuid = cpuid::to_kvm(&cpuid).map_err(|e| VcpuError::Other {
             index,
             message: format!("CPUID table: {e:?}"),

@@ -8,6 +8,8 @@ pub mod console;
 pub mod console_log;
 pub mod logging;
 pub mod record;
+pub mod restore;
+pub mod save;
 
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -21,7 +23,7 @@ use anyhow::Context;
 use tern_api::vmm::{
     ExitReason, VmmEvent, VmmReply, VmmRequest, VmmRunState, VmmStartup, VmmStatus,
 };
-use tern_api::{read_message, write_message};
+use tern_api::{read_message, write_message, RestoreSummary, SaveSummary};
 use tern_devices::GuestEvent;
 use tern_machine::{Machine, MachineConfig};
 
@@ -32,10 +34,12 @@ use record::{write_atomically, DomainDir, DomainRecord};
 enum MainEvent {
     Guest(GuestEvent),
     Destroy,
+    Saved,
 }
 
 /// Shared state of the guest process.
 struct Vmm {
+    record: DomainRecord,
     machine: Mutex<Machine>,
     console: Arc<ConsoleHub>,
     monitors: Mutex<Vec<UnixStream>>,
@@ -82,7 +86,7 @@ impl Vmm {
                 let _ = self.main.send(MainEvent::Destroy);
                 Ok(())
             }
-            VmmRequest::Console | VmmRequest::Monitor => Ok(()),
+            VmmRequest::Console | VmmRequest::Monitor | VmmRequest::Save { .. } => Ok(()),
         };
         match result {
             Ok(()) => VmmReply::Ok,
@@ -91,25 +95,72 @@ impl Vmm {
     }
 }
 
+impl Vmm {
+    /// Pauses, writes a checkpoint, then either ends the guest or lets it run on. A failed
+    /// save leaves the guest running as before.
+    fn save(
+        &self,
+        path: &str,
+        keep_running: bool,
+        progress: impl FnMut(&tern_api::Progress),
+    ) -> anyhow::Result<SaveSummary> {
+        let mut machine = self.machine();
+        let was_paused = machine.is_paused();
+        let started = Instant::now();
+        if !was_paused {
+            machine.pause()?;
+        }
+        let result =
+            save::write_checkpoint(&machine, &self.record, Path::new(path), started, progress);
+        match result {
+            Ok(mut summary) if keep_running => {
+                if !was_paused {
+                    machine.resume()?;
+                }
+                summary.kept_running = true;
+                Ok(summary)
+            }
+            Ok(summary) => {
+                // The guest stays paused until the process ends: it now lives in the file.
+                let _ = self.main.send(MainEvent::Saved);
+                Ok(summary)
+            }
+            Err(e) => {
+                if !was_paused {
+                    machine.resume()?;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Runs the guest of `dir` until it ends; returns the process exit code.
 pub fn run(dir: &Path) -> i32 {
     logging::init("vmm");
+    let started = Instant::now();
     let dir = DomainDir::new(dir);
-    match start(&dir) {
-        Ok((vmm, listener, events)) => {
+    match start(&dir, started) {
+        Ok((vmm, listener, events, restore)) => {
             announce(&VmmStartup::Ready {
                 pid: std::process::id(),
+                restore,
             });
             serve(vmm, listener, events, &dir)
         }
-        Err(e) => {
-            let message = format!("{e:#}");
-            log::error!("cannot start the guest: {message}");
-            let _ = std::fs::remove_file(dir.control_socket());
-            announce(&VmmStartup::Failed { message });
-            1
-        }
+        Err(e) => fail(&dir, &e),
     }
+}
+
+/// Reports a start-up failure and ends the process at once: threads of a half-built guest
+/// (a vCPU waiting for a page that will never come) must not be waited for.
+fn fail(dir: &DomainDir, e: &anyhow::Error) -> ! {
+    let message = format!("{e:#}");
+    log::error!("cannot start the guest: {message}");
+    let _ = std::fs::remove_file(dir.control_socket());
+    let _ = std::fs::remove_file(dir.pid_file());
+    announce(&VmmStartup::Failed { message });
+    std::process::exit(1);
 }
 
 /// Tells the daemon (on stdout, one line) whether the guest started, then lets go of stdout.
@@ -126,7 +177,12 @@ fn announce(msg: &VmmStartup) {
     }
 }
 
-type Started = (Arc<Vmm>, UnixListener, mpsc::Receiver<MainEvent>);
+type Started = (
+    Arc<Vmm>,
+    UnixListener,
+    mpsc::Receiver<MainEvent>,
+    Option<RestoreSummary>,
+);
 
 fn machine_config(record: &DomainRecord) -> anyhow::Result<MachineConfig> {
     let c = &record.config;
@@ -143,20 +199,48 @@ fn machine_config(record: &DomainRecord) -> anyhow::Result<MachineConfig> {
     })
 }
 
-fn start(dir: &DomainDir) -> anyhow::Result<Started> {
+fn start(dir: &DomainDir, started: Instant) -> anyhow::Result<Started> {
     let record = dir.load_record()?;
     let console = ConsoleHub::open(dir.path()).context("cannot open the console log")?;
-    let mut machine = Machine::new(&machine_config(&record)?, console.output())?;
-    let guest_events = machine
-        .take_events()
-        .context("machine events already taken")?;
-
     let socket = dir.control_socket();
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     std::fs::write(dir.pid_file(), std::process::id().to_string())?;
-    machine.start(record.start_paused)?;
+
+    let (mut machine, restore) = match &record.restore {
+        None => {
+            let mut machine = Machine::new(&machine_config(&record)?, console.output())?;
+            machine.start(record.start_paused)?;
+            (machine, None)
+        }
+        Some(spec) => {
+            let restored = restore::prepare(&record, spec, console.output())?;
+            let mut machine = restored.machine;
+            if !record.start_paused {
+                machine.resume()?;
+            }
+            let running_after_ms = started.elapsed().as_secs_f64() * 1e3;
+            if let Some(loader) = restored.loader {
+                if let Err(e) = loader.wait() {
+                    fail(dir, &e);
+                }
+            }
+            let summary = RestoreSummary {
+                id: record.id,
+                name: record.config.name.clone(),
+                uuid: record.uuid.clone(),
+                mode: if spec.copy { "copy" } else { "lazy" }.into(),
+                running_after_ms,
+                loaded_after_ms: started.elapsed().as_secs_f64() * 1e3,
+                pages_loaded: restored.pages,
+            };
+            (machine, Some(summary))
+        }
+    };
+    let guest_events = machine
+        .take_events()
+        .context("machine events already taken")?;
 
     let (main, main_rx) = mpsc::channel();
     let forward = main.clone();
@@ -170,13 +254,14 @@ fn start(dir: &DomainDir) -> anyhow::Result<Started> {
             }
         })?;
     let vmm = Arc::new(Vmm {
+        record,
         machine: Mutex::new(machine),
         console,
         monitors: Mutex::new(Vec::new()),
         main,
         busy: AtomicBool::new(false),
     });
-    Ok((vmm, listener, main_rx))
+    Ok((vmm, listener, main_rx, restore))
 }
 
 fn serve(
@@ -202,6 +287,7 @@ fn serve(
         });
     let reason = match events.recv() {
         Ok(MainEvent::Destroy) | Err(_) => ExitReason::Destroyed,
+        Ok(MainEvent::Saved) => ExitReason::Saved,
         Ok(MainEvent::Guest(GuestEvent::PowerOff)) => ExitReason::Poweroff,
         Ok(MainEvent::Guest(GuestEvent::Reset)) => ExitReason::Reboot,
         Ok(MainEvent::Guest(GuestEvent::Panic)) => ExitReason::Crash {
@@ -232,6 +318,22 @@ fn serve_connection(vmm: &Arc<Vmm>, stream: UnixStream) {
     let mut reader = BufReader::new(read_half);
     let mut writer = stream;
     while let Ok(req) = read_message::<VmmRequest>(&mut reader) {
+        if let VmmRequest::Save { path, keep_running } = &req {
+            let mut progress_out = &writer;
+            let result = vmm.save(path, *keep_running, |p| {
+                let _ = write_message(&mut progress_out, &VmmReply::Progress(p.clone()));
+            });
+            let reply = match result {
+                Ok(summary) => VmmReply::Saved(summary),
+                Err(e) => VmmReply::Error {
+                    message: format!("{e:#}"),
+                },
+            };
+            if write_message(&mut writer, &reply).is_err() {
+                return;
+            }
+            continue;
+        }
         let reply = vmm.handle(req.clone());
         if write_message(&mut writer, &reply).is_err() {
             return;

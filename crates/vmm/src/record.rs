@@ -13,6 +13,17 @@ pub struct DomainRecord {
     pub config: DomainConfig,
     /// Start with the vCPUs paused.
     pub start_paused: bool,
+    /// Restore from a checkpoint instead of booting the kernel.
+    #[serde(default)]
+    pub restore: Option<RestoreSpec>,
+}
+
+/// Where and how to restore from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    pub path: PathBuf,
+    /// Load and verify all memory before the guest runs (instead of on demand).
+    pub copy: bool,
 }
 
 /// Paths inside one domain's directory (`<state_dir>/domains/<id>`).

@@ -1,0 +1,279 @@
+//! The sequential reader: reads a migration stream (or a file, front to back) from any
+//! [`Read`], verifying each record completely before handing it out.
+
+use std::io::{self, Read};
+
+use crate::error::{Fault, SnapshotError};
+use crate::format::{
+    check_body, Header, RecordHeader, RecordLoc, RecordType, HEADER_LEN, PAGE_SIZE,
+    RECORD_HEADER_LEN,
+};
+use crate::pages::{descriptor_extent, first_bad_block, parse_descriptor, PageRun, DESC_FIXED_LEN};
+
+/// A body buffer starts at this size (or the body's length, if smaller) and doubles as data
+/// arrives, so a peer that declares a large body but does not send it cannot make the reader
+/// allocate it.
+const GROW_MIN: u64 = 1 << 20;
+/// Bytes read at a time when skipping a record of an unknown optional type.
+const SKIP_CHUNK: usize = 64 << 10;
+
+/// One verified record of a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamItem {
+    /// An INFO, CONFIG, MACHINE, VCPU, DEVICE or NOTE record. DEVICE bodies have been
+    /// checked; [`crate::split_device`] splits them into id and state.
+    Record { ty: RecordType, body: Vec<u8> },
+    /// A PAGES record: `data` holds the pages of `runs`, in order, 4096 bytes each. Pages
+    /// in later records replace the same pages from earlier ones.
+    Pages { runs: Vec<PageRun>, data: Vec<u8> },
+}
+
+/// Where the reader is in the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Reading,
+    Ended,
+    Failed,
+}
+
+/// Reads a checkpoint front to back from a [`Read`] without seeking: what a migration target
+/// does with its socket. Records of unknown optional types are verified and skipped.
+pub struct StreamReader<R> {
+    r: R,
+    header: Header,
+    /// Bytes consumed so far.
+    offset: u64,
+    /// Records read so far.
+    count: u64,
+    state: State,
+}
+
+impl<R: Read> StreamReader<R> {
+    /// Reads and checks the header.
+    pub fn new(mut r: R) -> Result<Self, SnapshotError> {
+        let mut b = [0u8; HEADER_LEN];
+        let n = fill(&mut r, &mut b)?;
+        let header = Header::decode(&b[..n])?;
+        Ok(StreamReader {
+            r,
+            header,
+            offset: HEADER_LEN as u64,
+            count: 0,
+            state: State::Reading,
+        })
+    }
+
+    pub fn header(&self) -> Header {
+        self.header
+    }
+
+    /// Bytes consumed from the reader so far.
+    pub fn position(&self) -> u64 {
+        self.offset
+    }
+
+    /// The next record, or `None` once END has been read. After an error the stream's
+    /// position is unknown, and every later call fails.
+    ///
+    /// (Not an [`Iterator`]: the stream ends with a verified END, not when the data does, and
+    /// every step can fail.)
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Result<Option<StreamItem>, SnapshotError> {
+        match self.state {
+            State::Ended => return Ok(None),
+            State::Failed => {
+                return Err(SnapshotError::Io(io::Error::other(
+                    "the stream cannot be read further after an earlier error",
+                )))
+            }
+            State::Reading => {}
+        }
+        let item = self.read_item();
+        match item {
+            Err(_) => self.state = State::Failed,
+            Ok(None) => self.state = State::Ended,
+            Ok(Some(_)) => {}
+        }
+        item
+    }
+
+    /// Gives the reader back, positioned just after END if `next` returned `None`.
+    pub fn into_inner(self) -> R {
+        self.r
+    }
+
+    fn read_item(&mut self) -> Result<Option<StreamItem>, SnapshotError> {
+        loop {
+            let (h, loc) = self.read_record_header()?;
+            let item = match h.ty {
+                RecordType::PAGES => Some(self.pages_record(&h, &loc)?),
+                RecordType::END => {
+                    self.plain_body(&h, &loc)?;
+                    self.count += 1;
+                    return Ok(None);
+                }
+                t if t.is_known() => Some(StreamItem::Record {
+                    ty: t,
+                    body: self.plain_body(&h, &loc)?,
+                }),
+                _ => {
+                    self.skip_record(&h, &loc)?;
+                    None
+                }
+            };
+            self.count += 1;
+            if item.is_some() {
+                return Ok(item);
+            }
+        }
+    }
+
+    fn read_record_header(&mut self) -> Result<(RecordHeader, RecordLoc), SnapshotError> {
+        let (offset, seq) = (self.offset, self.count + 1);
+        let mut b = [0u8; RECORD_HEADER_LEN];
+        let n = self.fill(&mut b)?;
+        if n == 0 {
+            let what = match self.count {
+                0 => "it ends after the header, without an END record".to_string(),
+                c => format!("it ends after record {c}, without an END record"),
+            };
+            return Err(SnapshotError::truncated(offset, what));
+        }
+        if n < b.len() {
+            return Err(SnapshotError::truncated(
+                offset,
+                format!("it ends inside the header of record {seq} at offset {offset}"),
+            ));
+        }
+        RecordHeader::decode(&b, seq, offset)
+    }
+
+    /// Reads and verifies the body of a known non-PAGES record (END included).
+    fn plain_body(&mut self, h: &RecordHeader, loc: &RecordLoc) -> Result<Vec<u8>, SnapshotError> {
+        let mut body = Vec::new();
+        self.read_into(&mut body, h.length, loc)?;
+        if crc32c::crc32c(&body) != h.body_crc {
+            return Err(loc.bad_checksum());
+        }
+        check_body(h.ty, &body, self.count).map_err(|f| f.at(loc))?;
+        Ok(body)
+    }
+
+    /// Reads, verifies and returns a PAGES record.
+    fn pages_record(
+        &mut self,
+        h: &RecordHeader,
+        loc: &RecordLoc,
+    ) -> Result<StreamItem, SnapshotError> {
+        let body_offset = self.offset;
+        let desc = self.read_descriptor(h, loc)?;
+        let d = parse_descriptor(&desc, h.length).map_err(|f| f.at(loc))?;
+        let data_offset = body_offset + d.data_offset;
+        if self.header.aligned && data_offset % PAGE_SIZE as u64 != 0 {
+            return Err(Fault::Corrupt(
+                "its page data is not 4096-aligned, yet the header says it is".into(),
+            )
+            .at(loc));
+        }
+        let mut data = Vec::new();
+        self.read_into(&mut data, d.total_pages * PAGE_SIZE as u64, loc)?;
+        let block_bytes = d.block_pages as usize * PAGE_SIZE;
+        if let Some(b) = first_bad_block(&data, block_bytes, &d.block_crcs) {
+            return Err(SnapshotError::corrupt(
+                data_offset + (b * block_bytes) as u64,
+                format!("{loc}: page block {b} fails its checksum"),
+            ));
+        }
+        Ok(StreamItem::Pages { runs: d.runs, data })
+    }
+
+    /// Reads the descriptor part of a PAGES body and checks it against the body checksum.
+    fn read_descriptor(
+        &mut self,
+        h: &RecordHeader,
+        loc: &RecordLoc,
+    ) -> Result<Vec<u8>, SnapshotError> {
+        if h.length < DESC_FIXED_LEN as u64 {
+            return Err(Fault::Corrupt(format!(
+                "is {} bytes long, too short for a page descriptor",
+                h.length
+            ))
+            .at(loc));
+        }
+        let mut desc = Vec::new();
+        self.read_into(&mut desc, DESC_FIXED_LEN as u64, loc)?;
+        let data_offset = descriptor_extent(&desc, h.length).map_err(|f| f.at(loc))?;
+        self.read_into(&mut desc, data_offset - DESC_FIXED_LEN as u64, loc)?;
+        if crc32c::crc32c(&desc) != h.body_crc {
+            return Err(loc.bad_checksum());
+        }
+        Ok(desc)
+    }
+
+    /// Reads and verifies the body of a record of an unknown optional type, keeping none of it.
+    fn skip_record(&mut self, h: &RecordHeader, loc: &RecordLoc) -> Result<(), SnapshotError> {
+        let mut buf = vec![0u8; SKIP_CHUNK];
+        let mut crc = 0u32;
+        let mut left = h.length;
+        while left > 0 {
+            let n = left.min(SKIP_CHUNK as u64) as usize;
+            let got = self.fill(&mut buf[..n])?;
+            if got < n {
+                return Err(loc.truncated());
+            }
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            left -= n as u64;
+        }
+        if crc != h.body_crc {
+            return Err(loc.bad_checksum());
+        }
+        Ok(())
+    }
+
+    /// Appends `len` bytes to `v`, growing it only as the data arrives (see [`GROW_MIN`]).
+    fn read_into(
+        &mut self,
+        v: &mut Vec<u8>,
+        len: u64,
+        loc: &RecordLoc,
+    ) -> Result<(), SnapshotError> {
+        let mut left = len;
+        while left > 0 {
+            let step = left.min((v.len() as u64).max(GROW_MIN));
+            v.try_reserve_exact(step as usize).map_err(|_| {
+                SnapshotError::too_large(loc.offset, format!("{loc} does not fit in memory"))
+            })?;
+            let got = (&mut self.r)
+                .take(step)
+                .read_to_end(v)
+                .map_err(SnapshotError::Io)?;
+            self.offset += got as u64;
+            if (got as u64) < step {
+                return Err(loc.truncated());
+            }
+            left -= step;
+        }
+        Ok(())
+    }
+
+    /// Reads until `buf` is full or the data ends; returns how much was read.
+    fn fill(&mut self, buf: &mut [u8]) -> Result<usize, SnapshotError> {
+        let n = fill(&mut self.r, buf)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads from `r` until `buf` is full or `r` ends; returns how much was read.
+fn fill<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, SnapshotError> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(SnapshotError::Io(e)),
+        }
+    }
+    Ok(n)
+}

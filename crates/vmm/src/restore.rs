@@ -1,0 +1,372 @@
+//! Restoring a machine from a checkpoint file.
+//!
+//! Two ways to bring memory back:
+//! * copy: every page block is read, verified and copied in before any vCPU runs;
+//! * lazy (default): guest RAM is registered with userfaultfd and the guest starts at once.
+//!   A page the guest (or KVM on its behalf) touches first faults into a handler thread that
+//!   loads the page's block from the file, verifies its checksum and installs it; a prefetch
+//!   thread loads all other blocks meanwhile. No page is ever installed unverified.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context};
+use tern_devices::serial::ConsoleOut;
+use tern_machine::memory::RamSlot;
+use tern_machine::uffd::Uffd;
+use tern_machine::{Machine, VcpuState, VmState};
+use tern_snapshot::{PagesIndex, RecordType, SnapshotIndex};
+
+use crate::record::{DomainRecord, RestoreSpec};
+
+const PAGE: u64 = 4096;
+
+/// A machine rebuilt from a checkpoint, stopped, with memory loaded or loading.
+pub struct Restored {
+    pub machine: Machine,
+    /// Present in lazy mode until every page is in.
+    pub loader: Option<LazyLoader>,
+    /// Pages the checkpoint holds.
+    pub pages: u64,
+}
+
+/// Rebuilds the machine of `record` from its checkpoint; its vCPUs exist but are paused.
+pub fn prepare(
+    record: &DomainRecord,
+    spec: &RestoreSpec,
+    console: ConsoleOut,
+) -> anyhow::Result<Restored> {
+    let shown = spec.path.display().to_string();
+    let file = File::open(&spec.path).with_context(|| format!("cannot read checkpoint {shown}"))?;
+    let index = SnapshotIndex::open(&file).with_context(|| format!("cannot restore {shown}"))?;
+    let info = index
+        .info()
+        .with_context(|| format!("cannot restore {shown}"))?;
+    check_cpu_features(&info.cpu_features)?;
+
+    let vm: VmState = decode_one(&index, RecordType::MACHINE, &shown)?;
+    let vcpus: Vec<VcpuState> = index
+        .all(RecordType::VCPU)
+        .map(|r| {
+            postcard::from_bytes(&r.body)
+                .map_err(|e| anyhow::anyhow!("cannot restore {shown}: malformed vCPU state: {e}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    if vcpus.is_empty() || vcpus.len() != vm.vcpus as usize {
+        bail!(
+            "cannot restore {shown}: it holds {} vCPU states for {} vCPUs",
+            vcpus.len(),
+            vm.vcpus
+        );
+    }
+    if vm.memory_bytes != record.config.memory_mib << 20 {
+        bail!("cannot restore {shown}: its memory size does not match its config");
+    }
+    let devices: Vec<(String, Vec<u8>)> = index
+        .devices()
+        .with_context(|| format!("cannot restore {shown}"))?
+        .into_iter()
+        .map(|(id, bytes)| (id, bytes.to_vec()))
+        .collect();
+
+    let cpuids = vcpus.iter().map(|v| v.cpuid.clone()).collect();
+    let mut machine = Machine::new_blank(record.config.memory_mib, cpuids, console)?;
+    let pages: u64 = index.pages.iter().map(|p| p.total_pages).sum();
+    let loader = if spec.copy {
+        copy_all(&machine, &file, &index.pages)
+            .with_context(|| format!("cannot restore {shown}"))?;
+        None
+    } else {
+        Some(LazyLoader::start(
+            &machine,
+            file,
+            index.pages.clone(),
+            shown.clone(),
+        )?)
+    };
+    machine.start(true)?;
+    machine.restore_vm_state(&vm)?;
+    machine.restore_vcpus(vcpus)?;
+    machine.restore_devices(&devices)?;
+    Ok(Restored {
+        machine,
+        loader,
+        pages,
+    })
+}
+
+fn decode_one<T: serde::de::DeserializeOwned>(
+    index: &SnapshotIndex,
+    ty: RecordType,
+    shown: &str,
+) -> anyhow::Result<T> {
+    let record = index
+        .record(ty)
+        .with_context(|| format!("cannot restore {shown}: it has no {} record", ty.name()))?;
+    postcard::from_bytes(&record.body).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot restore {shown}: malformed {} record: {e}",
+            ty.name()
+        )
+    })
+}
+
+/// Refuses a checkpoint whose guest was started with CPU features this host lacks.
+fn check_cpu_features(saved: &[tern_snapshot::CpuFeatureWord]) -> anyhow::Result<()> {
+    let host = tern_machine::host_cpuid()?;
+    let host_words = tern_machine::cpuid::feature_words(&host);
+    let saved_words: Vec<(u32, u32, [u32; 4])> =
+        saved.iter().map(|w| (w.leaf, w.subleaf, w.regs)).collect();
+    let missing = tern_machine::cpuid::missing_features(&saved_words, &host_words);
+    if !missing.is_empty() {
+        bail!(
+            "this host's CPU lacks features the guest was started with: {}",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Host address of guest page `pfn`.
+fn host_addr(slots: &[RamSlot], pfn: u64) -> Option<u64> {
+    let gpa = pfn.checked_mul(PAGE)?;
+    slots
+        .iter()
+        .find(|s| gpa >= s.guest_addr && gpa < s.guest_addr + s.size)
+        .map(|s| s.host_addr + (gpa - s.guest_addr))
+}
+
+/// Checks that a block's segments lie inside guest RAM, one page at a time at the edges.
+fn segment_host(slots: &[RamSlot], pfn: u64, pages: u64) -> anyhow::Result<u64> {
+    let first = host_addr(slots, pfn).context("the checkpoint holds a page outside guest RAM")?;
+    let last = host_addr(slots, pfn + pages - 1)
+        .context("the checkpoint holds a page outside guest RAM")?;
+    if last - first != (pages - 1) * PAGE {
+        bail!("the checkpoint holds a page run across the MMIO hole");
+    }
+    Ok(first)
+}
+
+/// Copy mode: read, verify and copy every block before the guest runs.
+fn copy_all(machine: &Machine, file: &File, records: &[PagesIndex]) -> anyhow::Result<()> {
+    let slots = machine.ram().slots();
+    let mut buf = Vec::new();
+    for p in records {
+        for b in 0..p.blocks() {
+            p.read_block(file, b, &mut buf)?;
+            let block = p.block(b);
+            let mut off = 0usize;
+            for (pfn, pages) in block.segments {
+                let len = (u64::from(pages) * PAGE) as usize;
+                let dst = segment_host(slots, pfn, u64::from(pages))?;
+                let src = buf
+                    .get(off..off + len)
+                    .context("block shorter than its pages")?;
+                // SAFETY: dst..dst+len lies inside guest RAM (checked), which no vCPU uses yet.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, len) };
+                off += len;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the handler and the prefetcher share.
+struct LoaderState {
+    file: File,
+    records: Vec<PagesIndex>,
+    slots: Vec<RamSlot>,
+    uffd: Uffd,
+    /// Per PAGES record, per block: installed.
+    loaded: Mutex<Vec<Vec<bool>>>,
+    failed: Mutex<Option<String>>,
+    stop: AtomicBool,
+    shown: String,
+}
+
+impl LoaderState {
+    /// Loads block `b` of record `r` unless it is in already.
+    fn load(&self, r: usize, b: u64, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if loaded[r][b as usize] {
+            return Ok(());
+        }
+        let p = &self.records[r];
+        p.read_block(&self.file, b, buf)
+            .with_context(|| format!("cannot restore {}", self.shown))?;
+        let mut off = 0usize;
+        for (pfn, pages) in p.block(b).segments {
+            let len = (u64::from(pages) * PAGE) as usize;
+            let dst = segment_host(&self.slots, pfn, u64::from(pages))?;
+            let src = buf
+                .get(off..off + len)
+                .context("block shorter than its pages")?;
+            self.uffd
+                .copy(dst, src)
+                .context("cannot install restored pages")?;
+            off += len;
+        }
+        loaded[r][b as usize] = true;
+        Ok(())
+    }
+
+    /// Serves one fault at host address `addr`.
+    fn serve(&self, addr: u64, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+        let page = addr & !(PAGE - 1);
+        let slot = self
+            .slots
+            .iter()
+            .find(|s| page >= s.host_addr && page < s.host_addr + s.size)
+            .context("fault outside guest RAM")?;
+        let pfn = (slot.guest_addr + (page - slot.host_addr)) / PAGE;
+        for (r, p) in self.records.iter().enumerate() {
+            if let Some(b) = p.find(pfn) {
+                self.load(r, b, buf)?;
+                return self
+                    .uffd
+                    .wake(page, PAGE)
+                    .context("cannot wake the faulting thread");
+            }
+        }
+        // Not in the checkpoint: the page was zero.
+        self.uffd
+            .zero(page, PAGE)
+            .context("cannot install a zero page")
+    }
+
+    fn fail(&self, e: &anyhow::Error) {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.get_or_insert_with(|| format!("{e:#}"));
+    }
+}
+
+/// Lazy loading in progress.
+pub struct LazyLoader {
+    state: Arc<LoaderState>,
+    prefetcher: Option<JoinHandle<()>>,
+    handler: Option<JoinHandle<()>>,
+}
+
+impl LazyLoader {
+    fn start(
+        machine: &Machine,
+        file: File,
+        records: Vec<PagesIndex>,
+        shown: String,
+    ) -> anyhow::Result<Self> {
+        let uffd =
+            Uffd::new().context("userfaultfd is not available for lazy restore (try --copy)")?;
+        let slots = machine.ram().slots().to_vec();
+        for s in &slots {
+            uffd.register(s.host_addr, s.size)
+                .context("cannot register guest RAM with userfaultfd")?;
+        }
+        let loaded = records
+            .iter()
+            .map(|p| vec![false; p.blocks() as usize])
+            .collect();
+        let state = Arc::new(LoaderState {
+            file,
+            records,
+            slots,
+            uffd,
+            loaded: Mutex::new(loaded),
+            failed: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            shown,
+        });
+        let handler_state = state.clone();
+        let handler = std::thread::Builder::new()
+            .name("restore-faults".into())
+            .spawn(move || serve_faults(&handler_state))?;
+        let prefetch_state = state.clone();
+        let prefetcher = std::thread::Builder::new()
+            .name("restore-prefetch".into())
+            .spawn(move || prefetch(&prefetch_state))?;
+        Ok(LazyLoader {
+            state,
+            prefetcher: Some(prefetcher),
+            handler: Some(handler),
+        })
+    }
+
+    /// Waits until every page is in; an error if any block failed its check.
+    pub fn wait(mut self) -> anyhow::Result<()> {
+        if let Some(p) = self.prefetcher.take() {
+            let _ = p.join();
+        }
+        self.state.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+        match self
+            .state
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            Some(message) => bail!(message),
+            None => Ok(()),
+        }
+    }
+}
+
+fn prefetch(state: &LoaderState) {
+    let mut buf = Vec::new();
+    for (r, p) in state.records.iter().enumerate() {
+        for b in 0..p.blocks() {
+            if state
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+            {
+                return;
+            }
+            if let Err(e) = state.load(r, b, &mut buf) {
+                state.fail(&e);
+                return;
+            }
+        }
+    }
+    // Everything is in: from now on, missing pages are just zero pages of the RAM file.
+    if let Err(e) = state.uffd.unregister_all() {
+        state.fail(&anyhow::anyhow!("cannot end lazy loading: {e}"));
+    }
+}
+
+fn serve_faults(state: &LoaderState) {
+    let mut buf = Vec::new();
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: state.uffd.raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one descriptor we own.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 50) };
+        if ready <= 0 || pfd.revents & libc::POLLIN == 0 {
+            if state.stop.load(Ordering::Acquire) {
+                return;
+            }
+            continue;
+        }
+        match state.uffd.next_fault() {
+            Ok(Some(addr)) => {
+                if let Err(e) = state.serve(addr, &mut buf) {
+                    log::error!("lazy restore: {e:#}");
+                    state.fail(&e);
+                }
+            }
+            Ok(None) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                state.fail(&anyhow::anyhow!("userfaultfd read failed: {e}"));
+                return;
+            }
+        }
+    }
+}

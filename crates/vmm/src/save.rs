@@ -1,0 +1,349 @@
+//! Writing a checkpoint of a paused machine.
+//!
+//! Records: INFO, CONFIG, MACHINE, one VCPU per vCPU, one DEVICE per device, then PAGES for
+//! every guest page that is neither a hole in the RAM file nor all zero, then END. The file is
+//! written under a temporary name next to its final one, flushed to disk and renamed, so a
+//! checkpoint never exists half-written under its final name.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use tern_api::{Progress, SaveSummary};
+use tern_machine::memory::RamSlot;
+use tern_machine::Machine;
+use tern_snapshot::{CpuFeatureWord, Info, PageRun, RecordType, SnapshotWriter};
+
+use crate::record::DomainRecord;
+
+/// Pages per checksum block: the unit a lazy restore loads on a fault.
+pub const BLOCK_PAGES: u32 = 64;
+/// Most pages per PAGES record (64 MiB of data): progress is reported between records.
+const RECORD_PAGES: u64 = 16 * 1024;
+const PAGE: u64 = 4096;
+
+/// Temporary name of a checkpoint being written by process `pid`.
+pub fn partial_path(path: &Path, pid: u32) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{pid}.partial"))
+}
+
+/// Removes temporary files a save of `path` left behind (after its writer died).
+pub fn remove_partials(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&prefix) && n.ends_with(".partial") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Writes a checkpoint of `machine` (paused) to `path`.
+pub fn write_checkpoint(
+    machine: &Machine,
+    record: &DomainRecord,
+    path: &Path,
+    started: Instant,
+    mut progress: impl FnMut(&Progress),
+) -> anyhow::Result<SaveSummary> {
+    let shown = path.display().to_string();
+    let tmp = partial_path(path, std::process::id());
+    let result = write_to(machine, record, &tmp, &mut progress).and_then(|(file, bytes, pages)| {
+        let write_seconds = started.elapsed().as_secs_f64();
+        file.sync_all()
+            .context("cannot flush the checkpoint to disk")?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot move the checkpoint into place as {shown}"))?;
+        sync_dir(path);
+        Ok((bytes, pages, write_seconds))
+    });
+    match result {
+        Ok((file_bytes, pages_stored, write_seconds)) => Ok(SaveSummary {
+            path: shown,
+            file_bytes,
+            memory_bytes: machine.ram().size(),
+            pages_stored,
+            write_seconds,
+            total_seconds: started.elapsed().as_secs_f64(),
+            kept_running: false,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e.context(format!("cannot write checkpoint {shown}")))
+        }
+    }
+}
+
+/// Writes all records into `tmp`; returns the file (not yet synced), its size and the
+/// number of pages stored.
+fn write_to(
+    machine: &Machine,
+    record: &DomainRecord,
+    tmp: &Path,
+    progress: &mut impl FnMut(&Progress),
+) -> anyhow::Result<(File, u64, u64)> {
+    let vm = machine.capture_vm_state()?;
+    let vcpus = machine.capture_vcpus()?;
+    let devices = machine.capture_devices()?;
+    let runs = stored_pages(machine)?;
+    let total_pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
+
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut w = SnapshotWriter::new(file, true)?;
+    let info = Info {
+        tern_version: env!("CARGO_PKG_VERSION").into(),
+        created_unix: crate::console::now_us() / 1_000_000,
+        host: hostname(),
+        guest_name: record.config.name.clone(),
+        guest_uuid: record.uuid.clone(),
+        memory_bytes: machine.ram().size(),
+        vcpus: vcpus.len() as u32,
+        cpu_features: vcpus
+            .first()
+            .map(|v| feature_words(&v.cpuid))
+            .unwrap_or_default(),
+    };
+    w.record(RecordType::INFO, &serde_json::to_vec(&info)?)?;
+    let mut config = record.config.clone();
+    config.uuid = record.uuid.parse().ok();
+    w.record(RecordType::CONFIG, &serde_json::to_vec(&config)?)?;
+    w.record(RecordType::MACHINE, &postcard::to_allocvec(&vm)?)?;
+    for v in &vcpus {
+        w.record(RecordType::VCPU, &postcard::to_allocvec(v)?)?;
+    }
+    for (id, state) in &devices {
+        w.device(id, state)?;
+    }
+    let mut done = 0u64;
+    for chunk in split_runs(&runs, RECORD_PAGES) {
+        let data: Vec<&[u8]> = chunk
+            .iter()
+            .map(|r| guest_slice(machine, r))
+            .collect::<anyhow::Result<_>>()?;
+        w.pages(&chunk, &data, BLOCK_PAGES)?;
+        done += chunk.iter().map(|r| u64::from(r.pages)).sum::<u64>();
+        progress(&Progress {
+            done_bytes: done * PAGE,
+            total_bytes: total_pages * PAGE,
+        });
+    }
+    let mut file = w.finish()?;
+    file.flush()?;
+    let bytes = file.metadata()?.len();
+    Ok((file, bytes, total_pages))
+}
+
+fn feature_words(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<CpuFeatureWord> {
+    tern_machine::cpuid::feature_words(cpuid)
+        .into_iter()
+        .map(|(leaf, subleaf, regs)| CpuFeatureWord {
+            leaf,
+            subleaf,
+            regs,
+        })
+        .collect()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// Host memory holding the pages of `run` (guest paused: nothing changes it meanwhile).
+fn guest_slice<'a>(machine: &'a Machine, run: &PageRun) -> anyhow::Result<&'a [u8]> {
+    let gpa = run.first_pfn * PAGE;
+    let len = u64::from(run.pages) * PAGE;
+    let slot = machine
+        .ram()
+        .slots()
+        .iter()
+        .find(|s| gpa >= s.guest_addr && gpa + len <= s.guest_addr + s.size)
+        .context("page run outside guest RAM")?;
+    // SAFETY: the range lies inside a live mapping of guest RAM owned by `machine`.
+    Ok(unsafe {
+        std::slice::from_raw_parts(
+            (slot.host_addr + gpa - slot.guest_addr) as *const u8,
+            len as usize,
+        )
+    })
+}
+
+/// Splits runs into groups of at most `max_pages` pages (a long run is cut).
+fn split_runs(runs: &[PageRun], max_pages: u64) -> Vec<Vec<PageRun>> {
+    let mut out = vec![Vec::new()];
+    let mut in_current = 0u64;
+    for r in runs {
+        let mut first = r.first_pfn;
+        let mut left = u64::from(r.pages);
+        while left > 0 {
+            if in_current == max_pages {
+                out.push(Vec::new());
+                in_current = 0;
+            }
+            let take = left.min(max_pages - in_current);
+            if let Some(cur) = out.last_mut() {
+                cur.push(PageRun {
+                    first_pfn: first,
+                    pages: take as u32,
+                });
+            }
+            in_current += take;
+            first += take;
+            left -= take;
+        }
+    }
+    out.retain(|c| !c.is_empty());
+    out
+}
+
+/// Guest pages worth storing: allocated in the RAM file and not all zero.
+fn stored_pages(machine: &Machine) -> anyhow::Result<Vec<PageRun>> {
+    let fd = machine.ram().backing_file().as_raw_fd();
+    let mut runs: Vec<PageRun> = Vec::new();
+    for slot in machine.ram().slots() {
+        for (start, end) in data_extents(fd, slot)? {
+            let mut off = start;
+            while off < end {
+                let host = (slot.host_addr + off - slot.file_offset) as *const u8;
+                // SAFETY: `off` is inside this slot's live mapping; the guest is paused.
+                let page = unsafe { std::slice::from_raw_parts(host, PAGE as usize) };
+                if !is_zero(page) {
+                    let pfn = (slot.guest_addr + off - slot.file_offset) / PAGE;
+                    match runs.last_mut() {
+                        Some(r)
+                            if r.first_pfn + u64::from(r.pages) == pfn && r.pages < u32::MAX =>
+                        {
+                            r.pages += 1
+                        }
+                        _ => runs.push(PageRun {
+                            first_pfn: pfn,
+                            pages: 1,
+                        }),
+                    }
+                }
+                off += PAGE;
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// Allocated byte ranges of `slot` in the RAM file, as file offsets (SEEK_DATA / SEEK_HOLE).
+fn data_extents(fd: i32, slot: &RamSlot) -> anyhow::Result<Vec<(u64, u64)>> {
+    let end = slot.file_offset + slot.size;
+    let mut out = Vec::new();
+    let mut pos = slot.file_offset;
+    while pos < end {
+        // SAFETY: lseek on a descriptor we own.
+        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // no more data
+            }
+            return Err(err).context("cannot scan guest memory");
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        out.push((data & !(PAGE - 1), hole));
+        pos = hole;
+    }
+    Ok(out)
+}
+
+/// True if the page holds only zeros.
+fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: reinterpreting bytes as u128 words; align_to handles the unaligned edges.
+    let (head, words, tail) = unsafe { page.align_to::<u128>() };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words
+            .chunks(16)
+            .all(|c| c.iter().fold(0u128, |a, &w| a | w) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_split_at_the_limit() {
+        let runs = [
+            PageRun {
+                first_pfn: 10,
+                pages: 5,
+            },
+            PageRun {
+                first_pfn: 100,
+                pages: 7,
+            },
+        ];
+        let parts = split_runs(&runs, 4);
+        let sizes: Vec<u64> = parts
+            .iter()
+            .map(|p| p.iter().map(|r| u64::from(r.pages)).sum())
+            .collect();
+        assert_eq!(sizes, vec![4, 4, 4]);
+        assert_eq!(parts[1][0].first_pfn, 14);
+        assert_eq!(parts[1][1].first_pfn, 100);
+        assert_eq!(parts[2][0].first_pfn, 103);
+    }
+
+    #[test]
+    fn zero_pages_are_recognised() {
+        let mut page = vec![0u8; 4096];
+        assert!(is_zero(&page));
+        page[4095] = 1;
+        assert!(!is_zero(&page));
+    }
+
+    #[test]
+    fn partial_files_are_named_and_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let final_path = dir.path().join("g.tern");
+        let tmp = partial_path(&final_path, 42);
+        assert_eq!(tmp.file_name().unwrap(), ".g.tern.42.partial");
+        std::fs::write(&tmp, b"x").unwrap();
+        std::fs::write(dir.path().join("other"), b"y").unwrap();
+        remove_partials(&final_path);
+        assert!(!tmp.exists());
+        assert!(dir.path().join("other").exists());
+    }
+}
