@@ -148,17 +148,17 @@ impl Registry {
             .to_string();
         let (id, dir) = {
             let mut domains = self.lock();
+            if let Some(d) = domains.values().find(|d| d.uuid == uuid) {
+                bail!(
+                    "a domain with UUID {uuid} is already running on this host ('{}')",
+                    d.config.name
+                );
+            }
             if let Some(d) = domains.values().find(|d| d.config.name == config.name) {
                 bail!(
                     "a domain named '{}' already exists on this host (ID {})",
                     config.name,
                     d.id
-                );
-            }
-            if let Some(d) = domains.values().find(|d| d.uuid == uuid) {
-                bail!(
-                    "a domain with UUID {uuid} already exists on this host ('{}')",
-                    d.config.name
                 );
             }
             let id = self.allocate_id(&domains)?;
