@@ -38,6 +38,7 @@ pub fn prepare(
     spec: &RestoreSpec,
     console: ConsoleOut,
 ) -> anyhow::Result<Restored> {
+    let t = std::time::Instant::now();
     let shown = spec.path.display().to_string();
     let file = File::open(&spec.path).with_context(|| format!("cannot read checkpoint {shown}"))?;
     let index = SnapshotIndex::open(&file).with_context(|| format!("cannot restore {shown}"))?;
@@ -72,7 +73,9 @@ pub fn prepare(
         .collect();
 
     let cpuids = vcpus.iter().map(|v| v.cpuid.clone()).collect();
+    let indexed = t.elapsed();
     let mut machine = Machine::new_blank(record.config.memory_mib, cpuids, console)?;
+    let built = t.elapsed();
     let pages: u64 = index.pages.iter().map(|p| p.total_pages).sum();
     let loader = if spec.copy {
         copy_all(&machine, &file, &index.pages)
@@ -87,9 +90,17 @@ pub fn prepare(
         )?)
     };
     machine.start(true)?;
+    let started = t.elapsed();
     machine.restore_vm_state(&vm)?;
+    let vm_restored = t.elapsed();
     machine.restore_vcpus(vcpus)?;
+    let vcpus_restored = t.elapsed();
     machine.restore_devices(&devices)?;
+    log::info!("restore: vcpu threads by {started:?}, vm state by {vm_restored:?}, vcpus by {vcpus_restored:?}");
+    log::info!(
+        "restore: checkpoint indexed in {indexed:?}, machine built by {built:?}, state restored by {:?}",
+        t.elapsed()
+    );
     Ok(Restored {
         machine,
         loader,

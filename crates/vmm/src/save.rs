@@ -96,11 +96,14 @@ fn write_to(
     tmp: &Path,
     progress: &mut impl FnMut(&Progress),
 ) -> anyhow::Result<(File, u64, u64)> {
+    let t = Instant::now();
     let vm = machine.capture_vm_state()?;
     let vcpus = machine.capture_vcpus()?;
     let devices = machine.capture_devices()?;
+    let captured = t.elapsed();
     let runs = stored_pages(machine)?;
     let total_pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
+    let scanned = t.elapsed();
 
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -149,6 +152,10 @@ fn write_to(
     let mut file = w.finish()?;
     file.flush()?;
     let bytes = file.metadata()?.len();
+    log::info!(
+        "save: state captured in {captured:?}, {total_pages} pages found by {scanned:?}, {bytes} bytes written by {:?}",
+        t.elapsed()
+    );
     Ok((file, bytes, total_pages))
 }
 
