@@ -11,5 +11,5 @@ pub mod vmm;
 
 pub use framing::{read_message, write_message, FramingError};
 pub use messages::{
-    DomainInfo, DomainState, Progress, Reply, Request, RestoreSummary, SaveSummary,
+    DomainInfo, DomainState, Progress, Reply, Request, RestoreSummary, SavePhases, SaveSummary,
 };

@@ -134,6 +134,19 @@ pub struct SaveSummary {
     /// Including fsync and rename: the file is durable and complete.
     pub total_seconds: f64,
     pub kept_running: bool,
+    /// Where the time went (seconds): capturing device and CPU state, finding the pages to
+    /// store, writing them.
+    #[serde(default)]
+    pub phases: SavePhases,
+}
+
+/// Time spent in each phase of a save, in seconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SavePhases {
+    pub capture: f64,
+    pub scan: f64,
+    pub write: f64,
+    pub fsync: f64,
 }
 
 /// What a restore did.

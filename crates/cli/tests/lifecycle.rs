@@ -252,12 +252,12 @@ fn bad_requests_get_clear_errors() {
     let err = host.fails(&["destroy", "42"]);
     assert!(err.contains("no domain '42'"), "{err}");
 
-    let bad = host.dir.path().join("bad.cfg");
+    let bad = host.dir.join("bad.cfg");
     std::fs::write(&bad, "name = \"x\"\nmemory = 128\nvcpus = = 2\n").expect("write");
     let err = host.fails(&["create", bad.to_str().expect("path")]);
     assert!(err.contains("line 3"), "{err}");
 
-    let nokernel = host.dir.path().join("nokernel.cfg");
+    let nokernel = host.dir.join("nokernel.cfg");
     std::fs::write(
         &nokernel,
         "name = \"x\"\nmemory = 128\nkernel = \"/nonexistent/vmlinux\"\n",

@@ -76,7 +76,7 @@ fn round_trips(copy: bool) {
     let host = Host::start();
     host.create_guest("rt", 1024, 2, BUSY_GUEST);
     host.wait_heartbeat("rt", 20, Duration::from_secs(20));
-    let file = host.dir.path().join("rt.tern");
+    let file = host.dir.join("rt.tern");
     let extra: &[&str] = if copy { &["--copy"] } else { &[] };
     for round in 0..10 {
         // Even rounds save a paused guest (its last heartbeat is then known exactly), odd
@@ -128,7 +128,7 @@ fn restore_paused_then_unpause() {
     let host = Host::start();
     host.create_guest("p", 256, 2, "heartbeat_ms=100 wss_mib=32 write_mibps=16");
     host.wait_heartbeat("p", 5, Duration::from_secs(20));
-    let file = host.dir.path().join("p.tern");
+    let file = host.dir.join("p.tern");
     save(&host, "p", &file);
     restore(&host, &file, &["--paused"]);
     assert_eq!(host.state("p").as_deref(), Some("paused"));
@@ -154,7 +154,7 @@ fn keep_running_saves_a_checkpoint_and_the_guest_goes_on() {
         "heartbeat_ms=100 wss_mib=64 write_mibps=32 verify_ms=1000",
     );
     host.wait_heartbeat("k", 5, Duration::from_secs(20));
-    let file = host.dir.path().join("k.tern");
+    let file = host.dir.join("k.tern");
     let summary = save_keep(&host, "k", &file);
     assert_eq!(summary["kept_running"], true);
     let at_save = last_beat(&host, "k");

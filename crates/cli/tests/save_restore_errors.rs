@@ -76,8 +76,14 @@ fn assert_nothing_left(host: &Host, before: usize) {
 fn save_to_a_full_disk_fails_and_the_guest_keeps_running() {
     let host = Host::start();
     host.create_guest("full", 512, 2, GUEST);
-    host.wait_heartbeat("full", 3, Duration::from_secs(20));
-    let mnt = host.dir.path().join("small");
+    // Enough written (16 MiB) that the checkpoint cannot fit in the 8 MiB file system.
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            host.heartbeats("full").last().is_some_and(|b| b.1.written >= 4096)
+        }),
+        "the guest did not write 16 MiB"
+    );
+    let mnt = host.dir.join("small");
     let _fs = Tmpfs::mount(&mnt, "size=8m");
     // An existing checkpoint of the same name must survive a failed save untouched.
     let target = mnt.join("full.tern");
@@ -102,7 +108,7 @@ fn save_to_a_read_only_directory_fails_and_the_guest_keeps_running() {
     let host = Host::start();
     host.create_guest("ro", 256, 1, GUEST);
     host.wait_heartbeat("ro", 3, Duration::from_secs(20));
-    let mnt = host.dir.path().join("ro");
+    let mnt = host.dir.join("ro");
     let _fs = Tmpfs::mount(&mnt, "ro,size=1m");
     let err = host.fails(&["save", "ro", mnt.join("x.tern").to_str().expect("path")]);
     assert!(err.contains("Read-only file system"), "{err}");
@@ -119,13 +125,13 @@ fn a_successful_save_replaces_an_existing_file_only_when_complete() {
     let host = Host::start();
     host.create_guest("rep", 256, 1, GUEST);
     host.wait_heartbeat("rep", 3, Duration::from_secs(20));
-    let target = host.dir.path().join("rep.tern");
+    let target = host.dir.join("rep.tern");
     std::fs::write(&target, b"old").expect("write");
     host.ok(&["save", "rep", target.to_str().expect("path")]);
     let data = std::fs::read(&target).expect("read");
     assert_eq!(&data[..8], b"TERNSNAP");
     assert_eq!(
-        entries(host.dir.path())
+        entries(&host.dir)
             .iter()
             .filter(|n| n.ends_with(".partial"))
             .count(),
@@ -139,7 +145,7 @@ fn a_successful_save_replaces_an_existing_file_only_when_complete() {
 fn checkpoint(host: &Host, name: &str) -> PathBuf {
     host.create_guest(name, 256, 2, GUEST);
     host.wait_heartbeat(name, 3, Duration::from_secs(20));
-    let file = host.dir.path().join(format!("{name}.tern"));
+    let file = host.dir.join(format!("{name}.tern"));
     host.ok(&["save", name, file.to_str().expect("path")]);
     file
 }
@@ -161,15 +167,15 @@ fn restore_of_a_missing_or_unreadable_file() {
             && err.contains("No such file"),
         "{err}"
     );
-    let err = restore_fails(&host, host.dir.path(), &[]);
+    let err = restore_fails(&host, &host.dir, &[]);
     assert!(
-        err.contains("cannot") && err.contains(host.dir.path().to_str().expect("path")),
+        err.contains("cannot") && err.contains(host.dir.to_str().expect("path")),
         "{err}"
     );
     let foreign = Path::new("/bin/true");
     let err = restore_fails(&host, foreign, &[]);
     assert!(err.contains("not a tern checkpoint"), "{err}");
-    let empty = host.dir.path().join("empty.tern");
+    let empty = host.dir.join("empty.tern");
     std::fs::write(&empty, b"").expect("write");
     let err = restore_fails(&host, &empty, &[]);
     assert!(err.contains("not a tern checkpoint"), "{err}");
@@ -180,7 +186,7 @@ fn restore_of_a_truncated_or_corrupt_file() {
     let host = Host::start();
     let file = checkpoint(&host, "c");
     let good = std::fs::read(&file).expect("read");
-    let bad = host.dir.path().join("bad.tern");
+    let bad = host.dir.join("bad.tern");
 
     for cut in [good.len() / 2, good.len() - 1, 100] {
         std::fs::write(&bad, &good[..cut]).expect("write");
@@ -226,7 +232,7 @@ fn restore_of_a_file_from_a_newer_format() {
     let file = checkpoint(&host, "n");
     let mut data = std::fs::read(&file).expect("read");
     data[8..12].copy_from_slice(&2u32.to_le_bytes());
-    let newer = host.dir.path().join("newer.tern");
+    let newer = host.dir.join("newer.tern");
     std::fs::write(&newer, &data).expect("write");
     let err = restore_fails(&host, &newer, &[]);
     assert!(
@@ -240,7 +246,7 @@ fn restore_of_a_guest_whose_uuid_is_running() {
     let host = Host::start();
     host.create_guest("u", 256, 1, GUEST);
     host.wait_heartbeat("u", 3, Duration::from_secs(20));
-    let file = host.dir.path().join("u.tern");
+    let file = host.dir.join("u.tern");
     host.ok(&["save", "--keep-running", "u", file.to_str().expect("path")]);
     let err = host.fails(&["restore", file.to_str().expect("path")]);
     assert!(err.contains("is already running on this host"), "{err}");
@@ -284,7 +290,7 @@ fn edit_json(body: Vec<u8>, f: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
 fn restore_when_the_host_has_not_enough_memory() {
     let host = Host::start();
     let file = checkpoint(&host, "m");
-    let big = host.dir.path().join("big.tern");
+    let big = host.dir.join("big.tern");
     rewrite(&file, &big, |ty, body| {
         if ty == RecordType::CONFIG {
             edit_json(body, |c| c["memory_mib"] = serde_json::json!(1 << 20))
@@ -300,7 +306,7 @@ fn restore_when_the_host_has_not_enough_memory() {
 fn restore_when_the_host_cpu_lacks_features() {
     let host = Host::start();
     let file = checkpoint(&host, "f");
-    let alien = host.dir.path().join("alien.tern");
+    let alien = host.dir.join("alien.tern");
     // Claim the guest was started on a CPU with every leaf-7 feature bit.
     rewrite(&file, &alien, |ty, body| {
         if ty == RecordType::INFO {
@@ -320,7 +326,7 @@ fn restore_when_the_host_cpu_lacks_features() {
         "{err}"
     );
     // The rewritten-but-honest copy restores fine: rewriting itself is not the problem.
-    let honest = host.dir.path().join("honest.tern");
+    let honest = host.dir.join("honest.tern");
     rewrite(&file, &honest, |_, body| body);
     host.ok(&["restore", honest.to_str().expect("path")]);
     host.wait_heartbeat("f", 5, Duration::from_secs(20));

@@ -26,7 +26,9 @@ impl Console {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
     fn last_heartbeat(&self) -> Option<Heartbeat> {
-        self.text().lines().filter_map(Heartbeat::parse).next_back()
+        tern_testguest::complete_lines(&self.text())
+            .filter_map(Heartbeat::parse)
+            .next_back()
     }
     fn wait_heartbeat(&self, seq: u64) -> Heartbeat {
         let deadline = Instant::now() + Duration::from_secs(20);

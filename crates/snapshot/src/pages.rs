@@ -536,9 +536,9 @@ impl PagesIndex {
         self.verify_blocks(buf, blocks.start)
     }
 
-    /// Checks the data of consecutive blocks starting at block `first` against their
-    /// checksums.
-    fn verify_blocks(&self, data: &[u8], first: u64) -> Result<(), SnapshotError> {
+    /// Verifies `data`, the page data of consecutive blocks starting at block `first` (read by
+    /// the caller in whatever way suits it, e.g. direct I/O), against their checksums.
+    pub fn verify_blocks(&self, data: &[u8], first: u64) -> Result<(), SnapshotError> {
         let block_bytes = self.bp() as usize * PAGE_SIZE;
         let n = data.len().div_ceil(block_bytes);
         let start = first as usize;

@@ -8,6 +8,7 @@
 //! | `wss_mib` | working set stamped by the memory writer, MiB | 0 |
 //! | `write_mibps` | write rate over all vCPUs, MiB/s, or `max` | 0 |
 //! | `verify_ms` | period of one full verification pass | 2000 |
+//! | `write_passes` | stop writing after this many passes over the working set (0: never) | 0 |
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -50,9 +51,14 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Parses a console line (with or without a host timestamp prefix); None if it is not one.
+    /// Parses a console line (with or without a host timestamp prefix); None if it is not a
+    /// complete heartbeat. A line cut short (a guest paused in the middle of printing it) lacks
+    /// its last field and is refused rather than misread.
     pub fn parse(line: &str) -> Option<Heartbeat> {
         let rest = &line[line.find("tern-guest: hb ")? + "tern-guest: hb ".len()..];
+        if !rest.contains(" reg_errors=") {
+            return None;
+        }
         let mut hb = Heartbeat::default();
         for field in rest.split_whitespace() {
             let (key, value) = field.split_once('=')?;
@@ -76,6 +82,16 @@ impl Heartbeat {
         }
         Some(hb)
     }
+}
+
+/// The complete lines of console output (a last line without its newline is still being
+/// written, or was cut by a pause, and is left out).
+pub fn complete_lines(output: &str) -> std::str::Lines<'_> {
+    let complete = match output.rfind('\n') {
+        Some(i) => &output[..i],
+        None => "",
+    };
+    complete.lines()
 }
 
 /// True for a console line in which the guest reports a failed check or a fault.
@@ -104,6 +120,7 @@ mod tests {
         assert_eq!(hb.cpus, 2);
         assert_eq!(hb.reg_checks, 9);
         assert!(Heartbeat::parse("tern-guest: ready cpus=1/1").is_none());
+        assert!(Heartbeat::parse("tern-guest: hb seq=13").is_none());
         assert!(is_failure_line("tern-guest: MEMORY MISMATCH cpu=0 page=1"));
         assert!(!is_failure_line(line));
     }

@@ -8,16 +8,16 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use tern_api::{Progress, SaveSummary};
+use tern_api::{Progress, SavePhases, SaveSummary};
 use tern_machine::memory::RamSlot;
 use tern_machine::Machine;
 use tern_snapshot::{CpuFeatureWord, Info, PageRun, RecordType, SnapshotWriter};
 
+use crate::direct_io::DirectFileWriter;
 use crate::record::DomainRecord;
 
 /// Pages per checksum block: the unit a lazy restore loads on a fault.
@@ -62,25 +62,33 @@ pub fn write_checkpoint(
 ) -> anyhow::Result<SaveSummary> {
     let shown = path.display().to_string();
     let tmp = partial_path(path, std::process::id());
-    let result = write_to(machine, record, &tmp, &mut progress).and_then(|(file, bytes, pages)| {
+    let result = write_to(machine, record, &tmp, &mut progress).and_then(|mut written| {
         let write_seconds = started.elapsed().as_secs_f64();
-        file.sync_all()
+        let t = Instant::now();
+        written
+            .file
+            .sync_all()
             .context("cannot flush the checkpoint to disk")?;
         std::fs::rename(&tmp, path)
             .with_context(|| format!("cannot move the checkpoint into place as {shown}"))?;
         sync_dir(path);
-        Ok((bytes, pages, write_seconds))
+        written.phases.fsync = t.elapsed().as_secs_f64();
+        Ok((written, write_seconds))
     });
     match result {
-        Ok((file_bytes, pages_stored, write_seconds)) => Ok(SaveSummary {
-            path: shown,
-            file_bytes,
-            memory_bytes: machine.ram().size(),
-            pages_stored,
-            write_seconds,
-            total_seconds: started.elapsed().as_secs_f64(),
-            kept_running: false,
-        }),
+        Ok((written, write_seconds)) => {
+            log::info!("save to {shown}: {:?}", written.phases);
+            Ok(SaveSummary {
+                path: shown,
+                file_bytes: written.bytes,
+                memory_bytes: machine.ram().size(),
+                pages_stored: written.pages,
+                write_seconds,
+                total_seconds: started.elapsed().as_secs_f64(),
+                kept_running: false,
+                phases: written.phases,
+            })
+        }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             Err(e.context(format!("cannot write checkpoint {shown}")))
@@ -88,28 +96,34 @@ pub fn write_checkpoint(
     }
 }
 
-/// Writes all records into `tmp`; returns the file (not yet synced), its size and the
-/// number of pages stored.
+/// A checkpoint written but not yet flushed.
+struct Written {
+    file: File,
+    bytes: u64,
+    pages: u64,
+    phases: SavePhases,
+}
+
+/// Writes all records into `tmp`.
 fn write_to(
     machine: &Machine,
     record: &DomainRecord,
     tmp: &Path,
     progress: &mut impl FnMut(&Progress),
-) -> anyhow::Result<(File, u64, u64)> {
+) -> anyhow::Result<Written> {
+    let mut phases = SavePhases::default();
     let t = Instant::now();
     let vm = machine.capture_vm_state()?;
     let vcpus = machine.capture_vcpus()?;
     let devices = machine.capture_devices()?;
-    let captured = t.elapsed();
+    phases.capture = t.elapsed().as_secs_f64();
+    let t = Instant::now();
     let runs = stored_pages(machine)?;
     let total_pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
-    let scanned = t.elapsed();
+    phases.scan = t.elapsed().as_secs_f64();
+    let t = Instant::now();
 
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(tmp)
+    let file = DirectFileWriter::create(tmp)
         .with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut w = SnapshotWriter::new(file, true)?;
     let info = Info {
@@ -149,14 +163,17 @@ fn write_to(
             total_bytes: total_pages * PAGE,
         });
     }
-    let mut file = w.finish()?;
-    file.flush()?;
+    let mut writer = w.finish()?;
+    writer.flush()?;
+    let file = writer.into_file();
     let bytes = file.metadata()?.len();
-    log::info!(
-        "save: state captured in {captured:?}, {total_pages} pages found by {scanned:?}, {bytes} bytes written by {:?}",
-        t.elapsed()
-    );
-    Ok((file, bytes, total_pages))
+    phases.write = t.elapsed().as_secs_f64();
+    Ok(Written {
+        file,
+        bytes,
+        pages: total_pages,
+        phases,
+    })
 }
 
 fn feature_words(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<CpuFeatureWord> {

@@ -9,17 +9,18 @@ pub struct Params {
     pub write_mibps: u64,
     /// Period of one full verification pass over the working set.
     pub verify_ms: u64,
+    /// Stop writing after this many passes over the working set (0: never stop).
+    pub write_passes: u64,
 }
 
-impl Default for Params {
-    fn default() -> Self {
-        Params {
-            heartbeat_ms: 100,
-            wss_mib: 0,
-            write_mibps: 0,
-            verify_ms: 2000,
-        }
-    }
+impl Params {
+    pub const DEFAULT: Params = Params {
+        heartbeat_ms: 100,
+        wss_mib: 0,
+        write_mibps: 0,
+        verify_ms: 2000,
+        write_passes: 0,
+    };
 }
 
 fn parse_u64(v: &[u8]) -> Option<u64> {
@@ -38,7 +39,7 @@ fn parse_u64(v: &[u8]) -> Option<u64> {
 
 /// Parses the NUL-terminated command line at `addr` (0: none).
 pub fn parse(addr: u64) -> (Params, &'static [u8]) {
-    let mut p = Params::default();
+    let mut p = Params::DEFAULT;
     if addr == 0 {
         return (p, b"");
     }
@@ -61,6 +62,7 @@ pub fn parse(addr: u64) -> (Params, &'static [u8]) {
             b"write_mibps" if value == b"max" => p.write_mibps = u64::MAX,
             b"write_mibps" => p.write_mibps = parse_u64(value).unwrap_or(0),
             b"verify_ms" => p.verify_ms = parse_u64(value).unwrap_or(p.verify_ms).max(10),
+            b"write_passes" => p.write_passes = parse_u64(value).unwrap_or(0),
             _ => {}
         }
     }

@@ -170,6 +170,9 @@ unsafe extern "C" fn kernel_main(cpu: u64, start_info: u64) -> ! {
         }
     }
     if cpu == 0 {
+        // Mask the legacy PIC: its timer tick (vector 8 after reset) is not ours to handle.
+        crate::hw::outb(0x21, 0xff);
+        crate::hw::outb(0xa1, 0xff);
         fill_idt();
         // CPUID is read here, at CPL0: on the nested KVM of the build machine CPUID executed at
         // CPL3 returns the outer host's values instead of the ones tern configured.

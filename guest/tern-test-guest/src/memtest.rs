@@ -49,6 +49,8 @@ pub struct Share {
     start_ns: u64,
     writes_done: u64,
     verifies_done: u64,
+    /// Pages still to write before the writer stops (`u64::MAX`: never stops).
+    writes_left: u64,
 }
 
 /// Most pages handled in one step, so heartbeats stay punctual.
@@ -95,6 +97,14 @@ impl Share {
             start_ns: now,
             writes_done: 0,
             verifies_done: 0,
+            writes_left: u64::MAX,
+        }
+    }
+
+    /// Stops the writer after `passes` passes over this share (0: never).
+    pub fn limit_write_passes(&mut self, passes: u64) {
+        if passes > 0 {
+            self.writes_left = passes.saturating_mul(self.count);
         }
     }
 
@@ -135,7 +145,12 @@ impl Share {
                 self.start_ns + ((u128::from(done + 1) * 1_000_000_000) / u128::from(rate)) as u64;
             at.saturating_sub(now)
         };
-        next(self.write_rate, self.writes_done).min(next(self.verify_rate, self.verifies_done))
+        let write_rate = if self.writes_left == 0 {
+            0
+        } else {
+            self.write_rate
+        };
+        next(write_rate, self.writes_done).min(next(self.verify_rate, self.verifies_done))
     }
 
     /// Does whatever writing and verifying is due at `now`.
@@ -143,7 +158,16 @@ impl Share {
         if self.count == 0 {
             return;
         }
-        let writes = Self::due(self.write_rate, self.start_ns, now, &mut self.writes_done);
+        let rate = if self.writes_left == 0 {
+            0
+        } else {
+            self.write_rate
+        };
+        let writes =
+            Self::due(rate, self.start_ns, now, &mut self.writes_done).min(self.writes_left);
+        if self.writes_left != u64::MAX {
+            self.writes_left -= writes;
+        }
         for _ in 0..writes {
             let page = self.first + self.write_cursor;
             self.write_page(page);

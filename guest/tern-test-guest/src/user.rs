@@ -41,12 +41,7 @@ struct Shared {
 }
 
 static mut SHARED: Shared = Shared {
-    params: Params {
-        heartbeat_ms: 100,
-        wss_mib: 0,
-        write_mibps: 0,
-        verify_ms: 2000,
-    },
+    params: Params::DEFAULT,
     ws: WorkingSet {
         gens: 0,
         base: 0,
@@ -159,8 +154,13 @@ fn report_modules(info: &StartInfo) {
     for i in 0..info.nr_modules as usize {
         let m = unsafe { &*entries.add(i) };
         let data = unsafe { core::slice::from_raw_parts(m.paddr as *const u8, m.size as usize) };
-        let sum = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-        println!("module {i} paddr={:#x} size={} fnv1a={sum:#018x}", m.paddr, m.size);
+        let sum = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        println!(
+            "module {i} paddr={:#x} size={} fnv1a={sum:#018x}",
+            m.paddr, m.size
+        );
     }
 }
 
@@ -191,6 +191,7 @@ fn run(cpu: usize) -> ! {
         p.verify_ms,
         start,
     );
+    share.limit_write_passes(p.write_passes);
     let hb_ns = p.heartbeat_ms * 1_000_000;
     let mut next_hb = start;
     let mut seq = 0u64;

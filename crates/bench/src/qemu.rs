@@ -1,0 +1,432 @@
+//! The same test guest under QEMU with KVM, saved with `migrate` to a file and restored with
+//! `-incoming`, as a QEMU user would do it.
+//!
+//! QEMU boots the test guest's ELF directly (it has a PVH note) through SeaBIOS and the PVH
+//! option ROM. The machine options are what the test guest needs on QEMU, each for a reason:
+//! * `pc,pit=off,hpet=off`: SeaBIOS leaves the i8254 PIT ticking through the i8259 PIC on
+//!   vector 8; the test guest, which never touches a PIC, takes that as a double fault
+//!   (`EXCEPTION vector=8`). Without a PIT nothing ticks. SeaBIOS puts the ACPI PM1 block at
+//!   0x600 (the guest polls its power button there), as on tern.
+//! * `max-ram-below-4g=3G`: the same RAM below 4 GiB as tern (3 GiB), so that a 4 GiB guest's
+//!   2 GiB working set fits above the image on both (q35 would leave only 2 GiB).
+//! * `-cpu host,-vmx,-svm,-arch-capabilities`: this machine's nested KVM refuses to set
+//!   IA32_ARCH_CAPABILITIES (QEMU aborts at start) and cannot save nested state.
+//! * `migration.store-global-state=off`: the guest is stopped before the migration (a save);
+//!   without the stored run state the destination starts the guest as soon as it is loaded,
+//!   like `tern restore` and `xm restore`, with no `cont` round trip to measure.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+
+use crate::guest::{self, Console, Stamped, Workload};
+use crate::qmp::Qmp;
+
+/// An installed QEMU.
+#[derive(Clone, Debug)]
+pub struct Qemu {
+    pub binary: PathBuf,
+    /// (major, minor, micro)
+    pub version: (u32, u32, u32),
+    /// The first line of `--version`.
+    pub version_line: String,
+}
+
+/// Finds `qemu-system-x86_64` (or `$TERN_BENCH_QEMU`) and checks it can use KVM; the reason
+/// when it cannot.
+pub fn detect() -> Result<Qemu, String> {
+    let binary = match std::env::var_os("TERN_BENCH_QEMU") {
+        Some(b) => PathBuf::from(b),
+        None => find_in_path("qemu-system-x86_64").ok_or_else(|| {
+            "qemu-system-x86_64 is not installed (scripts/bench installs Debian's qemu-system-x86)"
+                .to_string()
+        })?,
+    };
+    let out = Command::new(&binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version_line = text.lines().next().unwrap_or_default().to_string();
+    let version = parse_version(&version_line)
+        .ok_or_else(|| format!("cannot read QEMU's version from {version_line:?}"))?;
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Err("/dev/kvm is not usable".into());
+    }
+    Ok(Qemu {
+        binary,
+        version,
+        version_line,
+    })
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// `QEMU emulator version 7.2.22 (Debian …)` → (7, 2, 22).
+pub fn parse_version(line: &str) -> Option<(u32, u32, u32)> {
+    let rest = line.split("version ").nth(1)?;
+    let number = rest.split_whitespace().next()?;
+    let mut parts = number.split('.').map(|p| p.parse::<u32>().ok());
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
+}
+
+impl Qemu {
+    /// QEMU 8.2 added the `file:` migration transport; older ones pipe through `cat`.
+    fn has_file_transport(&self) -> bool {
+        self.version >= (8, 2, 0)
+    }
+
+    /// Migration URI that writes the stream to `file`.
+    pub fn save_uri(&self, file: &Path) -> anyhow::Result<String> {
+        let path = shell_safe(file)?;
+        Ok(if self.has_file_transport() {
+            format!("file:{path}")
+        } else {
+            format!("exec:cat > '{path}'")
+        })
+    }
+
+    /// Migration URI that reads the stream from `file`.
+    pub fn restore_uri(&self, file: &Path) -> anyhow::Result<String> {
+        let path = shell_safe(file)?;
+        Ok(if self.has_file_transport() {
+            format!("file:{path}")
+        } else {
+            format!("exec:cat '{path}'")
+        })
+    }
+
+    /// Arguments that make QEMU run the test guest with workload `w` (see the module doc for
+    /// why each is there).
+    fn args(&self, w: &Workload, qmp: &Path) -> anyhow::Result<Vec<String>> {
+        let qmp = qmp.to_str().context("QMP socket path is not UTF-8")?;
+        let kernel = tern_testguest::path()
+            .to_str()
+            .context("test guest path is not UTF-8")?;
+        let args = [
+            "-name",
+            "tern-bench",
+            "-accel",
+            "kvm",
+            "-machine",
+            "pc,pit=off,hpet=off,max-ram-below-4g=3G",
+            "-cpu",
+            "host,-vmx,-svm,-arch-capabilities",
+            "-m",
+            &w.mem_mib.to_string(),
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+            "-kernel",
+            kernel,
+            "-append",
+            &w.cmdline(),
+            "-qmp",
+            &format!("unix:{qmp},server=on,wait=off"),
+            "-global",
+            "migration.store-global-state=off",
+        ];
+        Ok(args.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// Spawns QEMU (with `extra` arguments) and starts collecting its serial output.
+    fn spawn(&self, w: &Workload, dir: &Path, extra: &[String]) -> anyhow::Result<QemuGuest> {
+        let qmp_path = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&qmp_path);
+        let stderr = std::fs::File::create(dir.join("qemu.stderr"))?;
+        let mut child = Command::new(&self.binary)
+            .args(self.args(w, &qmp_path)?)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.binary.display()))?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let reader = child
+            .stdout
+            .take()
+            .map(|out| spawn_reader(out, Arc::clone(&lines)));
+        let mut guest = QemuGuest {
+            child,
+            qmp: None,
+            lines,
+            reader,
+            stderr_path: dir.join("qemu.stderr"),
+        };
+        let qmp = Qmp::connect(&qmp_path, Duration::from_secs(20))
+            .with_context(|| guest.stderr_tail())?;
+        guest.qmp = Some(qmp);
+        Ok(guest)
+    }
+
+    /// Boots the test guest and waits for its first heartbeat.
+    pub fn boot(&self, w: &Workload, dir: &Path) -> anyhow::Result<QemuGuest> {
+        let guest = self.spawn(w, dir, &[])?;
+        guest::first_beat(&guest).with_context(|| guest.stderr_tail())?;
+        Ok(guest)
+    }
+
+    /// Starts a new QEMU that loads `file` (`-incoming`) and runs the guest once loaded.
+    /// Returns it and the host time just before it was spawned.
+    pub fn restore(
+        &self,
+        w: &Workload,
+        dir: &Path,
+        file: &Path,
+    ) -> anyhow::Result<(QemuGuest, f64)> {
+        let started = crate::unix_now();
+        let guest = self.spawn(w, dir, &["-incoming".into(), self.restore_uri(file)?])?;
+        Ok((guest, started))
+    }
+}
+
+/// The path, refused if it could break out of the single quotes of an `exec:` command.
+fn shell_safe(p: &Path) -> anyhow::Result<&str> {
+    let s = p.to_str().context("path is not UTF-8")?;
+    if s.contains('\'') {
+        bail!("path {s:?} contains a quote");
+    }
+    Ok(s)
+}
+
+/// Collects QEMU's serial output line by line, stamping each with the host time it arrived.
+fn spawn_reader(out: ChildStdout, lines: Arc<Mutex<Vec<Stamped>>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(out);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let at = crate::unix_now();
+                    let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                    if let Ok(mut l) = lines.lock() {
+                        l.push(Stamped { at, line });
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Figures of one QEMU save.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct QemuSave {
+    /// Wall time from the `migrate` command to `query-migrate` reporting it completed.
+    pub seconds: f64,
+    /// QEMU's own `total-time`, ms.
+    pub qemu_total_ms: u64,
+    pub file_bytes: u64,
+    /// Pages QEMU found not all zero (its `ram.normal`).
+    pub normal_pages: u64,
+    /// Pages QEMU found all zero (its `ram.duplicate`).
+    pub zero_pages: u64,
+}
+
+/// One running QEMU.
+pub struct QemuGuest {
+    child: Child,
+    qmp: Option<Qmp>,
+    lines: Arc<Mutex<Vec<Stamped>>>,
+    reader: Option<JoinHandle<()>>,
+    stderr_path: PathBuf,
+}
+
+impl Console for QemuGuest {
+    fn lines(&self) -> anyhow::Result<Vec<Stamped>> {
+        if self.exited() {
+            bail!("QEMU exited; {}", self.stderr_tail());
+        }
+        let lines = self
+            .lines
+            .lock()
+            .map_err(|_| anyhow::anyhow!("serial reader panicked"))?;
+        Ok(lines.clone())
+    }
+}
+
+impl QemuGuest {
+    fn qmp(&mut self) -> anyhow::Result<&mut Qmp> {
+        self.qmp.as_mut().context("QMP is not connected")
+    }
+
+    /// True once the QEMU process has ended (a zombie or gone). Read from /proc: `try_wait`
+    /// needs `&mut self`, and the console is read through `&self`.
+    fn exited(&self) -> bool {
+        let pid = self.child.id();
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => true,
+        }
+    }
+
+    /// QEMU's stderr so far, for error messages.
+    pub fn stderr_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+        format!("QEMU stderr: {}", text.trim())
+    }
+
+    /// Host time at which QEMU reported the guest running (its RESUME event), if seen.
+    pub fn resumed_at(&mut self) -> anyhow::Result<Option<f64>> {
+        self.qmp()?.execute("query-status", None)?;
+        Ok(self.qmp()?.event_time("RESUME"))
+    }
+
+    /// Stops the guest's vCPUs (as tern's save does first).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        self.qmp()?.execute("stop", None)?;
+        Ok(())
+    }
+
+    /// Migrates the stopped guest to `uri` and waits until QEMU reports it completed.
+    pub fn save(&mut self, uri: &str, file: &Path) -> anyhow::Result<QemuSave> {
+        // QEMU caps migration bandwidth (128 MiB/s by default): uncapped, as a save should be.
+        self.qmp()?.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": 1u64 << 40 })),
+        )?;
+        let t = Instant::now();
+        self.qmp()?
+            .execute("migrate", Some(json!({ "uri": uri })))?;
+        let status = guest::wait_for(
+            Duration::from_secs(600),
+            Duration::from_millis(1),
+            "QEMU's migration to finish",
+            || {
+                let s = self.qmp()?.execute("query-migrate", None)?;
+                match s["status"].as_str() {
+                    Some("completed") => Ok(Some(s)),
+                    Some("failed") | Some("cancelled") => bail!("QEMU's migration failed: {s}"),
+                    _ => Ok(None),
+                }
+            },
+        )?;
+        let seconds = t.elapsed().as_secs_f64();
+        Ok(QemuSave {
+            seconds,
+            qemu_total_ms: status["total-time"].as_u64().unwrap_or(0),
+            file_bytes: settled_size(file)?,
+            normal_pages: status["ram"]["normal"].as_u64().unwrap_or(0),
+            zero_pages: status["ram"]["duplicate"].as_u64().unwrap_or(0),
+        })
+    }
+
+    /// Asks QEMU to quit and waits for it.
+    pub fn quit(mut self) -> anyhow::Result<()> {
+        if let Some(qmp) = self.qmp.as_mut() {
+            // QEMU may close the socket before replying.
+            let _ = qmp.execute("quit", None);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                bail!("QEMU did not quit");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for QemuGuest {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The size of `file` once it stops growing (with `exec:cat`, cat may still be writing the
+/// last pipe buffer when QEMU reports completion).
+fn settled_size(file: &Path) -> anyhow::Result<u64> {
+    let size = || -> anyhow::Result<u64> {
+        Ok(std::fs::metadata(file)
+            .with_context(|| format!("QEMU wrote no {}", file.display()))?
+            .len())
+    };
+    let mut last = size()?;
+    let mut stable = 0;
+    for _ in 0..500 {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = size()?;
+        stable = if now == last { stable + 1 } else { 0 };
+        last = now;
+        if stable >= 3 {
+            break;
+        }
+    }
+    Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(
+            parse_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"),
+            Some((7, 2, 22))
+        );
+        assert_eq!(
+            parse_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)"),
+            Some((10, 0, 2))
+        );
+        assert_eq!(parse_version("nonsense"), None);
+    }
+
+    #[test]
+    fn uris_follow_the_version() {
+        let old = Qemu {
+            binary: "q".into(),
+            version: (7, 2, 22),
+            version_line: String::new(),
+        };
+        let new = Qemu {
+            version: (8, 2, 0),
+            ..old.clone()
+        };
+        let f = Path::new("/tmp/x.qemu");
+        assert_eq!(old.save_uri(f).unwrap(), "exec:cat > '/tmp/x.qemu'");
+        assert_eq!(old.restore_uri(f).unwrap(), "exec:cat '/tmp/x.qemu'");
+        assert_eq!(new.save_uri(f).unwrap(), "file:/tmp/x.qemu");
+        assert!(old.save_uri(Path::new("/tmp/a'b")).is_err());
+    }
+}
