@@ -79,7 +79,9 @@ fn save_to_a_full_disk_fails_and_the_guest_keeps_running() {
     // Enough written (16 MiB) that the checkpoint cannot fit in the 8 MiB file system.
     assert!(
         wait_for(Duration::from_secs(20), || {
-            host.heartbeats("full").last().is_some_and(|b| b.1.written >= 4096)
+            host.heartbeats("full")
+                .last()
+                .is_some_and(|b| b.1.written >= 4096)
         }),
         "the guest did not write 16 MiB"
     );

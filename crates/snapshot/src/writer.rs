@@ -121,12 +121,34 @@ impl<W: Write> SnapshotWriter<W> {
         if runs.is_empty() && data.is_empty() {
             return Ok(());
         }
+        check_pages_args(runs, data, block_pages)?;
+        let crcs = block_crcs(data, block_pages as usize * PAGE_SIZE);
+        self.pages_with_crcs(runs, data, block_pages, &crcs)
+    }
+
+    /// Like [`SnapshotWriter::pages`], with the block checksums already computed by the caller
+    /// (CRC32C of each block's data: `block_pages` pages in data order, the last one possibly
+    /// shorter), e.g. while it scanned the pages anyway. Saves a pass over the data.
+    pub fn pages_with_crcs(
+        &mut self,
+        runs: &[PageRun],
+        data: &[&[u8]],
+        block_pages: u32,
+        crcs: &[u32],
+    ) -> io::Result<()> {
+        if runs.is_empty() && data.is_empty() {
+            return Ok(());
+        }
         let total_pages = check_pages_args(runs, data, block_pages)?;
-        let block_bytes = block_pages as usize * PAGE_SIZE;
-        let crcs = block_crcs(data, block_bytes);
         let blocks = block_count(total_pages, block_pages);
+        if crcs.len() as u64 != blocks {
+            return Err(invalid(format!(
+                "{} block checksums for {blocks} blocks",
+                crcs.len()
+            )));
+        }
         let data_offset = self.data_offset(descriptor_len(runs.len(), blocks));
-        let desc = encode_descriptor(runs, block_pages, &crcs, data_offset as u32);
+        let desc = encode_descriptor(runs, block_pages, crcs, data_offset as u32);
         let length = data_offset + total_pages * PAGE_SIZE as u64;
         let header = RecordHeader::new(RecordType::PAGES, length, crc32c::crc32c(&desc));
         let mut head = Vec::with_capacity(RECORD_HEADER_LEN + desc.len());

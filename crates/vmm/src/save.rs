@@ -118,7 +118,7 @@ fn write_to(
     let devices = machine.capture_devices()?;
     phases.capture = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let runs = stored_pages(machine)?;
+    let (runs, crcs) = stored_pages(machine)?;
     let total_pages: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
     phases.scan = t.elapsed().as_secs_f64();
     let t = Instant::now();
@@ -156,8 +156,16 @@ fn write_to(
             .iter()
             .map(|r| guest_slice(machine, r))
             .collect::<anyhow::Result<_>>()?;
-        w.pages(&chunk, &data, BLOCK_PAGES)?;
-        done += chunk.iter().map(|r| u64::from(r.pages)).sum::<u64>();
+        let pages: u64 = chunk.iter().map(|r| u64::from(r.pages)).sum();
+        // Records start at multiples of RECORD_PAGES, itself a multiple of BLOCK_PAGES: the
+        // record's blocks are a slice of the checksums the scan computed.
+        let first_block = (done / u64::from(BLOCK_PAGES)) as usize;
+        let blocks = pages.div_ceil(u64::from(BLOCK_PAGES)) as usize;
+        let block_crcs = crcs
+            .get(first_block..first_block + blocks)
+            .context("page checksums out of step with the pages")?;
+        w.pages_with_crcs(&chunk, &data, BLOCK_PAGES, block_crcs)?;
+        done += pages;
         progress(&Progress {
             done_bytes: done * PAGE,
             total_bytes: total_pages * PAGE,
@@ -248,10 +256,40 @@ fn split_runs(runs: &[PageRun], max_pages: u64) -> Vec<Vec<PageRun>> {
     out
 }
 
-/// Guest pages worth storing: allocated in the RAM file and not all zero.
-fn stored_pages(machine: &Machine) -> anyhow::Result<Vec<PageRun>> {
+/// Block checksums computed while scanning: a running CRC32C over the stored pages, closed
+/// every [`BLOCK_PAGES`] pages (the page is hot in cache right after its zero check).
+#[derive(Default)]
+struct BlockCrcs {
+    crcs: Vec<u32>,
+    current: u32,
+    pages: u32,
+}
+
+impl BlockCrcs {
+    fn add(&mut self, page: &[u8]) {
+        self.current = crc32c::crc32c_append(self.current, page);
+        self.pages += 1;
+        if self.pages == BLOCK_PAGES {
+            self.crcs.push(self.current);
+            self.current = 0;
+            self.pages = 0;
+        }
+    }
+
+    fn finish(mut self) -> Vec<u32> {
+        if self.pages > 0 {
+            self.crcs.push(self.current);
+        }
+        self.crcs
+    }
+}
+
+/// Guest pages worth storing (allocated in the RAM file and not all zero), and the checksum
+/// of every block of them in order.
+fn stored_pages(machine: &Machine) -> anyhow::Result<(Vec<PageRun>, Vec<u32>)> {
     let fd = machine.ram().backing_file().as_raw_fd();
     let mut runs: Vec<PageRun> = Vec::new();
+    let mut crcs = BlockCrcs::default();
     for slot in machine.ram().slots() {
         for (start, end) in data_extents(fd, slot)? {
             let mut off = start;
@@ -260,6 +298,7 @@ fn stored_pages(machine: &Machine) -> anyhow::Result<Vec<PageRun>> {
                 // SAFETY: `off` is inside this slot's live mapping; the guest is paused.
                 let page = unsafe { std::slice::from_raw_parts(host, PAGE as usize) };
                 if !is_zero(page) {
+                    crcs.add(page);
                     let pfn = (slot.guest_addr + off - slot.file_offset) / PAGE;
                     match runs.last_mut() {
                         Some(r)
@@ -277,7 +316,7 @@ fn stored_pages(machine: &Machine) -> anyhow::Result<Vec<PageRun>> {
             }
         }
     }
-    Ok(runs)
+    Ok((runs, crcs.finish()))
 }
 
 /// Allocated byte ranges of `slot` in the RAM file, as file offsets (SEEK_DATA / SEEK_HOLE).
