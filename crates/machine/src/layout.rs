@@ -44,10 +44,17 @@ pub const BOOT_STRUCTURES_END: u64 = CMDLINE_START + CMDLINE_MAX_SIZE as u64;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
-/// Where virtio-mmio device windows start inside the hole.
+/// Where virtio-mmio device windows start inside the hole: device `i` of a machine is at
+/// `VIRTIO_MMIO_START + i * VIRTIO_MMIO_SIZE` and raises GSI `VIRTIO_GSI_BASE + i` (IOAPIC pins
+/// 16..23). This fixed layout is also how the test guest finds its devices when its command line
+/// has no `virtio_mmio.device=` entries.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// Size of one virtio-mmio device window.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// GSI of virtio-mmio device 0.
+pub const VIRTIO_GSI_BASE: u32 = 16;
+/// Most virtio-mmio devices per machine (IOAPIC pins 16..23).
+pub const VIRTIO_MAX_DEVICES: u32 = 8;
 /// IOAPIC MMIO base.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// LAPIC MMIO base.
