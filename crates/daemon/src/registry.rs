@@ -110,10 +110,11 @@ impl Registry {
     /// Creates and starts a domain from a config; returns its ID and UUID.
     pub fn create(
         self: &Arc<Self>,
-        config: DomainConfig,
+        mut config: DomainConfig,
         paused: bool,
     ) -> anyhow::Result<(u32, String)> {
         check_boot_files(&config)?;
+        assign_macs(&mut config);
         let (id, uuid, _) = self.start_domain(config, paused, None)?;
         Ok((id, uuid))
     }
@@ -142,6 +143,7 @@ impl Registry {
         restore: Option<RestoreSpec>,
     ) -> anyhow::Result<(u32, String, Option<RestoreSummary>)> {
         check_free_memory(config.memory_mib)?;
+        check_devices(&config)?;
         let uuid = config
             .uuid
             .get_or_insert_with(uuid::Uuid::new_v4)
@@ -560,6 +562,37 @@ fn check_boot_files(config: &DomainConfig) -> anyhow::Result<()> {
     if let Some(ramdisk) = &config.ramdisk {
         std::fs::File::open(ramdisk)
             .with_context(|| format!("cannot read ramdisk {}", ramdisk.display()))?;
+    }
+    Ok(())
+}
+
+/// Gives every network interface without a MAC one, once, at creation: the address is part of
+/// the guest from then on (its checkpoints and migrations carry it). Locally administered
+/// unicast addresses, prefix 02:54 (tern), the rest random.
+fn assign_macs(config: &mut DomainConfig) {
+    for vif in config.vifs.iter_mut().filter(|v| v.mac.is_none()) {
+        let r = uuid::Uuid::new_v4().into_bytes();
+        vif.mac = Some(tern_config::MacAddr([0x02, 0x54, r[0], r[1], r[2], r[3]]));
+    }
+}
+
+/// Refuses a guest whose bridges or disks are not there, before anything is created for it.
+fn check_devices(config: &DomainConfig) -> anyhow::Result<()> {
+    for (i, vif) in config.vifs.iter().enumerate() {
+        let bridge = vif.bridge.as_deref().ok_or_else(|| {
+            anyhow!("network interface {i} names no bridge (vif = ['bridge=br0'])")
+        })?;
+        if !tern_net::bridge_exists(bridge) {
+            bail!("network interface {i}: bridge {bridge} does not exist on this host");
+        }
+    }
+    for disk in &config.disks {
+        if let tern_config::DiskBackend::File(path) | tern_config::DiskBackend::Phy(path) =
+            &disk.backend
+        {
+            std::fs::metadata(path)
+                .with_context(|| format!("disk {}: cannot use {}", disk.vdev, path.display()))?;
+        }
     }
     Ok(())
 }

@@ -91,15 +91,6 @@ fn handle(
         Request::Create { config, paused } => {
             let config: DomainConfig = serde_json::from_value(config)
                 .map_err(|e| anyhow::anyhow!("malformed guest config: {e}"))?;
-            if !config.disks.is_empty() || !config.vifs.is_empty() {
-                let message = "disks and network interfaces are not attached yet in this version; the guest starts without them";
-                let _ = write_message(
-                    client,
-                    &Reply::Warning {
-                        message: message.into(),
-                    },
-                );
-            }
             let name = config.name.clone();
             let (id, uuid) = registry.create(config, paused)?;
             serde_json::json!({ "id": id, "name": name, "uuid": uuid })

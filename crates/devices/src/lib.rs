@@ -12,7 +12,12 @@ pub mod irq;
 pub mod pvpanic;
 pub mod serial;
 pub mod state;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+
+/// Guest memory as devices and loaders see it. The bitmap records every page written through
+/// it (device DMA), which KVM's dirty log cannot see: live migration needs both.
+pub type GuestMem = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 pub use events::{GuestEvent, GuestEventSender};
 pub use state::{Pausable, Snapshottable, StateError};

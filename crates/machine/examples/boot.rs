@@ -12,7 +12,8 @@ fn main() {
     };
     let secs: u64 = args[4].parse().unwrap();
     let t = Instant::now();
-    let mut m = tern_machine::Machine::new(&config, Box::new(std::io::stdout())).unwrap();
+    let mut m =
+        tern_machine::Machine::new(&config, Box::new(std::io::stdout()), Vec::new()).unwrap();
     eprintln!("built in {:?}", t.elapsed());
     m.start(false).unwrap();
     let end = Instant::now() + Duration::from_secs(secs);

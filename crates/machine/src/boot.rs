@@ -16,7 +16,8 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use tern_devices::GuestMem as GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::*;
 
@@ -67,6 +68,8 @@ pub struct BootSpec<'a> {
     pub kernel: &'a Path,
     pub initrd: Option<&'a Path>,
     pub cmdline: &'a str,
+    /// Where the ACPI RSDP is, if the machine has ACPI tables.
+    pub rsdp: Option<u64>,
 }
 
 fn mem_err<E: std::fmt::Display>(e: E) -> BootError {
@@ -101,7 +104,7 @@ pub fn load(mem: &GuestMemoryMmap, ram_size: u64, spec: &BootSpec) -> Result<Boo
             };
             let initrd = load_initrd(mem, ram_size, spec.initrd, result.kernel_end)?;
             write_cmdline(mem, spec.cmdline)?;
-            write_pvh_start_info(mem, ram_size, initrd)?;
+            write_pvh_start_info(mem, ram_size, initrd, spec.rsdp)?;
             Ok(BootEntry::Pvh { entry: entry.0 })
         }
         KernelFormat::BzImage => {
@@ -117,7 +120,7 @@ pub fn load(mem: &GuestMemoryMmap, ram_size: u64, spec: &BootSpec) -> Result<Boo
                 entry: result.kernel_load.0 + 0x200,
             };
             let initrd = load_initrd(mem, ram_size, spec.initrd, result.kernel_end)?;
-            write_zero_page(mem, ram_size, header, spec.cmdline, initrd)?;
+            write_zero_page(mem, ram_size, header, spec.cmdline, initrd, spec.rsdp)?;
             write_cmdline(mem, spec.cmdline)?;
             write_identity_map(mem)?;
             Ok(entry)
@@ -222,6 +225,7 @@ fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     ram_size: u64,
     initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let map = e820_map(ram_size);
     let entry_size = std::mem::size_of::<hvm_memmap_table_entry>() as u64;
@@ -254,6 +258,7 @@ fn write_pvh_start_info(
         nr_modules: u32::from(initrd.is_some()),
         modlist_paddr: if initrd.is_some() { modlist_paddr } else { 0 },
         cmdline_paddr: CMDLINE_START,
+        rsdp_paddr: rsdp.unwrap_or(0),
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: map.len() as u32,
         ..Default::default()
@@ -268,11 +273,13 @@ fn write_zero_page(
     header: linux_loader::loader::bootparam::setup_header,
     cmdline: &str,
     initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     const KERNEL_LOADER_OTHER: u8 = 0xff;
     const CAN_USE_HEAP: u8 = 0x80;
     let mut params = boot_params {
         hdr: header,
+        acpi_rsdp_addr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;

@@ -35,6 +35,8 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 4096;
 /// Start of the legacy hole below 1 MiB.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables (RSDP first, where a legacy scan of 0xe0000..0xfffff also finds it).
+pub const ACPI_START: u64 = 0xe0000;
 /// First byte of RAM above the legacy hole.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// The boot structures above must not be overwritten by a kernel image.

@@ -4,6 +4,7 @@
 //! A [`Machine`] is built stopped ([`Machine::new`]), then [`Machine::start`]ed; while running
 //! it can be paused and resumed, and reports what the guest did through [`Machine::next_event`].
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;
@@ -19,14 +20,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_cpuid_entry2, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use tern_devices::acpi_pm::{AcpiPm, Pm1Block, Pm1Port};
 use tern_devices::bus::lock;
 use tern_devices::i8042::I8042;
 use tern_devices::irq::IrqLine;
 use tern_devices::pvpanic::PvPanic;
 use tern_devices::serial::{ConsoleOut, SerialDevice};
-use tern_devices::{Bus, GuestEvent, GuestEventSender, Snapshottable};
+use tern_devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
+use tern_devices::virtio::VirtioDevice;
+use tern_devices::{Bus, GuestEvent, GuestEventSender, Pausable, Snapshottable};
 
 pub use memory::GuestRam;
 pub use vcpu::{VcpuHandle, VcpuState};
@@ -83,17 +86,37 @@ pub struct Devices {
     pub acpi_pm: Arc<Mutex<AcpiPm>>,
     pub i8042: Arc<Mutex<I8042>>,
     pub pvpanic: Arc<Mutex<PvPanic>>,
+    /// virtio devices, in slot order (slot i at `VIRTIO_MMIO_START + i * VIRTIO_MMIO_SIZE`).
+    pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl Devices {
     /// Every device with state, for checkpoints (the engine only sees the trait).
     fn stateful(&self) -> Vec<Arc<Mutex<dyn Snapshottable + Send>>> {
-        vec![
+        let mut all: Vec<Arc<Mutex<dyn Snapshottable + Send>>> = vec![
             self.serial.clone(),
             self.acpi_pm.clone(),
             self.i8042.clone(),
             self.pvpanic.clone(),
-        ]
+        ];
+        all.extend(
+            self.virtio
+                .iter()
+                .map(|v| v.clone() as Arc<Mutex<dyn Snapshottable + Send>>),
+        );
+        all
+    }
+
+    fn pause_all(&self) {
+        for v in &self.virtio {
+            lock(v).pause();
+        }
+    }
+
+    fn resume_all(&self) {
+        for v in &self.virtio {
+            lock(v).resume();
+        }
     }
 }
 
@@ -122,19 +145,25 @@ pub struct Machine {
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Machine {
-    /// Builds a machine and loads its kernel; no vCPU runs yet.
-    pub fn new(config: &MachineConfig, console: ConsoleOut) -> Result<Self, MachineError> {
+    /// Builds a machine with `virtio` devices and loads its kernel; no vCPU runs yet.
+    pub fn new(
+        config: &MachineConfig,
+        console: ConsoleOut,
+        virtio: Vec<Box<dyn VirtioDevice>>,
+    ) -> Result<Self, MachineError> {
         let kvm = open_kvm()?;
         check_vcpu_count(&kvm, config.vcpus)?;
         let base = cpuid::supported(&kvm).map_err(kvm_err("get supported CPUID"))?;
         let cpuids = (0..config.vcpus)
             .map(|i| cpuid::for_vcpu(&base, i, config.vcpus))
             .collect();
-        let machine = Machine::build(kvm, config.mem_mib, cpuids, console)?;
+        let machine = Machine::build(kvm, config.mem_mib, cpuids, console, virtio)?;
+        let rsdp = machine.write_acpi_tables(config.vcpus)?;
         let spec = boot::BootSpec {
             kernel: &config.kernel,
             initrd: config.initrd.as_deref(),
             cmdline: &config.cmdline,
+            rsdp: Some(rsdp),
         };
         let entry = boot::load(machine.ram.memory(), machine.ram.size(), &spec)?;
         if let Vcpus::Created(vcpus) = &machine.vcpus {
@@ -149,10 +178,11 @@ impl Machine {
         mem_mib: u64,
         cpuids: Vec<Vec<kvm_cpuid_entry2>>,
         console: ConsoleOut,
+        virtio: Vec<Box<dyn VirtioDevice>>,
     ) -> Result<Self, MachineError> {
         let kvm = open_kvm()?;
         check_vcpu_count(&kvm, cpuids.len() as u32)?;
-        Machine::build(kvm, mem_mib, cpuids, console)
+        Machine::build(kvm, mem_mib, cpuids, console, virtio)
     }
 
     fn build(
@@ -160,6 +190,7 @@ impl Machine {
         mem_mib: u64,
         cpuids: Vec<Vec<kvm_cpuid_entry2>>,
         console: ConsoleOut,
+        virtio: Vec<Box<dyn VirtioDevice>>,
     ) -> Result<Self, MachineError> {
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
         // RAM before the irqchip: with an in-kernel irqchip present, the VM's first memory
@@ -176,7 +207,7 @@ impl Machine {
         vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
 
         let (events, events_rx) = GuestEventSender::channel();
-        let (devices, pio, mmio) = build_devices(&vm, console, &events)?;
+        let (devices, pio, mmio) = build_devices(&vm, &ram, console, &events, virtio)?;
         let cpuid = cpuid::supported(&kvm).map_err(kvm_err("get supported CPUID"))?;
         let vcpus = create_vcpus(&kvm, &vm, cpuids)?;
         Ok(Machine {
@@ -192,6 +223,21 @@ impl Machine {
             ram,
             _kvm: kvm,
         })
+    }
+
+    /// Writes the ACPI tables describing this machine into guest memory; returns the RSDP.
+    fn write_acpi_tables(&self, vcpus: u32) -> Result<u64, MachineError> {
+        let slots: Vec<acpi::VirtioSlot> = (0..self.devices.virtio.len() as u64)
+            .map(|i| acpi::VirtioSlot {
+                base: VIRTIO_MMIO_START + i * VIRTIO_MMIO_SIZE,
+                gsi: VIRTIO_GSI_BASE + i as u32,
+            })
+            .collect();
+        let tables = acpi::build(vcpus, &slots);
+        tables
+            .write(self.ram.memory())
+            .map_err(|e| MachineError::Device(format!("cannot write ACPI tables: {e}")))?;
+        Ok(tables.rsdp)
     }
 
     /// Starts the vCPU threads (paused if `paused`).
@@ -221,7 +267,7 @@ impl Machine {
         }
     }
 
-    /// Stops every vCPU; returns once none of them runs guest code.
+    /// Stops every vCPU, then every device; returns once none of them touches guest memory.
     pub fn pause(&mut self) -> Result<(), MachineError> {
         let handles = self.handles()?;
         let acks = handles
@@ -232,17 +278,27 @@ impl Machine {
             ack.recv_timeout(PAUSE_TIMEOUT)
                 .map_err(|_| MachineError::PauseTimeout(h.index(), PAUSE_TIMEOUT))?;
         }
+        self.devices.pause_all();
         self.paused = true;
         Ok(())
     }
 
-    /// Lets the vCPUs run again.
+    /// Lets the devices, then the vCPUs run again.
     pub fn resume(&mut self) -> Result<(), MachineError> {
+        self.devices.resume_all();
         for h in self.handles()? {
             h.resume()?;
         }
         self.paused = false;
         Ok(())
+    }
+
+    /// Tells devices the machine runs on a new host or from a checkpoint now (a network card
+    /// announces its MAC so that switches learn the new location).
+    pub fn announce_restored(&self) {
+        for v in &self.devices.virtio {
+            lock(v).restored();
+        }
     }
 
     /// True while paused.
@@ -465,8 +521,10 @@ fn create_vcpus(
 
 fn build_devices(
     vm: &VmFd,
+    ram: &GuestRam,
     console: ConsoleOut,
     events: &GuestEventSender,
+    virtio: Vec<Box<dyn VirtioDevice>>,
 ) -> Result<(Devices, Bus, Bus), MachineError> {
     let dev_err = |e: std::io::Error| MachineError::Device(e.to_string());
     let irq = |gsi: u32| -> Result<IrqLine, MachineError> {
@@ -499,13 +557,43 @@ fn build_devices(
     }
     pio.insert(pvpanic.clone(), u64::from(PVPANIC_PORT), 1)
         .map_err(bus_err)?;
-    let mmio = Bus::new();
+    let mut mmio = Bus::new();
+    if virtio.len() > VIRTIO_MAX_DEVICES as usize {
+        return Err(MachineError::Device(format!(
+            "{} virtio devices; at most {VIRTIO_MAX_DEVICES} are supported",
+            virtio.len()
+        )));
+    }
+    let mut transports = Vec::new();
+    for (slot, device) in virtio.into_iter().enumerate() {
+        let base = VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_SIZE;
+        let transport = MmioTransport::new(
+            device,
+            ram.memory().clone(),
+            irq(VIRTIO_GSI_BASE + slot as u32)?,
+        )
+        .map_err(dev_err)?;
+        // Queue notifications go straight to the device's worker, without a userspace exit.
+        for (queue, event) in transport.queue_events().iter().enumerate() {
+            vm.register_ioevent(
+                event,
+                &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
+                queue as u32,
+            )
+            .map_err(kvm_err("register ioeventfd"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)
+            .map_err(bus_err)?;
+        transports.push(transport);
+    }
     Ok((
         Devices {
             serial,
             acpi_pm,
             i8042,
             pvpanic,
+            virtio: transports,
         },
         pio,
         mmio,

@@ -9,8 +9,12 @@ use std::os::fd::FromRawFd;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
+use std::num::NonZeroUsize;
+
+use tern_devices::GuestMem;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 use crate::layout::{ram_ranges, PAGE_SIZE};
 
@@ -69,7 +73,7 @@ pub enum RamBacking {
 
 /// The guest's RAM.
 pub struct GuestRam {
-    memory: GuestMemoryMmap,
+    memory: GuestMem,
     slots: Vec<RamSlot>,
     backing: RamBacking,
     size: u64,
@@ -93,7 +97,7 @@ impl GuestRam {
     }
 
     /// The vm-memory view used by loaders and devices.
-    pub fn memory(&self) -> &GuestMemoryMmap {
+    pub fn memory(&self) -> &GuestMem {
         &self.memory
     }
 
@@ -140,6 +144,16 @@ impl GuestRam {
         set_slot(vm, slot, enabled)
     }
 
+    /// Fetches and clears the pages of one slot that devices wrote through [`GuestRam::memory`]
+    /// (bit i = page i of the slot): the part of the dirty set KVM's log does not see.
+    pub fn take_device_dirty(&self, slot: &RamSlot) -> Vec<u64> {
+        use vm_memory::GuestMemoryBackend;
+        self.memory
+            .find_region(GuestAddress(slot.guest_addr))
+            .map(|r| r.bitmap().get_and_reset())
+            .unwrap_or_default()
+    }
+
     /// Fetches and clears the dirty bitmap of one slot (bit i = page i of the slot).
     pub fn take_dirty_bitmap(&self, vm: &VmFd, slot: &RamSlot) -> Result<Vec<u64>, MemoryError> {
         vm.get_dirty_log(slot.slot, slot.size as usize)
@@ -184,17 +198,16 @@ fn create_memfd(size: u64) -> std::io::Result<File> {
 }
 
 /// Maps `size` bytes of `file` as guest RAM laid out around the MMIO hole.
-fn map_file(
-    file: &File,
-    size: u64,
-    flags: i32,
-) -> Result<(GuestMemoryMmap, Vec<RamSlot>), MemoryError> {
+fn map_file(file: &File, size: u64, flags: i32) -> Result<(GuestMem, Vec<RamSlot>), MemoryError> {
     let mut regions = Vec::new();
     let mut slots = Vec::new();
     let mut file_offset = 0u64;
     for (index, (guest_addr, len)) in ram_ranges(size).into_iter().enumerate() {
         let dup = file.try_clone().map_err(MemoryError::Memfd)?;
-        let mapping = MmapRegionBuilder::new(len as usize)
+        let page = NonZeroUsize::new(PAGE_SIZE as usize)
+            .ok_or_else(|| MemoryError::Assemble("page size".into()))?;
+        let bitmap = AtomicBitmap::new(len as usize, page);
+        let mapping = MmapRegionBuilder::new_with_bitmap(len as usize, bitmap)
             .with_file_offset(FileOffset::new(dup, file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
@@ -214,7 +227,7 @@ fn map_file(
         file_offset += len;
     }
     let memory =
-        GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Assemble(e.to_string()))?;
+        GuestMem::from_regions(regions).map_err(|e| MemoryError::Assemble(e.to_string()))?;
     Ok((memory, slots))
 }
 

@@ -19,9 +19,7 @@
 //! If the kernel cannot be downloaded (no apt access to the Debian repositories) the tests
 //! fail: they must not pass without having booted Linux.
 
-use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -29,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use tern_devices::GuestEvent;
 use tern_machine::{Machine, MachineConfig};
+use tern_testguest::KvmLock;
 
 /// The kernel's first line; it comes out when the early console registers.
 const BANNER: &str = "Linux version";
@@ -87,23 +86,6 @@ fn kernel_files() -> &'static KernelFiles {
     match files {
         Ok(files) => files,
         Err(message) => panic!("{message}"),
-    }
-}
-
-/// KVM tests share two cores: one guest at a time, across threads and test binaries (the same
-/// lock file as `KvmLock` in `crates/cli/tests/common`).
-struct KvmLock {
-    _file: File,
-}
-
-impl KvmLock {
-    fn acquire() -> KvmLock {
-        let path = std::env::temp_dir().join("tern-kvm-tests.lock");
-        let f = File::create(path).expect("create the KVM test lock file");
-        // SAFETY: flock on a descriptor we own.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0, "cannot take the KVM test lock");
-        KvmLock { _file: f }
     }
 }
 
@@ -174,6 +156,19 @@ fn command_line(cmdline: &str, secs: u64) -> Milestone {
 
 /// Every entry of the memory map tern handed over, as Linux prints it (`BIOS-e820: [mem
 /// 0x...-0x...] usable`): proves the map arrived intact, not just that a map was printed.
+/// Linux found tern's ACPI tables: the RSDP where tern put it, and each table it points to.
+fn acpi_tables(secs: u64) -> Milestone {
+    let lines = [
+        format!("ACPI: RSDP {:#018X}", tern_machine::layout::ACPI_START).replace("0X", "0x"),
+        "ACPI: XSDT".to_string(),
+        "ACPI: FACP".to_string(),
+        "ACPI: DSDT".to_string(),
+        "ACPI: FACS".to_string(),
+        "ACPI: APIC".to_string(),
+    ];
+    Milestone::new("ACPI tables", lines.to_vec(), secs)
+}
+
 fn e820_map(secs: u64) -> Milestone {
     let lines = tern_machine::boot::e820_map(MEM_MIB << 20)
         .into_iter()
@@ -211,7 +206,7 @@ fn boot_and_watch(kernel: &Path, cmdline: &str, milestones: &[Milestone]) -> Boo
         cmdline: cmdline.to_string(),
     };
     let console = Console::default();
-    let mut machine = Machine::new(&config, Box::new(console.clone()))
+    let mut machine = Machine::new(&config, Box::new(console.clone()), Vec::new())
         .unwrap_or_else(|e| panic!("cannot build a machine for {}: {e}", kernel.display()));
     let start = Instant::now();
     machine.start(false).expect("start the vCPU");
@@ -282,7 +277,12 @@ fn vmlinux_boots_through_pvh() {
     let _lock = KvmLock::acquire();
     let files = kernel_files();
     // About 13 s on the build machine.
-    let milestones = [banner(90), command_line(PVH_CMDLINE, 90), e820_map(90)];
+    let milestones = [
+        banner(90),
+        command_line(PVH_CMDLINE, 90),
+        e820_map(90),
+        acpi_tables(90),
+    ];
     let run = boot_and_watch(&files.vmlinux, PVH_CMDLINE, &milestones);
     report_and_check("vmlinux/PVH", &run, &milestones);
 }

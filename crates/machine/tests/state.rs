@@ -55,7 +55,7 @@ fn boot(mem_mib: u64, vcpus: u32, cmdline: &str) -> (Machine, Console) {
         initrd: None,
         cmdline: cmdline.into(),
     };
-    let mut m = Machine::new(&config, Box::new(console.clone())).expect("machine");
+    let mut m = Machine::new(&config, Box::new(console.clone()), Vec::new()).expect("machine");
     m.start(false).expect("start");
     console.wait_heartbeat(1);
     (m, console)
@@ -198,7 +198,7 @@ fn the_ramdisk_arrives_intact() {
         initrd: Some(initrd),
         cmdline: "heartbeat_ms=100".into(),
     };
-    let mut m = Machine::new(&config, Box::new(console.clone())).expect("machine");
+    let mut m = Machine::new(&config, Box::new(console.clone()), Vec::new()).expect("machine");
     m.start(false).expect("start");
     console.wait_heartbeat(1);
     let _ = std::fs::remove_dir_all(&dir);

@@ -6,6 +6,7 @@
 
 pub mod console;
 pub mod console_log;
+pub mod devices;
 pub mod direct_io;
 pub mod logging;
 pub mod record;
@@ -211,7 +212,8 @@ fn start(dir: &DomainDir, started: Instant) -> anyhow::Result<Started> {
 
     let (mut machine, restore) = match &record.restore {
         None => {
-            let mut machine = Machine::new(&machine_config(&record)?, console.output())?;
+            let virtio = devices::build(&record)?;
+            let mut machine = Machine::new(&machine_config(&record)?, console.output(), virtio)?;
             machine.start(record.start_paused)?;
             (machine, None)
         }
@@ -221,6 +223,7 @@ fn start(dir: &DomainDir, started: Instant) -> anyhow::Result<Started> {
             if !record.start_paused {
                 machine.resume()?;
             }
+            machine.announce_restored();
             let running_after_ms = started.elapsed().as_secs_f64() * 1e3;
             if let Some(loader) = restored.loader {
                 if let Err(e) = loader.wait() {

@@ -75,7 +75,8 @@ pub fn prepare(
 
     let cpuids = vcpus.iter().map(|v| v.cpuid.clone()).collect();
     let indexed = t.elapsed();
-    let mut machine = Machine::new_blank(record.config.memory_mib, cpuids, console)?;
+    let virtio = crate::devices::build(record)?;
+    let mut machine = Machine::new_blank(record.config.memory_mib, cpuids, console, virtio)?;
     let built = t.elapsed();
     let pages: u64 = index.pages.iter().map(|p| p.total_pages).sum();
     let source = BlockSource::open(file, &spec.path, index.header.aligned);
