@@ -17,6 +17,8 @@ pub struct TernHost {
     state_dir: PathBuf,
     config: PathBuf,
     daemon: Option<Child>,
+    /// The network namespace the daemon (and so its guests) runs in; None: ours.
+    netns: Option<String>,
 }
 
 /// A path as the UTF-8 argument the CLI takes.
@@ -33,20 +35,43 @@ impl TernHost {
 
     /// Starts `tern daemon` in a new directory under `parent` and waits until it answers.
     pub fn start_in(tern: &Path, parent: &Path) -> anyhow::Result<TernHost> {
+        Self::start_with(tern, parent, None, "")
+    }
+
+    /// Starts `tern daemon` inside network namespace `netns` (e.g. a [`NetLab`] host's), with
+    /// `extra_toml` appended to its config (a `[relocation]` table, say). Its guests inherit
+    /// the namespace; the CLI still reaches the daemon through its Unix socket.
+    ///
+    /// [`NetLab`]: crate::NetLab
+    pub fn start_in_netns(tern: &Path, netns: &str, extra_toml: &str) -> anyhow::Result<TernHost> {
+        Self::start_with(tern, &std::env::temp_dir(), Some(netns), extra_toml)
+    }
+
+    /// Starts `tern daemon` in a new directory under `parent`, in network namespace `netns`
+    /// if given, with `extra_toml` appended to the config, and waits until it answers.
+    pub fn start_with(
+        tern: &Path,
+        parent: &Path,
+        netns: Option<&str>,
+        extra_toml: &str,
+    ) -> anyhow::Result<TernHost> {
         let dir = tempfile::Builder::new()
             .prefix("tern-host-")
             .tempdir_in(parent)?;
         let socket = dir.path().join("ternd.sock");
         let state_dir = dir.path().join("state");
         let config = dir.path().join("ternd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = \"{}\"\nsocket = \"{}\"\n",
-                state_dir.display(),
-                socket.display()
-            ),
-        )?;
+        let mut toml = format!(
+            "state_dir = \"{}\"\nsocket = \"{}\"\n",
+            state_dir.display(),
+            socket.display()
+        );
+        if !extra_toml.is_empty() {
+            toml.push('\n');
+            toml.push_str(extra_toml);
+            toml.push('\n');
+        }
+        std::fs::write(&config, toml)?;
         let mut host = TernHost {
             dir,
             tern: tern.to_path_buf(),
@@ -54,6 +79,7 @@ impl TernHost {
             state_dir,
             config,
             daemon: None,
+            netns: netns.map(str::to_string),
         };
         host.start_daemon()?;
         Ok(host)
@@ -65,13 +91,17 @@ impl TernHost {
             .create(true)
             .append(true)
             .open(self.dir.path().join("daemon.log"))?;
-        let child = Command::new(&self.tern)
-            .arg("daemon")
+        let mut cmd = Command::new(&self.tern);
+        cmd.arg("daemon")
             .arg("--config")
             .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(log);
+        if let Some(ns) = &self.netns {
+            crate::netns::enter_netns(&mut cmd, ns)?;
+        }
+        let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {} daemon", self.tern.display()))?;
         self.daemon = Some(child);
@@ -96,6 +126,21 @@ impl TernHost {
     /// The scratch directory (configs, checkpoints, logs).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The network namespace the daemon runs in, if not ours.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// The daemon's PID while it runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
+    /// The daemon's config file.
+    pub fn config_path(&self) -> &Path {
+        &self.config
     }
 
     /// The daemon's socket.

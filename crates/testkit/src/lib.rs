@@ -3,15 +3,33 @@
 //! A [`TernHost`] is a real `tern daemon` with its own socket and state directory in a scratch
 //! directory, driven through the real `tern` CLI; dropping it destroys its guests and stops the
 //! daemon. Nothing here panics: callers decide (tests assert, benchmarks report).
+//!
+//! For networking, a [`NetLab`] builds two hosts, a client and a storage server on one
+//! layer-2 segment out of network namespaces (root and iproute2 needed); a `TernHost` can run
+//! its daemon in a lab host ([`TernHost::start_in_netns`]) and an [`NbdExport`] serves a
+//! shared disk from the storage namespace. `scripts/testnet` builds the same lab for manual
+//! use through the `tern-testnet` binary.
 
+mod cmd;
 mod host;
+mod nbd;
+mod netlab;
+mod netns;
+mod ping;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+pub use cmd::{ensure_program, find_program, output_within, run_within};
 pub use host::{path_arg, TernHost};
+pub use nbd::NbdExport;
+pub use netlab::{
+    guest_ip, Member, NetLab, FIXED_PREFIX, GUEST_BRIDGE, LAB_PREFIX_LEN, LAB_SUBNET, UPLINK,
+};
+pub use netns::{enter_netns, netns_exists, netns_path, run_in_netns};
+pub use ping::{PingReply, PingReport};
 pub use tern_testguest::{complete_lines, is_failure_line, Heartbeat, KvmLock};
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; true if it held.

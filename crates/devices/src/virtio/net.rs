@@ -112,6 +112,7 @@ impl VirtioDevice for VirtioNet {
             interrupt: a.interrupt,
             frame: vec![0; MAX_FRAME],
             pending: 0,
+            outgoing: vec![0; MAX_FRAME],
         };
         let worker = Worker::spawn(&format!("{}-io", self.id), work, a.start_paused)
             .map_err(|e| e.to_string())?;
@@ -171,6 +172,8 @@ pub struct NetWork {
     /// A received frame waiting for a guest buffer (`pending` bytes of it).
     frame: Vec<u8>,
     pending: usize,
+    /// Where a frame to send is gathered from its descriptors.
+    outgoing: Vec<u8>,
 }
 
 const SOURCE_RX_QUEUE: usize = 0;
@@ -181,16 +184,15 @@ impl NetWork {
     /// Sends every frame the guest queued.
     fn transmit(&mut self) {
         let mut sent = false;
-        let mut buf = vec![0u8; MAX_FRAME];
         let mut q = lock_queue(&self.tx);
         while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
             let len = match chain.reader(&self.mem) {
-                Ok(mut reader) => read_up_to(&mut reader, &mut buf),
+                Ok(mut reader) => read_up_to(&mut reader, &mut self.outgoing),
                 Err(_) => 0,
             };
             if len > HEADER_LEN {
-                if let Err(e) = self.backend.send(&buf[..len]) {
+                if let Err(e) = self.backend.send(&self.outgoing[..len]) {
                     log::debug!("net: frame dropped on send: {e}");
                 }
             }
@@ -211,7 +213,13 @@ impl NetWork {
             if self.pending == 0 {
                 match self.backend.recv(&mut self.frame) {
                     Ok(0) => break,
-                    Ok(n) => self.pending = n,
+                    Ok(n) => {
+                        // The TAP fills 10 header bytes; num_buffers (bytes 10..12) is ours.
+                        if n >= HEADER_LEN {
+                            self.frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+                        }
+                        self.pending = n;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         log::debug!("net: receive failed: {e}");

@@ -1,0 +1,82 @@
+//! `tern-testnet up|down|status`: the lab of `tern-testkit`'s `NetLab` under fixed names
+//! (`tern-host1`, `tern-host2`, `tern-client`, `tern-storage`, `tern-switch`), for manual use
+//! and the README demo. `scripts/testnet` runs this; tests build their own labs.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tern_testkit::{find_program, Member, NetLab, FIXED_PREFIX, GUEST_BRIDGE};
+
+const USAGE: &str = "usage: tern-testnet up|down|status [--prefix NAME]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, prefix) = match args.as_slice() {
+        [cmd] => (cmd.as_str(), FIXED_PREFIX),
+        [cmd, flag, prefix] if flag == "--prefix" => (cmd.as_str(), prefix.as_str()),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cmd {
+        "up" => up(prefix),
+        "down" => NetLab::down_persistent(prefix).map(|()| {
+            println!("lab {prefix} is down");
+            true
+        }),
+        "status" => status(prefix),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn up(prefix: &str) -> anyhow::Result<bool> {
+    let lab = NetLab::up_persistent(prefix)?;
+    println!("lab {prefix} is up: one layer-2 segment 10.77.0.0/24; guests 10.77.0.10 and up");
+    print!("{}", lab.describe());
+    println!(
+        "hosts' guests join bridge {GUEST_BRIDGE} in their namespace; run things with \
+         `ip netns exec {} …`",
+        lab.ns(Member::Client)
+    );
+    Ok(true)
+}
+
+fn status(prefix: &str) -> anyhow::Result<bool> {
+    let lab = match NetLab::open_persistent(prefix) {
+        Ok(lab) => lab,
+        Err(e) => {
+            println!("{e:#}");
+            return Ok(false);
+        }
+    };
+    print!("{}", lab.describe());
+    if find_program("ping").is_none() {
+        println!("(ping is not installed: reachability not checked)");
+        return Ok(true);
+    }
+    let mut all = true;
+    for to in [Member::Host1, Member::Host2, Member::Storage] {
+        let ok = lab
+            .ping(Member::Client, to.ip(), 1, Duration::from_millis(200))
+            .is_ok_and(|r| r.received == 1);
+        all &= ok;
+        println!(
+            "client -> {:<8} {}",
+            to.name(),
+            if ok { "reachable" } else { "UNREACHABLE" }
+        );
+    }
+    Ok(all)
+}
