@@ -232,9 +232,29 @@ isr_other:
 isr_spurious:
     iretq
 
-/* User mode: guest_sleep(ns). Enters CPL0 through a #UD at a known address: `int n` and
-   `syscall` from CPL3 do not reach CPL0 on every nested KVM, exceptions do. Preserves every
-   register, so regcheck_sleep can call it with its fixed values live. */
+/* Device interrupts for CPU n arrive on vector 0x41 + n (see kernel.rs): the stub sets that
+   CPU's wake flag (WAKE_FLAGS in clock.rs), so that a sleep asked for after the flag was
+   cleared returns at once instead of missing the wake-up; then it acknowledges and returns. */
+.irp n,0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+isr_wake_\n:
+    movb $1, WAKE_FLAGS+\n(%rip)
+    jmp isr_other
+.endr
+
+.section .rodata, "a"
+    .p2align 3
+.globl wake_stubs
+wake_stubs:
+.irp n,0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+    .quad isr_wake_\n
+.endr
+.section .text, "ax"
+
+/* User mode: guest_sleep(ns, wake_flag). Enters CPL0 through a #UD at a known address:
+   `int n` and `syscall` from CPL3 do not reach CPL0 on every nested KVM, exceptions do.
+   Preserves every register, so regcheck_sleep can call it with its fixed values live.
+   %rsi = address of the CPU's wake flag, or 0: when the flag is set (a device interrupt came
+   in since user mode cleared it), the sleep returns at once. */
 .globl guest_sleep
 guest_sleep:
 .globl sleep_trap
@@ -243,20 +263,27 @@ sleep_trap:
     ret
 
 /* CPL0 side of the sleep (from the #UD entry, interrupts off): %rdi = nanoseconds
-   (1 .. 2^32-1). Arms the LAPIC one-shot timer and halts until an interrupt arrives. */
+   (1 .. 2^32-1), %rsi = wake flag or 0. Unless the flag is set, arms the LAPIC one-shot timer
+   and halts until an interrupt arrives (sti's one-instruction shadow means an interrupt
+   pending at the sti ends the hlt rather than being taken before it). */
 sleep_gate:
-    push %rax
+    test %rsi, %rsi
+    jz 1f
+    cmpb $0, (%rsi)
+    jne 2f
+1:  push %rax
     mov $LAPIC_TIMER_INITIAL, %eax
     mov %edi, (%rax)
     pop %rax
     sti
     hlt
     cli
-    iretq
+2:  iretq
 
-/* User mode: regcheck_sleep(ns, expected, found). Loads fixed values into rbx, rbp, r8-r15 and
-   xmm0-xmm15, sleeps through the gate with them live (so a pause or a checkpoint catches them
-   in the vCPU's registers), then stores what the registers hold afterwards into `found`. */
+/* User mode: regcheck_sleep(ns, expected, found, wake_flag). Loads fixed values into rbx, rbp,
+   r8-r15 and xmm0-xmm15, sleeps through the gate with them live (so a pause or a checkpoint
+   catches them in the vCPU's registers), then stores what the registers hold afterwards into
+   `found`. */
 .globl regcheck_sleep
 regcheck_sleep:
     push %rbx
@@ -291,6 +318,7 @@ regcheck_sleep:
     movdqu 288(%rsi), %xmm13
     movdqu 304(%rsi), %xmm14
     movdqu 320(%rsi), %xmm15
+    mov %rcx, %rsi                   /* wake flag */
     call guest_sleep
     mov %rbx, 0(%rdx)
     mov %rbp, 8(%rdx)

@@ -1,7 +1,7 @@
 //! Time from kvmclock (one pvclock page per CPU, written by KVM) and sleeping through the
 //! LAPIC timer gate.
 
-use core::sync::atomic::{fence, Ordering};
+use core::sync::atomic::{fence, AtomicU8, Ordering};
 
 use crate::MAX_CPUS;
 
@@ -71,10 +71,27 @@ pub const MAX_SLEEP_NS: u64 = 1_000_000_000;
 pub const MIN_SLEEP_NS: u64 = 20_000;
 
 extern "C" {
-    fn guest_sleep(ns: u64);
+    fn guest_sleep(ns: u64, wake_flag: *const u8);
+}
+
+/// One flag per CPU, set by that CPU's device-interrupt stub (`isr_wake_*` in boot.s) and
+/// checked by the sleep gate with interrupts off. A CPU clears its flag before it polls its
+/// devices; an interrupt that arrives between that poll and the sleep then cancels the sleep
+/// instead of being lost in user mode.
+#[no_mangle]
+pub static WAKE_FLAGS: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(0) }; MAX_CPUS];
+
+/// Clears `cpu`'s wake flag (before polling the devices whose interrupts set it).
+pub fn clear_wake(cpu: usize) {
+    WAKE_FLAGS[cpu].store(0, Ordering::SeqCst);
+}
+
+/// The address of `cpu`'s wake flag, for the sleep gate.
+pub fn wake_flag(cpu: usize) -> *const u8 {
+    WAKE_FLAGS[cpu].as_ptr()
 }
 
 /// Sleeps about `ns` nanoseconds (or until any interrupt) without the register check.
 pub fn sleep_plain(ns: u64) {
-    unsafe { guest_sleep(ns.clamp(MIN_SLEEP_NS, MAX_SLEEP_NS)) };
+    unsafe { guest_sleep(ns.clamp(MIN_SLEEP_NS, MAX_SLEEP_NS), core::ptr::null()) };
 }

@@ -11,7 +11,27 @@ pub struct Params {
     pub verify_ms: u64,
     /// Stop writing after this many passes over the working set (0: never stop).
     pub write_passes: u64,
+    /// `ip=A.B.C.D/NN`: the guest's IPv4 address and prefix length (None: network off).
+    pub ip: Option<([u8; 4], u8)>,
+    /// An `ip=` that did not parse (reported, and the network stays off).
+    pub ip_invalid: bool,
+    /// `gw=A.B.C.D`: default gateway.
+    pub gw: Option<[u8; 4]>,
+    /// TCP port of the HTTP download server (0: none).
+    pub http_port: u16,
+    /// TCP port of the echo server (0: none).
+    pub echo_port: u16,
+    /// Size of the disk area the disk workload uses, MiB (None: the whole disk, at most
+    /// `DISK_DEFAULT_MAX_MIB`).
+    pub disk_mib: Option<u64>,
+    /// Disk write rate, KiB/s.
+    pub disk_kibps: u64,
+    /// Period of one full read-back pass over the disk area.
+    pub disk_verify_ms: u64,
 }
+
+/// The disk area used when `disk_mib` is not given is the whole disk up to this size.
+pub const DISK_DEFAULT_MAX_MIB: u64 = 64;
 
 impl Params {
     pub const DEFAULT: Params = Params {
@@ -20,7 +40,49 @@ impl Params {
         write_mibps: 0,
         verify_ms: 2000,
         write_passes: 0,
+        ip: None,
+        ip_invalid: false,
+        gw: None,
+        http_port: 80,
+        echo_port: 7,
+        disk_mib: None,
+        disk_kibps: 1024,
+        disk_verify_ms: 2000,
     };
+}
+
+/// `A.B.C.D`.
+pub fn parse_ipv4(v: &[u8]) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = v.split(|&c| c == b'.');
+    for o in out.iter_mut() {
+        let p = parts.next()?;
+        if p.len() > 3 {
+            return None;
+        }
+        *o = u8::try_from(parse_u64(p)?).ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(out)
+}
+
+/// `A.B.C.D/NN`.
+pub fn parse_cidr(v: &[u8]) -> Option<([u8; 4], u8)> {
+    let slash = v.iter().position(|&c| c == b'/')?;
+    let addr = parse_ipv4(&v[..slash])?;
+    let prefix = parse_u64(&v[slash + 1..])?;
+    if prefix > 32 {
+        return None;
+    }
+    Some((addr, prefix as u8))
+}
+
+fn parse_port(v: &[u8], default: u16) -> u16 {
+    parse_u64(v)
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(default)
 }
 
 fn parse_u64(v: &[u8]) -> Option<u64> {
@@ -63,6 +125,18 @@ pub fn parse(addr: u64) -> (Params, &'static [u8]) {
             b"write_mibps" => p.write_mibps = parse_u64(value).unwrap_or(0),
             b"verify_ms" => p.verify_ms = parse_u64(value).unwrap_or(p.verify_ms).max(10),
             b"write_passes" => p.write_passes = parse_u64(value).unwrap_or(0),
+            b"ip" => {
+                p.ip = parse_cidr(value);
+                p.ip_invalid = p.ip.is_none();
+            }
+            b"gw" => p.gw = parse_ipv4(value),
+            b"http_port" => p.http_port = parse_port(value, p.http_port),
+            b"echo_port" => p.echo_port = parse_port(value, p.echo_port),
+            b"disk_mib" => p.disk_mib = parse_u64(value),
+            b"disk_kibps" => p.disk_kibps = parse_u64(value).unwrap_or(p.disk_kibps),
+            b"disk_verify_ms" => {
+                p.disk_verify_ms = parse_u64(value).unwrap_or(p.disk_verify_ms).max(10)
+            }
             _ => {}
         }
     }

@@ -59,3 +59,35 @@ pub fn rdtsc() -> u64 {
 pub fn pvpanic() {
     outb(PVPANIC_PORT, 1);
 }
+
+/// The IOAPIC (the only one on tern; QEMU's `microvm` without ACPI has the same).
+const IOAPIC_BASE: usize = 0xfec0_0000;
+
+fn ioapic_read(reg: u32) -> u32 {
+    mmio_write32(IOAPIC_BASE, reg);
+    mmio_read32(IOAPIC_BASE + 0x10)
+}
+
+fn ioapic_write(reg: u32, value: u32) {
+    mmio_write32(IOAPIC_BASE, reg);
+    mmio_write32(IOAPIC_BASE + 0x10, value);
+}
+
+/// Routes IOAPIC pin `irq` to `vector` on the CPU whose APIC ID is `apic_id`: fixed delivery,
+/// physical destination, edge-triggered, active high, unmasked. A virtio-mmio device holds its
+/// line high until its interrupt is acknowledged, so each acknowledged-then-raised interrupt is
+/// one edge. Returns false (and changes nothing) when there is no such pin.
+pub fn ioapic_route(irq: u32, vector: u8, apic_id: u8) -> bool {
+    let version = ioapic_read(1);
+    if version == 0 || version == u32::MAX {
+        return false;
+    }
+    let max_entry = (version >> 16) & 0xff;
+    if irq > max_entry {
+        return false;
+    }
+    // Destination first, then the low word, which unmasks the pin.
+    ioapic_write(0x11 + 2 * irq, u32::from(apic_id) << 24);
+    ioapic_write(0x10 + 2 * irq, u32::from(vector));
+    true
+}

@@ -78,10 +78,13 @@ struct UserStacks([[u8; USTACK_SIZE]; MAX_CPUS]);
 static mut USER_STACKS: UserStacks = UserStacks([[0; USTACK_SIZE]; MAX_CPUS]);
 
 pub const VECTOR_TIMER: usize = 0x40;
+/// Device interrupts meant to wake CPU n use vector `VECTOR_WAKE + n` (see `isr_wake_*`).
+pub const VECTOR_WAKE: usize = 0x41;
 const VECTOR_SPURIOUS: usize = 0xff;
 
 extern "C" {
     static exception_stubs: [u64; 32];
+    static wake_stubs: [u64; MAX_CPUS];
     static mut gdt64: [u64; 5 + 2 * MAX_CPUS];
     static kernel_stacks: u8;
     fn isr_timer();
@@ -111,6 +114,9 @@ unsafe fn fill_idt() {
         idt.0[i] = gate(stub, 0);
     }
     idt.0[VECTOR_TIMER] = gate(isr_timer as *const () as u64, 0);
+    for (i, &stub) in wake_stubs.iter().enumerate() {
+        idt.0[VECTOR_WAKE + i] = gate(stub, 0);
+    }
     idt.0[VECTOR_SPURIOUS] = gate(isr_spurious as *const () as u64, 0);
 }
 

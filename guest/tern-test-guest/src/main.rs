@@ -8,21 +8,30 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod clock;
 mod cmdline;
 mod console;
+mod devices;
+mod disk;
+mod http;
 mod hw;
 mod kernel;
 mod memtest;
+mod net;
+mod netdev;
 mod regs;
 mod rt;
 mod smp;
 mod user;
+mod virtio;
 
 core::arch::global_asm!(include_str!("boot.s"), options(att_syntax));
 
 /// Most vCPUs the guest will bring up.
 pub const MAX_CPUS: usize = 16;
+/// End of the identity map set up in boot.s (16 GiB): nothing above it is reachable.
+pub const MAPPED_LIMIT: u64 = 16 << 30;
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {

@@ -17,7 +17,7 @@ const GPR_NAMES: [&str; 10] = [
 ];
 
 extern "C" {
-    fn regcheck_sleep(ns: u64, expected: *const RegSet, found: *mut RegSet);
+    fn regcheck_sleep(ns: u64, expected: *const RegSet, found: *mut RegSet, wake_flag: *const u8);
 }
 
 /// The fixed values for `cpu`: different on every CPU and in every register.
@@ -46,14 +46,15 @@ pub static ERRORS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPU
 /// Sleeps with a register check, per CPU.
 pub static CHECKS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
-/// Sleeps `ns` with the fixed values live in the registers, then checks them.
+/// Sleeps `ns` with the fixed values live in the registers, then checks them. The sleep ends
+/// early on any interrupt, and does not begin if `cpu`'s wake flag is set.
 pub fn sleep_checked(cpu: usize, expected: &RegSet, ns: u64) {
     let ns = ns.clamp(crate::clock::MIN_SLEEP_NS, crate::clock::MAX_SLEEP_NS);
     let mut found = RegSet {
         gpr: [0; 10],
         xmm: [[0; 2]; 16],
     };
-    unsafe { regcheck_sleep(ns, expected, &mut found) };
+    unsafe { regcheck_sleep(ns, expected, &mut found, crate::clock::wake_flag(cpu)) };
     CHECKS[cpu].fetch_add(1, Ordering::Relaxed);
     if found == *expected {
         return;

@@ -68,3 +68,43 @@ pub fn start_aps(expected: usize) -> usize {
     }
     ONLINE.load(Ordering::Acquire)
 }
+
+/// A value handed from the boot CPU to another CPU once (put before `GO`, taken after).
+pub struct Handoff<T> {
+    /// 0 empty, 1 being written, 2 full, 3 taken.
+    state: AtomicU32,
+    cell: core::cell::UnsafeCell<Option<T>>,
+}
+
+// SAFETY: the state machine gives the cell to one CPU at a time: the putter between 0 -> 1 and
+// 1 -> 2, the taker after 2 -> 3.
+unsafe impl<T: Send> Sync for Handoff<T> {}
+
+impl<T> Handoff<T> {
+    pub const fn new() -> Self {
+        Handoff {
+            state: AtomicU32::new(0),
+            cell: core::cell::UnsafeCell::new(None),
+        }
+    }
+
+    /// Stores `v` (once; a second value is dropped).
+    pub fn put(&self, v: T) {
+        if self
+            .state
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            unsafe { *self.cell.get() = Some(v) };
+            self.state.store(2, Ordering::Release);
+        }
+    }
+
+    /// The value, to the first CPU that asks once it is there.
+    pub fn take(&self) -> Option<T> {
+        self.state
+            .compare_exchange(2, 3, Ordering::Acquire, Ordering::Relaxed)
+            .ok()?;
+        unsafe { (*self.cell.get()).take() }
+    }
+}

@@ -1,14 +1,19 @@
 //! User-mode (CPL3) main loops.
 
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::clock::{self, now_ns};
 use crate::cmdline::{self, Params};
+use crate::devices;
+use crate::disk::{self, Disk};
+use crate::http;
 use crate::hw;
 use crate::memtest::{self, Share, WorkingSet};
+use crate::net::{self, Net};
+use crate::netdev;
 use crate::println;
 use crate::regs;
-use crate::smp;
+use crate::smp::{self, Handoff};
 
 /// `hvm_start_info` fields the guest uses.
 #[repr(C)]
@@ -53,6 +58,10 @@ static mut SHARED: Shared = Shared {
 extern "C" {
     static __image_end: u8;
 }
+
+/// The disk workload, for the CPU that runs it (`DISK_CPU`) when that is not the boot CPU.
+static DISK: Handoff<Disk> = Handoff::new();
+static DISK_CPU: AtomicUsize = AtomicUsize::new(0);
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 const TWO_MIB: u64 = 2 << 20;
@@ -126,8 +135,21 @@ fn boot_cpu_main(start_info: u64) -> ! {
         shared.cpus = cpus;
     }
     let online = 1 + smp::start_aps(cpus - 1);
-    smp::GO.store(true, Ordering::Release);
     let p = &unsafe { &*core::ptr::addr_of!(SHARED) }.params;
+    // Devices are set up before the other CPUs go: the disk workload is handed to its CPU.
+    let found = devices::find(line.as_bytes());
+    let now = now_ns(0);
+    let net = devices::setup_net(found.net, p, now);
+    // The disk workload runs on the last CPU, away from the network on CPU 0.
+    let disk_cpu = if online == cpus { cpus - 1 } else { 0 };
+    let mut disk = devices::setup_disk(found.blk, p, disk_cpu, now);
+    if disk_cpu != 0 {
+        if let Some(d) = disk.take() {
+            DISK_CPU.store(disk_cpu, Ordering::Relaxed);
+            DISK.put(d); // published to the APs by GO
+        }
+    }
+    smp::GO.store(true, Ordering::Release);
     println!(
         "ready cpus={online}/{cpus} heartbeat_ms={} wss_mib={} write_mibps={} verify_ms={} ws_base={:#x}",
         p.heartbeat_ms,
@@ -136,7 +158,7 @@ fn boot_cpu_main(start_info: u64) -> ! {
         p.verify_ms,
         ws.base
     );
-    run(0)
+    run(0, net, disk)
 }
 
 #[repr(C)]
@@ -169,7 +191,12 @@ fn ap_main(cpu: usize) -> ! {
     while !smp::GO.load(Ordering::Acquire) {
         clock::sleep_plain(1_000_000);
     }
-    run(cpu)
+    let disk = if DISK_CPU.load(Ordering::Relaxed) == cpu {
+        DISK.take()
+    } else {
+        None
+    };
+    run(cpu, None, disk)
 }
 
 /// How often CPU 0 looks at the ACPI power button at most.
@@ -178,7 +205,9 @@ const POLL_NS: u64 = 20_000_000;
 /// sleep path is expensive on an emulating host (~0.1 ms), so waking per page would cost a core.
 const QUANTUM_NS: u64 = 2_000_000;
 
-fn run(cpu: usize) -> ! {
+/// One CPU's main loop: heartbeat and power button (CPU 0), network (CPU 0), disk workload
+/// (its CPU), its share of the memory writer, and the register check in every sleep.
+fn run(cpu: usize, mut net: Option<Net>, mut disk: Option<Disk>) -> ! {
     let shared = unsafe { &*core::ptr::addr_of!(SHARED) };
     let p = &shared.params;
     let expected = regs::expected(cpu);
@@ -195,7 +224,10 @@ fn run(cpu: usize) -> ! {
     let hb_ns = p.heartbeat_ms * 1_000_000;
     let mut next_hb = start;
     let mut seq = 0u64;
+    let mut power_button = true;
     loop {
+        // Before the devices are polled: an interrupt from now on cancels the next sleep.
+        clock::clear_wake(cpu);
         let now = now_ns(cpu);
         let mut wake = now + POLL_NS;
         if cpu == 0 {
@@ -208,18 +240,52 @@ fn run(cpu: usize) -> ! {
                 }
             }
             wake = wake.min(next_hb);
-            poll_power_button();
+            if power_button {
+                power_button = poll_power_button();
+            }
+        }
+        let mut busy = false;
+        if let Some(n) = net.as_mut() {
+            let a = n.poll(now);
+            busy |= a.busy;
+            if let Some(d) = a.due_in {
+                wake = wake.min(now.saturating_add(d));
+            }
+            if !n.has_irq() {
+                wake = wake.min(now + QUANTUM_NS); // no interrupt will say a frame came in
+            }
+        }
+        if let Some(d) = disk.as_mut() {
+            d.step(now);
+            wake = wake.min(now.saturating_add(d.next_due_in(now).max(QUANTUM_NS)));
         }
         share.step(now);
         let now = now_ns(cpu);
         let due_in = share.next_due_in(now);
-        if due_in == 0 {
-            continue; // more work is due right away
+        if due_in == 0 || busy {
+            continue; // more work is due right away, or frames are moving
         }
         wake = wake.min(now.saturating_add(due_in.max(QUANTUM_NS)));
         let sleep = wake.saturating_sub(now);
-        if sleep >= clock::MIN_SLEEP_NS {
+        if sleep < clock::MIN_SLEEP_NS {
+            continue;
+        }
+        // Interrupts on for the sleep only; a completion that came in meanwhile cancels it.
+        let mut quiet = true;
+        if let Some(n) = net.as_mut() {
+            quiet &= n.arm();
+        }
+        if let Some(d) = disk.as_mut() {
+            quiet &= d.arm();
+        }
+        if quiet {
             regs::sleep_checked(cpu, &expected, sleep);
+        }
+        if let Some(n) = net.as_mut() {
+            n.disarm();
+        }
+        if let Some(d) = disk.as_mut() {
+            d.disarm();
         }
     }
 }
@@ -228,25 +294,39 @@ fn heartbeat(seq: u64, now: u64) {
     let secs = now / 1_000_000_000;
     let micros = (now % 1_000_000_000) / 1000;
     println!(
-        "hb seq={seq} t={secs}.{micros:06} cpus={} written={} verified={} passes={} mem_errors={} reg_checks={} reg_errors={}",
+        "hb seq={seq} t={secs}.{micros:06} cpus={} written={} verified={} passes={} mem_errors={} reg_checks={} net_rx={} net_tx={} tcp_conns={} http_reqs={} disk_written={} disk_verified={} disk_errors={} reg_errors={}",
         smp::ONLINE.load(Ordering::Relaxed) + 1,
         memtest::total(&memtest::WRITTEN),
         memtest::total(&memtest::VERIFIED),
         memtest::full_passes(unsafe { (*core::ptr::addr_of!(SHARED)).cpus }),
         memtest::ERRORS.load(Ordering::Relaxed),
         regs::total_checks(),
+        netdev::RX_PACKETS.load(Ordering::Relaxed),
+        netdev::TX_PACKETS.load(Ordering::Relaxed),
+        net::TCP_CONNS.load(Ordering::Relaxed),
+        http::REQUESTS.load(Ordering::Relaxed),
+        disk::WRITTEN.load(Ordering::Relaxed),
+        disk::VERIFIED.load(Ordering::Relaxed),
+        disk::ERRORS.load(Ordering::Relaxed),
         regs::total_errors(),
     );
 }
 
-fn poll_power_button() {
+/// Looks at the ACPI power button; false when there is no PM1 block at all (all ones, as on
+/// QEMU's `microvm`), so the caller stops looking.
+fn poll_power_button() -> bool {
     const PWRBTN: u16 = 1 << 8;
     const SLP_TYP_S5: u16 = 5 << 10;
     const SLP_EN: u16 = 1 << 13;
-    if hw::inw(hw::PM1A_EVT_PORT) & PWRBTN == 0 {
-        return;
+    let status = hw::inw(hw::PM1A_EVT_PORT);
+    if status == 0xffff {
+        return false;
+    }
+    if status & PWRBTN == 0 {
+        return true;
     }
     hw::outw(hw::PM1A_EVT_PORT, PWRBTN);
     println!("power button pressed: powering off");
     hw::outw(hw::PM1A_CNT_PORT, SLP_TYP_S5 | SLP_EN);
+    true
 }
