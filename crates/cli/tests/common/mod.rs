@@ -47,7 +47,23 @@ impl Host {
 
     /// Starts a daemon without taking the lock (for a second host in the same test).
     pub fn start_unlocked() -> Host {
-        let inner = TernHost::start(&tern_bin()).expect("start a tern daemon");
+        Host::wrap(TernHost::start(&tern_bin()).expect("start a tern daemon"))
+    }
+
+    /// Starts a daemon in host `member` of `lab` (with `extra_toml` in its config); the caller
+    /// holds the KVM lock.
+    pub fn in_lab(
+        lab: &tern_testkit::NetLab,
+        member: tern_testkit::Member,
+        extra_toml: &str,
+    ) -> Host {
+        Host::wrap(
+            lab.start_host(&tern_bin(), member, extra_toml)
+                .expect("start a tern daemon in the lab"),
+        )
+    }
+
+    fn wrap(inner: TernHost) -> Host {
         Host {
             dir: inner.dir().to_path_buf(),
             socket: inner.socket().to_path_buf(),
@@ -55,6 +71,26 @@ impl Host {
             inner,
             _lock: None,
         }
+    }
+
+    /// Writes a networked test-guest config: one vif on the host's `br0` with `mac`, the
+    /// guest at `ip` (/24, the lab's segment), plus `extra` lines.
+    pub fn net_guest_config(
+        &self,
+        name: &str,
+        memory_mib: u64,
+        vcpus: u32,
+        ip: std::net::Ipv4Addr,
+        mac: &str,
+        params: &str,
+        extra: &str,
+    ) -> PathBuf {
+        let cmdline = format!("ip={ip}/24 gw=10.77.0.1 {params}");
+        let path = self.guest_config(name, memory_mib, vcpus, &cmdline);
+        let mut text = std::fs::read_to_string(&path).expect("config");
+        text.push_str(&format!("vif = [ 'mac={mac}, bridge=br0' ]\n{extra}"));
+        std::fs::write(&path, text).expect("config");
+        path
     }
 
     /// (Re)starts the daemon, asserting it comes up.
