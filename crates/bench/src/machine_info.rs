@@ -44,6 +44,21 @@ impl MachineInfo {
     }
 }
 
+impl MachineInfo {
+    /// One paragraph saying when and on what the figures were measured.
+    pub fn markdown(&self) -> String {
+        format!(
+            "Measured on {} on a {}-core {} (Linux {}, load {} at start), tern {}.",
+            self.date,
+            self.cores,
+            self.cpu_model,
+            self.kernel,
+            self.load_at_start,
+            self.tern_commit
+        )
+    }
+}
+
 fn git_describe(repo: &Path) -> String {
     Command::new("git")
         .arg("-C")

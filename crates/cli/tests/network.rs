@@ -41,15 +41,7 @@ fn taps(lab: &NetLab, member: Member) -> Vec<String> {
 #[test]
 fn a_networked_guest_answers_ping_serves_echo_and_a_verified_download() {
     let (_lock, lab, host) = lab_host();
-    let cfg = host.net_guest_config(
-        "web",
-        256,
-        2,
-        GUEST_IP,
-        MAC,
-        "heartbeat_ms=200 disk_mib=0",
-        "",
-    );
+    let cfg = host.net_guest_config("web", 256, 2, GUEST_IP, MAC, "heartbeat_ms=200 disk_mib=0");
     host.ok(&["create", cfg.to_str().expect("path")]);
     host.wait_heartbeat("web", 2, Duration::from_secs(20));
     assert_eq!(taps(&lab, Member::Host1), vec!["tern1.0".to_string()]);
@@ -176,15 +168,7 @@ fn append(path: &std::path::Path, text: &str) {
 #[test]
 fn ping_resumes_within_a_second_after_save_and_restore() {
     let (_lock, lab, host) = lab_host();
-    let cfg = host.net_guest_config(
-        "p",
-        256,
-        1,
-        GUEST_IP,
-        MAC,
-        "heartbeat_ms=200 disk_mib=0",
-        "",
-    );
+    let cfg = host.net_guest_config("p", 256, 1, GUEST_IP, MAC, "heartbeat_ms=200 disk_mib=0");
     host.ok(&["create", cfg.to_str().expect("path")]);
     host.wait_heartbeat("p", 2, Duration::from_secs(20));
     let mut ping = std::process::Command::new(tern_testkit::find_program("ping").expect("ping"));

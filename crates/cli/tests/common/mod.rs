@@ -74,7 +74,7 @@ impl Host {
     }
 
     /// Writes a networked test-guest config: one vif on the host's `br0` with `mac`, the
-    /// guest at `ip` (/24, the lab's segment), plus `extra` lines.
+    /// guest at `ip` (/24, the lab's segment).
     pub fn net_guest_config(
         &self,
         name: &str,
@@ -83,12 +83,11 @@ impl Host {
         ip: std::net::Ipv4Addr,
         mac: &str,
         params: &str,
-        extra: &str,
     ) -> PathBuf {
         let cmdline = format!("ip={ip}/24 gw=10.77.0.1 {params}");
         let path = self.guest_config(name, memory_mib, vcpus, &cmdline);
         let mut text = std::fs::read_to_string(&path).expect("config");
-        text.push_str(&format!("vif = [ 'mac={mac}, bridge=br0' ]\n{extra}"));
+        text.push_str(&format!("vif = [ 'mac={mac}, bridge=br0' ]\n"));
         std::fs::write(&path, text).expect("config");
         path
     }

@@ -185,21 +185,29 @@ impl NetWork {
     fn transmit(&mut self) {
         let mut sent = false;
         let mut q = lock_queue(&self.tx);
-        while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
-            let head = chain.head_index();
-            let len = match chain.reader(&self.mem) {
-                Ok(mut reader) => read_up_to(&mut reader, &mut self.outgoing),
-                Err(_) => 0,
-            };
-            if len > HEADER_LEN {
-                if let Err(e) = self.backend.send(&self.outgoing[..len]) {
-                    log::debug!("net: frame dropped on send: {e}");
+        // While draining, the driver need not kick us for every frame (each kick is a VM exit);
+        // after re-enabling notifications, look once more for frames queued in between.
+        loop {
+            let _ = q.disable_notification(&self.mem);
+            while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
+                let head = chain.head_index();
+                let len = match chain.reader(&self.mem) {
+                    Ok(mut reader) => read_up_to(&mut reader, &mut self.outgoing),
+                    Err(_) => 0,
+                };
+                if len > HEADER_LEN {
+                    if let Err(e) = self.backend.send(&self.outgoing[..len]) {
+                        log::debug!("net: frame dropped on send: {e}");
+                    }
                 }
+                if q.add_used(&self.mem, head, 0).is_err() {
+                    log::warn!("net: cannot return a transmit buffer");
+                }
+                sent = true;
             }
-            if q.add_used(&self.mem, head, 0).is_err() {
-                log::warn!("net: cannot return a transmit buffer");
+            if !q.enable_notification(&self.mem).unwrap_or(false) {
+                break;
             }
-            sent = true;
         }
         if sent {
             self.interrupt.signal_used_queue();
