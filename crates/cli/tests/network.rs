@@ -243,3 +243,68 @@ fn bad_network_and_disk_configs_are_refused_and_leave_no_tap() {
         );
     }
 }
+
+/// A checkpoint taken with a download in progress and the disk being written loses nothing:
+/// the download (one TCP connection across the save and the restore) completes with every
+/// byte right, and the guest's disk and memory checks stay clean.
+#[test]
+fn save_and_restore_with_traffic_and_disk_io_in_flight_loses_nothing() {
+    let (_lock, lab, host) = lab_host();
+    let disk = host.dir.join("inflight.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("disk image");
+    let cfg = host.net_guest_config(
+        "busy",
+        512,
+        2,
+        GUEST_IP,
+        MAC,
+        "heartbeat_ms=200 wss_mib=64 write_mibps=32 verify_ms=1000 disk_mib=16 disk_kibps=8192 disk_verify_ms=1000",
+    );
+    append(
+        &cfg,
+        &format!("disk = [ 'file:{},xvda,w' ]\n", disk.display()),
+    );
+    host.ok(&["create", cfg.to_str().expect("path")]);
+    host.wait_heartbeat("busy", 5, Duration::from_secs(20));
+
+    // A slow download (curl limits its rate), so that it is surely in flight at the save.
+    let file = host.dir.join("inflight.bin");
+    let mut curl = std::process::Command::new(tern_testkit::find_program("curl").expect("curl"));
+    curl.args([
+        "-sS",
+        "--fail",
+        "--limit-rate",
+        "20M",
+        "-o",
+        file.to_str().expect("path"),
+    ])
+    .arg("http://10.77.0.10/download/104857600");
+    let mut download = lab.spawn_in(Member::Client, curl).expect("curl");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        matches!(download.try_wait(), Ok(None)),
+        "the download should still be running when the checkpoint starts"
+    );
+    let checkpoint = host.dir.join("busy.tern");
+    host.ok(&["save", "busy", checkpoint.to_str().expect("path")]);
+    host.ok(&["restore", checkpoint.to_str().expect("path")]);
+    let out = download.wait_with_output().expect("curl");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let data = std::fs::read(&file).expect("download");
+    assert_eq!(data.len(), 104_857_600);
+    assert_eq!(tern_testguest::verify_download(&data), Ok(()));
+
+    let before = host.heartbeats("busy").pop().expect("beats").1;
+    let after = host.wait_heartbeat("busy", before.seq + 10, Duration::from_secs(20));
+    assert!(after.disk_verified > before.disk_verified);
+    assert_eq!(after.disk_errors, 0);
+    assert_eq!(after.mem_errors, 0);
+    assert_eq!(after.reg_errors, 0);
+    host.assert_no_failures("busy");
+}
