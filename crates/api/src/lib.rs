@@ -11,5 +11,7 @@ pub mod vmm;
 
 pub use framing::{read_message, write_message, FramingError};
 pub use messages::{
-    DomainInfo, DomainState, Progress, Reply, Request, RestoreSummary, SavePhases, SaveSummary,
+    DomainInfo, DomainState, DowntimeParts, MigrateOptions, MigrationProgress, MigrationRound,
+    MigrationSummary, Progress, Reply, Request, RestoreSummary, SavePhases, SaveSummary,
+    DEFAULT_MAX_DOWNTIME_MS,
 };

@@ -43,7 +43,40 @@ pub enum Request {
         paused: bool,
         copy: bool,
     },
+    /// Move a guest to the daemon whose relocation server listens at `destination`
+    /// (`host[:port]`).
+    Migrate {
+        domain: String,
+        destination: String,
+        #[serde(flatten)]
+        options: MigrateOptions,
+    },
 }
+
+/// How to migrate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrateOptions {
+    /// Pre-copy memory while the guest runs (otherwise: pause, copy, resume there).
+    pub live: bool,
+    /// Cap on the transfer rate, in megabits per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_mbit: Option<u64>,
+    /// The longest the guest may be paused at the end of a live migration, in milliseconds.
+    pub max_downtime_ms: u64,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            live: false,
+            resource_mbit: None,
+            max_downtime_ms: DEFAULT_MAX_DOWNTIME_MS,
+        }
+    }
+}
+
+/// The downtime budget of a live migration unless the user gives one.
+pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 30;
 
 /// One message from the daemon. A request gets any number of `Warning`s and `Progress`es,
 /// then exactly one `Ok` or `Error`.
@@ -94,6 +127,8 @@ pub enum DomainState {
     Shutdown,
     /// It crashed, or its process died; kept until destroyed.
     Crashed,
+    /// It is arriving from another host (a migration in progress).
+    Incoming,
 }
 
 impl DomainState {
@@ -105,6 +140,7 @@ impl DomainState {
             DomainState::Paused => "paused",
             DomainState::Shutdown => "shutdown",
             DomainState::Crashed => "crashed",
+            DomainState::Incoming => "incoming",
         }
     }
 }
@@ -119,6 +155,10 @@ pub struct DomainInfo {
     pub vcpus: u32,
     pub state: DomainState,
     pub cpu_time_s: f64,
+    /// Something the state alone does not say, e.g. that a migration is in progress or that
+    /// its outcome is unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// What a save did (the summary `tern save` prints).
@@ -169,6 +209,86 @@ pub struct RestoreSummary {
 pub struct Progress {
     pub done_bytes: u64,
     pub total_bytes: u64,
+}
+
+/// Where a migration is (sent as it goes).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    /// "pre-copy" while the guest runs, "stop-and-copy" once it is paused, "handover".
+    pub phase: String,
+    /// Round of the pre-copy, from 0 (the first pass over all memory).
+    pub round: u32,
+    /// Pages of this round still to send.
+    pub pages_left: u64,
+    /// Bytes sent so far, over all rounds.
+    pub bytes_sent: u64,
+    /// Current transfer rate, bytes per second.
+    pub rate_bps: f64,
+    /// Time to send the rest of this round at the current rate.
+    pub eta_seconds: Option<f64>,
+    /// How much the guest's vCPUs are slowed down (auto-converge), percent.
+    pub throttle_percent: u8,
+}
+
+/// One round of a migration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationRound {
+    pub round: u32,
+    /// Pages sent with their data.
+    pub pages: u64,
+    /// Pages found all zero (round 0: skipped; later: sent as a zero run).
+    pub zero_pages: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// Throttle in force during the round, percent.
+    pub throttle_percent: u8,
+    /// The last round, with the guest paused.
+    pub stop_and_copy: bool,
+}
+
+/// What a migration did (the summary `tern migrate` prints).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationSummary {
+    pub domain: String,
+    pub destination: String,
+    /// The guest's domain ID on the destination.
+    pub destination_id: u32,
+    pub live: bool,
+    /// From the request to the destination confirming the guest runs there.
+    pub total_seconds: f64,
+    /// From pausing the guest here to its vCPUs running there.
+    pub downtime_ms: f64,
+    /// Where the downtime went.
+    pub downtime_parts: DowntimeParts,
+    pub rounds: Vec<MigrationRound>,
+    /// Everything sent on the connection (records, state, handshake).
+    pub bytes_sent: u64,
+    /// Mean transfer rate over the whole migration, megabits per second.
+    pub mean_rate_mbit: f64,
+    /// The strongest auto-converge throttle used, percent (0: none).
+    pub max_throttle_percent: u8,
+    /// The rate cap asked for, megabits per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_mbit: Option<u64>,
+    /// Why the pre-copy ended.
+    pub stop_reason: String,
+    /// Wall-clock times (Unix ns) of the pause here and of the resume there; comparable when
+    /// both hosts' clocks agree (the same machine, or NTP).
+    pub paused_unix_ns: u64,
+    pub resumed_unix_ns: u64,
+}
+
+/// The parts of a migration's downtime, in milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DowntimeParts {
+    /// Sending the pages dirtied since the last round.
+    pub last_pages_ms: f64,
+    /// Capturing vCPU, VM and device state and sending it.
+    pub state_ms: f64,
+    /// The destination loading the state (until it said it is ready).
+    pub load_ms: f64,
+    /// Ready, go and the resume there.
+    pub handover_ms: f64,
 }
 
 #[cfg(test)]

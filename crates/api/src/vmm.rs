@@ -22,6 +22,15 @@ pub enum VmmRequest {
         path: String,
         keep_running: bool,
     },
+    /// Migrate the guest over a connection the daemon opened to `destination`'s relocation
+    /// server. The process answers `Ok`; the daemon then passes the connection's descriptor
+    /// (one byte with `SCM_RIGHTS`), and progress and the outcome follow.
+    Migrate {
+        destination: String,
+        migration_id: String,
+        #[serde(flatten)]
+        options: crate::messages::MigrateOptions,
+    },
 }
 
 /// Run state of the guest inside its process.
@@ -39,6 +48,9 @@ pub struct VmmStatus {
     pub state: VmmRunState,
     pub cpu_time_ns: u64,
     pub pid: u32,
+    /// A migration in progress or unresolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Why a guest process ended (also written to `<domain dir>/exit.json`).
@@ -55,6 +67,10 @@ pub enum ExitReason {
     Destroyed,
     /// Saved to a checkpoint and stopped.
     Saved,
+    /// Migrated: the guest runs on `destination` now.
+    Migrated { destination: String },
+    /// An incoming migration did not complete; nothing of the guest ran here.
+    IncomingAborted { message: String },
 }
 
 /// Pushed on a monitor connection.
@@ -63,6 +79,8 @@ pub enum ExitReason {
 pub enum VmmEvent {
     /// The process is about to end, for this reason.
     Exiting(ExitReason),
+    /// An incoming migration completed: the guest is this host's now.
+    Committed,
 }
 
 /// Reply of the guest process to one request.
@@ -74,6 +92,8 @@ pub enum VmmReply {
     Error { message: String },
     Progress(crate::messages::Progress),
     Saved(crate::messages::SaveSummary),
+    MigrationProgress(crate::messages::MigrationProgress),
+    Migrated(crate::messages::MigrationSummary),
 }
 
 /// First line a guest process prints on stdout: it is ready, or it failed to start.

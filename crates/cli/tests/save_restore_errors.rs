@@ -277,6 +277,7 @@ fn rewrite(src: &Path, dst: &Path, edit: impl Fn(RecordType, Vec<u8>) -> Vec<u8>
                 }
                 writer.pages(&runs, &slices, 64).expect("pages");
             }
+            StreamItem::Zeros { runs } => writer.zeros(&runs).expect("zeros"),
         }
     }
     writer.finish().expect("finish");

@@ -4,6 +4,12 @@
 //! state_dir = "/var/lib/tern"
 //! socket = "/run/tern/ternd.sock"
 //!
+//! # Features of this host's CPU that guests do not get (a common set for a pool of hosts,
+//! # so that guests can move between any two of them).
+//! hide_cpu_features = ["avx512f"]
+//! # The most memory all guests of this host may have together (MiB).
+//! guest_memory_mib = 16384
+//!
 //! [relocation]
 //! server = true
 //! address = "192.0.2.10"
@@ -31,6 +37,12 @@ pub struct DaemonConfig {
     /// The control socket; `/run/tern/ternd.sock` by default.
     #[serde(deserialize_with = "non_empty_path")]
     pub socket: PathBuf,
+    /// CPU features (names such as `avx2`) this host does not offer its guests.
+    pub hide_cpu_features: Vec<String>,
+    /// The most RAM all guests of this host may have together, in MiB; `None`: as much as the
+    /// host has available.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_memory_mib: Option<u64>,
     /// The `[relocation]` table: accepting guests migrated from other hosts.
     pub relocation: RelocationConfig,
 }
@@ -40,6 +52,8 @@ impl Default for DaemonConfig {
         DaemonConfig {
             state_dir: PathBuf::from("/var/lib/tern"),
             socket: PathBuf::from("/run/tern/ternd.sock"),
+            hide_cpu_features: Vec::new(),
+            guest_memory_mib: None,
             relocation: RelocationConfig::default(),
         }
     }
@@ -265,6 +279,8 @@ mod tests {
             r#"
 state_dir = "/srv/tern"
 socket = "/tmp/t.sock"
+hide_cpu_features = ["avx2", "sha"]
+guest_memory_mib = 4096
 
 [relocation]
 server = true
@@ -276,6 +292,8 @@ hosts_allow = ['^localhost$', '^192\.0\.2\.[0-9]+$']
         .unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/srv/tern"));
         assert_eq!(c.socket, PathBuf::from("/tmp/t.sock"));
+        assert_eq!(c.hide_cpu_features, ["avx2", "sha"]);
+        assert_eq!(c.guest_memory_mib, Some(4096));
         assert!(c.relocation.server);
         assert_eq!(c.relocation.address.as_deref(), Some("192.0.2.10"));
         assert_eq!(c.relocation.port, 9000);
@@ -295,7 +313,7 @@ hosts_allow = ['^localhost$', '^192\.0\.2\.[0-9]+$']
     fn errors_name_line_and_key() {
         assert_eq!(
             err("state_dir = '/x'\nsokcet = '/y'\n"),
-            "line 2: unknown field `sokcet`, expected one of `state_dir`, `socket`, `relocation`"
+            "line 2: unknown field `sokcet`, expected one of `state_dir`, `socket`, `hide_cpu_features`, `guest_memory_mib`, `relocation`"
         );
         assert_eq!(
             err("[relocation]\nserver = true\nportt = 1\n"),
@@ -341,6 +359,7 @@ hosts_allow = ['^localhost$', '^192\.0\.2\.[0-9]+$']
     fn serde_round_trip() {
         let mut c = DaemonConfig::default();
         c.relocation.server = true;
+        c.guest_memory_mib = Some(512);
         c.relocation.address = Some("::1".into());
         c.relocation.hosts_allow = HostsAllow::new(["^a$", "b"]).unwrap();
         let text = toml::to_string(&c).unwrap();

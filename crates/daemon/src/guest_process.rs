@@ -1,6 +1,7 @@
 //! Starting guest processes and talking to them.
 
 use std::io::{BufRead, BufReader};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -25,11 +26,15 @@ pub struct Started {
     pub restore: Option<RestoreSummary>,
 }
 
+/// The descriptor number an incoming migration's connection has in the guest process.
+pub const INCOMING_FD: i32 = 3;
+
 /// Starts `tern vmm` for the domain in `dir` and waits until it reports ready or failed.
+/// `connection`, if given, is passed to the process as descriptor [`INCOMING_FD`].
 ///
 /// The process gets its own session so that signals aimed at the daemon (or its terminal)
 /// do not reach guests: guests outlive a daemon restart.
-pub fn spawn(dir: &DomainDir) -> anyhow::Result<Started> {
+pub fn spawn(dir: &DomainDir, connection: Option<RawFd>) -> anyhow::Result<Started> {
     let exe = std::env::current_exe().context("cannot find the tern executable")?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -43,11 +48,23 @@ pub fn spawn(dir: &DomainDir) -> anyhow::Result<Started> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
-    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
+    // SAFETY: setsid, dup2 and fcntl are async-signal-safe and touch nothing of the parent.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = connection {
+                // dup2 clears close-on-exec on the copy; a descriptor that already has the
+                // number keeps its flag, so clear it by hand.
+                let r = if fd == INCOMING_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, INCOMING_FD)
+                };
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });

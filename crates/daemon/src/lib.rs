@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod console;
 pub mod guest_process;
 pub mod registry;
+pub mod relocation;
 pub mod server;
 
 use std::os::unix::fs::PermissionsExt;
@@ -25,10 +26,15 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     })?;
     let _lock = lock_state_dir(&config.state_dir)?;
     let listener = bind_socket(&config.socket)?;
-    let registry = registry::Registry::new(&config.state_dir)?;
+    check_cpu_features(&config.hide_cpu_features)?;
+    let policy = registry::HostPolicy {
+        hidden_cpu_features: config.hide_cpu_features.clone(),
+        guest_memory_mib: config.guest_memory_mib,
+    };
+    let registry = registry::Registry::new(&config.state_dir, policy)?;
     registry.adopt_existing();
     if config.relocation.server {
-        log::warn!("the relocation server is configured but not available in this version");
+        relocation::start(&config.relocation, registry.clone())?;
     }
     log::info!(
         "listening on {} (state in {})",
@@ -37,6 +43,25 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     );
     server::serve(listener, registry);
     Ok(())
+}
+
+/// Refuses unknown names in `hide_cpu_features` at start-up rather than at the first guest.
+fn check_cpu_features(names: &[String]) -> anyhow::Result<()> {
+    for name in names {
+        if !tern_machine::cpuid::is_known_feature(name) {
+            bail!(
+                "hide_cpu_features: unknown CPU feature '{name}' (known: {})",
+                tern_machine::cpuid::known_feature_names().join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether process `pid` exists.
+pub fn process_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0
 }
 
 /// One daemon per state directory: an exclusive lock held for the daemon's lifetime.

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -10,10 +11,14 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use tern_api::vmm::{ExitReason, VmmEvent, VmmReply, VmmRequest, VmmRunState};
 use tern_api::{
-    read_message, write_message, DomainInfo, DomainState, Progress, RestoreSummary, SaveSummary,
+    read_message, write_message, DomainInfo, DomainState, MigrateOptions, MigrationProgress,
+    MigrationSummary, Progress, RestoreSummary, SaveSummary,
 };
 use tern_config::{Action, DomainConfig};
-use tern_vmm::record::{write_atomically, DomainDir, DomainRecord, RestoreSpec};
+use tern_vmm::record::{
+    write_atomically, DomainDir, DomainRecord, IncomingSpec, IncomingState, RestoreSpec,
+};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::guest_process::{self, Control};
 
@@ -24,6 +29,13 @@ pub enum Life {
     Starting,
     /// Its process runs.
     Live { pid: u32 },
+    /// Its process is receiving it from another host (migration `migration_id` from
+    /// `source`); it becomes `Live` when the source hands it over.
+    Incoming {
+        pid: u32,
+        migration_id: String,
+        source: String,
+    },
     /// It ended and is kept for inspection (shutdown or crashed) until destroyed.
     Ended(DomainState),
 }
@@ -44,10 +56,32 @@ const MAX_RESTARTS: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
 /// Memory a guest process needs beyond the guest's RAM (page tables, buffers, the process).
 const OVERHEAD_MIB: u64 = 64;
+/// How long connecting to another host's relocation server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What this host lets its guests have.
+#[derive(Clone, Debug, Default)]
+pub struct HostPolicy {
+    /// CPU features guests do not get (see `tern_machine::cpuid::hide_features`).
+    pub hidden_cpu_features: Vec<String>,
+    /// The most RAM all guests may have together, MiB.
+    pub guest_memory_mib: Option<u64>,
+}
+
+/// How a domain's process starts.
+pub(crate) enum Launch {
+    /// Boot its kernel.
+    Boot,
+    /// From a checkpoint file.
+    Restore(RestoreSpec),
+    /// From a migration arriving on connection `fd`.
+    Incoming { spec: Box<IncomingSpec>, fd: RawFd },
+}
 
 /// The daemon's view of its domains.
 pub struct Registry {
     state_dir: PathBuf,
+    policy: HostPolicy,
     domains: Mutex<BTreeMap<u32, Domain>>,
     /// Signalled on every change, for requests that wait for one.
     changed: Condvar,
@@ -57,13 +91,26 @@ fn domains_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("domains")
 }
 
+/// Where the states of incoming migrations are kept (one file per migration ID), so that a
+/// source can learn a migration's outcome even after the domain is gone.
+fn migrations_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("migrations")
+}
+
+/// How long records of incoming migrations are kept.
+const MIGRATION_RECORD_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 impl Registry {
     /// A registry keeping its domains under `state_dir`.
-    pub fn new(state_dir: &Path) -> anyhow::Result<Arc<Self>> {
-        std::fs::create_dir_all(domains_dir(state_dir))
-            .with_context(|| format!("cannot create {}", domains_dir(state_dir).display()))?;
+    pub fn new(state_dir: &Path, policy: HostPolicy) -> anyhow::Result<Arc<Self>> {
+        for dir in [domains_dir(state_dir), migrations_dir(state_dir)] {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        prune_old_files(&migrations_dir(state_dir), MIGRATION_RECORD_AGE);
         Ok(Arc::new(Registry {
             state_dir: state_dir.to_path_buf(),
+            policy,
             domains: Mutex::new(BTreeMap::new()),
             changed: Condvar::new(),
         }))
@@ -103,6 +150,9 @@ impl Registry {
         match life {
             Life::Live { .. } => Ok((id, dir)),
             Life::Starting => bail!("domain '{key}' is still starting"),
+            Life::Incoming { source, .. } => {
+                bail!("domain '{key}' is still arriving from {source}")
+            }
             Life::Ended(state) => bail!("domain '{key}' is not running (it is {})", state.as_str()),
         }
     }
@@ -115,7 +165,7 @@ impl Registry {
     ) -> anyhow::Result<(u32, String)> {
         check_boot_files(&config)?;
         assign_macs(&mut config);
-        let (id, uuid, _) = self.start_domain(config, paused, None)?;
+        let (id, uuid, _) = self.start_domain(config, paused, Launch::Boot)?;
         Ok((id, uuid))
     }
 
@@ -131,16 +181,16 @@ impl Registry {
             path: path.to_path_buf(),
             copy,
         };
-        let (id, _, summary) = self.start_domain(config, paused, Some(spec))?;
+        let (id, _, summary) = self.start_domain(config, paused, Launch::Restore(spec))?;
         summary.ok_or_else(|| anyhow!("guest process {id} did not report its restore"))
     }
 
     /// Checks, registers and starts a domain.
-    fn start_domain(
+    pub(crate) fn start_domain(
         self: &Arc<Self>,
         mut config: DomainConfig,
         paused: bool,
-        restore: Option<RestoreSpec>,
+        launch: Launch,
     ) -> anyhow::Result<(u32, String, Option<RestoreSummary>)> {
         check_free_memory(config.memory_mib)?;
         check_devices(&config)?;
@@ -163,6 +213,7 @@ impl Registry {
                     d.id
                 );
             }
+            self.check_memory_policy(config.memory_mib, &domains)?;
             let id = self.allocate_id(&domains)?;
             let dir = DomainDir::new(domains_dir(&self.state_dir).join(id.to_string()));
             domains.insert(
@@ -178,17 +229,24 @@ impl Registry {
             );
             (id, dir)
         };
+        let (restore, incoming, fd) = match launch {
+            Launch::Boot => (None, None, None),
+            Launch::Restore(spec) => (Some(spec), None, None),
+            Launch::Incoming { spec, fd } => (None, Some(*spec), Some(fd)),
+        };
         let record = DomainRecord {
             id,
             uuid: uuid.clone(),
             config,
             start_paused: paused,
             restore,
+            hidden_cpu_features: self.policy.hidden_cpu_features.clone(),
+            incoming,
         };
         let started = std::fs::create_dir_all(dir.path())
             .with_context(|| format!("cannot create {}", dir.path().display()))
             .and_then(|_| dir.save_record(&record))
-            .and_then(|_| self.launch(id, &dir));
+            .and_then(|_| self.launch(id, &dir, fd, record.incoming.as_ref()));
         match started {
             Ok(summary) => Ok((id, uuid, summary)),
             Err(e) => {
@@ -198,17 +256,30 @@ impl Registry {
         }
     }
 
-    /// Starts the process of domain `id` and watches it.
+    /// Starts the process of domain `id` (receiving a migration on `connection` if given)
+    /// and watches it.
     fn launch(
         self: &Arc<Self>,
         id: u32,
         dir: &DomainDir,
+        connection: Option<RawFd>,
+        incoming: Option<&IncomingSpec>,
     ) -> anyhow::Result<Option<RestoreSummary>> {
         let _ = std::fs::remove_file(dir.exit_file());
-        let started = guest_process::spawn(dir)?;
+        let started = guest_process::spawn(dir, connection)?;
         let pid = started.pid;
+        let life = match incoming {
+            Some(spec) => Life::Incoming {
+                pid,
+                migration_id: spec.offer.migration_id.clone(),
+                source: spec.source.clone(),
+            },
+            None => Life::Live { pid },
+        };
+        // Set before the monitor starts, so that a process that ends at once is seen ending
+        // in the right life.
+        self.set_life(id, life);
         self.watch(id, dir, Some(started.child))?;
-        self.set_life(id, Life::Live { pid });
         Ok(started.restore)
     }
 
@@ -249,6 +320,56 @@ impl Registry {
         Ok(summary)
     }
 
+    /// Migrates a running domain to the relocation server at `destination` (`host[:port]`);
+    /// on success the domain is gone from here.
+    pub fn migrate(
+        &self,
+        key: &str,
+        destination: &str,
+        options: &MigrateOptions,
+        mut progress: impl FnMut(&MigrationProgress),
+    ) -> anyhow::Result<MigrationSummary> {
+        let (id, dir) = self.find_live(key)?;
+        let addr = crate::relocation::resolve(destination)?;
+        let stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+            .with_context(|| format!("cannot reach the relocation server at {addr}"))?;
+        let migration_id = uuid::Uuid::new_v4().to_string();
+        log::info!("migrating domain {id} to {addr} (migration {migration_id})");
+        let mut control = Control::connect(&dir)?;
+        let (reader, writer) = control_parts(&mut control);
+        let request = VmmRequest::Migrate {
+            destination: addr.to_string(),
+            migration_id,
+            options: options.clone(),
+        };
+        write_message(writer, &request).context("guest process went away")?;
+        match read_message::<VmmReply>(reader) {
+            Ok(VmmReply::Ok) => {}
+            Ok(VmmReply::Error { message }) => bail!(message),
+            Ok(other) => bail!("unexpected reply from guest process: {other:?}"),
+            Err(e) => bail!("the guest process went away ({e})"),
+        }
+        writer
+            .send_with_fd(&[0u8][..], stream.as_raw_fd())
+            .context("cannot pass the connection to the guest process")?;
+        // The guest process has its own copy now; the connection closes with it.
+        drop(stream);
+        let summary = loop {
+            match read_message::<VmmReply>(reader) {
+                Ok(VmmReply::MigrationProgress(p)) => progress(&p),
+                Ok(VmmReply::Migrated(summary)) => break summary,
+                Ok(VmmReply::Error { message }) => bail!(message),
+                Ok(other) => bail!("unexpected reply from guest process: {other:?}"),
+                Err(e) => bail!("the guest process went away during the migration ({e})"),
+            }
+        };
+        let gone = |d: &BTreeMap<u32, Domain>| !d.contains_key(&id);
+        if !self.wait_until(Duration::from_secs(30), gone) {
+            bail!("migrated, but domain '{key}' did not stop here afterwards");
+        }
+        Ok(summary)
+    }
+
     /// Opens a monitor connection to a running process and reacts when it ends.
     fn watch(
         self: &Arc<Self>,
@@ -266,8 +387,11 @@ impl Registry {
             .spawn(move || {
                 let _keep_open = _writer;
                 let mut reason = None;
-                while let Ok(VmmEvent::Exiting(r)) = read_message::<VmmEvent>(&mut reader) {
-                    reason = Some(r);
+                while let Ok(event) = read_message::<VmmEvent>(&mut reader) {
+                    match event {
+                        VmmEvent::Exiting(r) => reason = Some(r),
+                        VmmEvent::Committed => registry.incoming_committed(id),
+                    }
                 }
                 // Drain until the process really closed the socket.
                 let mut sink = [0u8; 64];
@@ -295,11 +419,38 @@ impl Registry {
         self.changed.notify_all();
     }
 
+    /// An arriving guest was handed over: it is this host's now.
+    fn incoming_committed(&self, id: u32) {
+        let mut domains = self.lock();
+        if let Some(d) = domains.get_mut(&id) {
+            if let Life::Incoming {
+                pid, migration_id, ..
+            } = &d.life
+            {
+                log::info!(
+                    "domain {id} ('{}') arrived (migration {migration_id})",
+                    d.config.name
+                );
+                d.life = Life::Live { pid: *pid };
+            }
+        }
+        drop(domains);
+        self.changed.notify_all();
+    }
+
     /// Applies the domain's policy after its process ended.
     fn guest_ended(self: &Arc<Self>, id: u32, reason: Option<ExitReason>) {
-        let Some(dir) = self.lock().get(&id).map(|d| d.dir.clone()) else {
+        let Some((dir, life)) = self
+            .lock()
+            .get(&id)
+            .map(|d| (d.dir.clone(), d.life.clone()))
+        else {
             return;
         };
+        if let Life::Incoming { migration_id, .. } = life {
+            self.incoming_ended(id, &migration_id, reason);
+            return;
+        }
         let reason = reason
             .or_else(|| read_exit_file(&dir))
             .unwrap_or(ExitReason::Crash {
@@ -312,7 +463,10 @@ impl Registry {
                 return;
             };
             let action = match &reason {
-                ExitReason::Destroyed | ExitReason::Saved => Action::Destroy,
+                ExitReason::Destroyed
+                | ExitReason::Saved
+                | ExitReason::Migrated { .. }
+                | ExitReason::IncomingAborted { .. } => Action::Destroy,
                 ExitReason::Poweroff => d.config.on_poweroff,
                 ExitReason::Reboot => d.config.on_reboot,
                 ExitReason::Crash { .. } => d.config.on_crash,
@@ -344,12 +498,92 @@ impl Registry {
                 self.set_life(id, Life::Ended(state));
             }
             Action::Restart | Action::RenameRestart | Action::CoredumpRestart => {
-                if let Err(e) = boot_fresh(&dir).and_then(|_| self.launch(id, &dir)) {
+                if let Err(e) = boot_fresh(&dir).and_then(|_| self.launch(id, &dir, None, None)) {
                     log::error!("cannot restart domain {id}: {e:#}");
                     self.set_life(id, Life::Ended(DomainState::Crashed));
                 }
             }
         }
+    }
+
+    /// The process of an arriving guest ended before the guest was handed over: nothing of it
+    /// ran here. Remove everything, and remember that it did not arrive.
+    fn incoming_ended(&self, id: u32, migration_id: &str, reason: Option<ExitReason>) {
+        let file = self.migration_file(migration_id);
+        let state = IncomingState::load(&file);
+        if state == Some(IncomingState::Committed) {
+            // Committed, and the process died before it could say so: the guest was this
+            // host's and crashed here.
+            log::error!("domain {id} crashed right after it arrived (migration {migration_id})");
+        } else if let Err(e) = IncomingState::Aborted.store(&file) {
+            log::error!("{e:#}");
+        }
+        let why = match reason {
+            Some(ExitReason::IncomingAborted { message }) => message,
+            Some(other) => format!("{other:?}"),
+            None => "its guest process died".into(),
+        };
+        log::warn!("incoming migration {migration_id} (domain {id}) did not complete: {why}");
+        self.forget(id);
+    }
+
+    /// The state file of incoming migration `migration_id`.
+    pub(crate) fn migration_file(&self, migration_id: &str) -> PathBuf {
+        migrations_dir(&self.state_dir).join(format!("{migration_id}.json"))
+    }
+
+    /// What became of incoming migration `migration_id`, for a source that lost the
+    /// connection after telling this host to run the guest.
+    pub fn migration_outcome(&self, migration_id: &str) -> tern_migration::Outcome {
+        use tern_migration::Outcome;
+        if !valid_migration_id(migration_id) {
+            return Outcome::Aborted;
+        }
+        match IncomingState::load(&self.migration_file(migration_id)) {
+            // Never accepted here (or so long ago that it was forgotten).
+            None | Some(IncomingState::Aborted) => Outcome::Aborted,
+            Some(IncomingState::Committed) => Outcome::Committed,
+            Some(IncomingState::Receiving | IncomingState::Ready) => {
+                let alive = self.lock().values().any(|d| {
+                    matches!(&d.life, Life::Incoming { pid, migration_id: m, .. }
+                        if m == migration_id && crate::process_alive(*pid))
+                });
+                // A process that died undecided never ran the guest.
+                if alive {
+                    Outcome::Pending
+                } else {
+                    Outcome::Aborted
+                }
+            }
+        }
+    }
+
+    /// Checks the host's memory policy for a new guest of `memory_mib` beside `domains`.
+    fn check_memory_policy(
+        &self,
+        memory_mib: u64,
+        domains: &BTreeMap<u32, Domain>,
+    ) -> anyhow::Result<()> {
+        let Some(limit) = self.policy.guest_memory_mib else {
+            return Ok(());
+        };
+        let used: u64 = domains
+            .values()
+            .filter(|d| !matches!(d.life, Life::Ended(_)))
+            .map(|d| d.config.memory_mib)
+            .sum();
+        if used + memory_mib > limit {
+            bail!(
+                "not enough memory for guests on this host: the guest needs {memory_mib} MiB; {} of the {limit} MiB this host gives its guests are free",
+                limit.saturating_sub(used)
+            );
+        }
+        Ok(())
+    }
+
+    /// The host's policy.
+    pub fn policy(&self) -> &HostPolicy {
+        &self.policy
     }
 
     /// Waits until `done` holds for the domain map, or `timeout` passes.
@@ -385,7 +619,7 @@ impl Registry {
                 Ok(())
             }
             Life::Starting => bail!("domain '{key}' is still starting; try again"),
-            Life::Live { pid } => {
+            Life::Live { pid } | Life::Incoming { pid, .. } => {
                 if let Err(e) = guest_process::request(&dir, &VmmRequest::Destroy) {
                     log::warn!("domain {id} did not take the destroy request ({e:#}); killing it");
                     kill(pid);
@@ -438,15 +672,20 @@ impl Registry {
         snapshot
             .into_iter()
             .map(|(id, name, uuid, memory_mib, vcpus, dir, life)| {
-                let (state, cpu_ns) = match life {
+                let (state, cpu_ns, note) = match life {
                     Life::Live { .. } => {
                         match Control::connect(&dir).and_then(|mut c| c.status()) {
-                            Ok(s) => (run_state(s.state), s.cpu_time_ns),
-                            Err(_) => (DomainState::Crashed, 0),
+                            Ok(s) => (run_state(s.state), s.cpu_time_ns, s.note),
+                            Err(_) => (DomainState::Crashed, 0, None),
                         }
                     }
-                    Life::Starting => (DomainState::Paused, 0),
-                    Life::Ended(state) => (state, 0),
+                    Life::Incoming { source, .. } => (
+                        DomainState::Incoming,
+                        0,
+                        Some(format!("arriving from {source}")),
+                    ),
+                    Life::Starting => (DomainState::Paused, 0, None),
+                    Life::Ended(state) => (state, 0, None),
                 };
                 DomainInfo {
                     name,
@@ -456,6 +695,7 @@ impl Registry {
                     vcpus,
                     state,
                     cpu_time_s: cpu_ns as f64 / 1e9,
+                    note,
                 }
             })
             .collect()
@@ -493,15 +733,25 @@ impl Registry {
                     restarts: Vec::new(),
                 },
             );
-            match self.watch(id, &dir, None) {
-                Ok(()) => {
-                    let pid = std::fs::read_to_string(dir.pid_file())
-                        .ok()
-                        .and_then(|p| p.trim().parse().ok())
-                        .unwrap_or(0);
-                    log::info!("adopted running domain {id} ('{}')", record.config.name);
-                    self.set_life(id, Life::Live { pid });
+            let pid = std::fs::read_to_string(dir.pid_file())
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or(0);
+            let life = match &record.incoming {
+                Some(spec)
+                    if IncomingState::load(&spec.state_file) != Some(IncomingState::Committed) =>
+                {
+                    Life::Incoming {
+                        pid,
+                        migration_id: spec.offer.migration_id.clone(),
+                        source: spec.source.clone(),
+                    }
                 }
+                _ => Life::Live { pid },
+            };
+            self.set_life(id, life);
+            match self.watch(id, &dir, None) {
+                Ok(()) => log::info!("adopted running domain {id} ('{}')", record.config.name),
                 Err(_) => self.guest_ended(id, None),
             }
         }
@@ -513,10 +763,11 @@ impl Registry {
     }
 }
 
-/// A restarted domain boots its kernel, whatever it was restored from.
+/// A restarted domain boots its kernel, whatever it was restored or migrated from.
 fn boot_fresh(dir: &DomainDir) -> anyhow::Result<()> {
     let mut record = dir.load_record()?;
     record.restore = None;
+    record.incoming = None;
     record.start_paused = false;
     dir.save_record(&record)
 }
@@ -595,6 +846,29 @@ fn check_devices(config: &DomainConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `id` can name a migration file: a UUID's characters only.
+fn valid_migration_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+/// Removes files in `dir` not modified for `age`.
+fn prune_old_files(dir: &Path, age: Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|a| a > age);
+        if old {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Host memory available for new guests, in MiB.

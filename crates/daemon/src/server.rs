@@ -129,6 +129,17 @@ fn handle(
             let path = absolute(&path)?;
             serde_json::to_value(registry.restore(&path, paused, copy)?)?
         }
+        Request::Migrate {
+            domain,
+            destination,
+            options,
+        } => {
+            let summary = registry.migrate(&domain, &destination, &options, |p| {
+                let data = serde_json::to_value(p).unwrap_or_default();
+                let _ = write_message(client, &Reply::Progress { data });
+            })?;
+            serde_json::to_value(summary)?
+        }
         Request::Console { .. } => anyhow::bail!("console requests are handled separately"),
     })
 }

@@ -9,6 +9,7 @@ fn main() {
         vcpus: args[3].parse().unwrap(),
         initrd: None,
         cmdline: args.get(5).cloned().unwrap_or_default(),
+        hidden_cpu_features: Vec::new(),
     };
     let secs: u64 = args[4].parse().unwrap();
     let t = Instant::now();

@@ -163,6 +163,41 @@ const FEATURE_NAMES: &[(u32, u32, usize, u32, &str)] = &[
 
 const REG_NAMES: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
 
+/// Whether `name` is a feature [`hide_features`] knows.
+pub fn is_known_feature(name: &str) -> bool {
+    FEATURE_NAMES.iter().any(|f| f.4 == name)
+}
+
+/// The names [`hide_features`] knows, for messages.
+pub fn known_feature_names() -> Vec<&'static str> {
+    FEATURE_NAMES.iter().map(|f| f.4).collect()
+}
+
+/// Clears the feature bits named in `names` (e.g. `avx2`) in `entries`, so that guests do not
+/// see them: a pool of hosts offers its guests a common set of features, and guests can move
+/// between any two of them. An unknown name is an error.
+pub fn hide_features(entries: &mut [kvm_cpuid_entry2], names: &[String]) -> Result<(), String> {
+    for name in names {
+        let &(leaf, subleaf, reg, bit, _) = FEATURE_NAMES
+            .iter()
+            .find(|f| f.4 == name)
+            .ok_or_else(|| format!("unknown CPU feature '{name}'"))?;
+        for e in entries
+            .iter_mut()
+            .filter(|e| e.function == leaf && e.index == subleaf)
+        {
+            let r = match reg {
+                0 => &mut e.eax,
+                1 => &mut e.ebx,
+                2 => &mut e.ecx,
+                _ => &mut e.edx,
+            };
+            *r &= !(1 << bit);
+        }
+    }
+    Ok(())
+}
+
 /// Features present in `saved` but missing from `host` (both from [`feature_words`]), by name
 /// where known, else as `cpuid <leaf>.<subleaf> <reg> bit <n>`.
 pub fn missing_features(
@@ -242,6 +277,18 @@ mod tests {
         let patched = for_vcpu(&[l1, ext], 0, 1);
         assert_eq!(patched[0].ecx & LEAF1_ECX_VMX, 0);
         assert_eq!(patched[1].ecx & EXT1_ECX_SVM, 0);
+    }
+
+    #[test]
+    fn hidden_features_disappear() {
+        let mut l7 = entry(7, 0);
+        l7.ebx = (1 << 5) | 1;
+        let mut entries = vec![l7];
+        hide_features(&mut entries, &["avx2".to_string()]).unwrap();
+        assert_eq!(entries[0].ebx, 1);
+        assert!(hide_features(&mut entries, &["warp-drive".to_string()]).is_err());
+        assert!(is_known_feature("sse2"));
+        assert!(!is_known_feature("warp-drive"));
     }
 
     #[test]

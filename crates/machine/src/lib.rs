@@ -9,6 +9,7 @@ pub mod boot;
 pub mod cpuid;
 pub mod layout;
 pub mod memory;
+pub mod throttle;
 pub mod uffd;
 pub mod vcpu;
 pub mod vm_state;
@@ -78,6 +79,8 @@ pub struct MachineConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
+    /// CPU features (by name, see [`cpuid::hide_features`]) this host does not offer guests.
+    pub hidden_cpu_features: Vec<String>,
 }
 
 /// Handles on the machine's devices.
@@ -135,7 +138,11 @@ pub struct Machine {
     events: GuestEventSender,
     events_rx: Option<Receiver<GuestEvent>>,
     cpuid: Vec<kvm_cpuid_entry2>,
+    /// The CPUID each vCPU was created with.
+    vcpu_cpuids: Vec<Vec<kvm_cpuid_entry2>>,
     paused: bool,
+    /// Present while auto-converge slows the vCPUs down; dropped before the vCPUs stop.
+    throttler: Option<throttle::Throttler>,
     vm: VmFd,
     ram: GuestRam,
     _kvm: Kvm,
@@ -153,7 +160,9 @@ impl Machine {
     ) -> Result<Self, MachineError> {
         let kvm = open_kvm()?;
         check_vcpu_count(&kvm, config.vcpus)?;
-        let base = cpuid::supported(&kvm).map_err(kvm_err("get supported CPUID"))?;
+        let mut base = cpuid::supported(&kvm).map_err(kvm_err("get supported CPUID"))?;
+        cpuid::hide_features(&mut base, &config.hidden_cpu_features)
+            .map_err(MachineError::Device)?;
         let cpuids = (0..config.vcpus)
             .map(|i| cpuid::for_vcpu(&base, i, config.vcpus))
             .collect();
@@ -209,6 +218,7 @@ impl Machine {
         let (events, events_rx) = GuestEventSender::channel();
         let (devices, pio, mmio) = build_devices(&vm, &ram, console, &events, virtio)?;
         let cpuid = cpuid::supported(&kvm).map_err(kvm_err("get supported CPUID"))?;
+        let vcpu_cpuids = cpuids.clone();
         let vcpus = create_vcpus(&kvm, &vm, cpuids)?;
         Ok(Machine {
             vcpus: Vcpus::Created(vcpus),
@@ -218,7 +228,9 @@ impl Machine {
             events,
             events_rx: Some(events_rx),
             cpuid,
+            vcpu_cpuids,
             paused: false,
+            throttler: None,
             vm,
             ram,
             _kvm: kvm,
@@ -340,8 +352,61 @@ impl Machine {
             .unwrap_or(0)
     }
 
+    /// Slows the vCPUs down so they run `100 - percent` percent of the time (0: full speed).
+    pub fn set_throttle(&mut self, percent: u8) -> Result<(), MachineError> {
+        if percent == 0 {
+            self.throttler = None;
+            return Ok(());
+        }
+        if let Some(t) = &self.throttler {
+            t.set(percent);
+            return Ok(());
+        }
+        let handles = self
+            .handles()?
+            .iter()
+            .map(|h| h.throttle_handle())
+            .collect();
+        let throttler = throttle::Throttler::start(handles, percent)
+            .map_err(|e| MachineError::Device(format!("cannot start the throttle thread: {e}")))?;
+        self.throttler = Some(throttler);
+        Ok(())
+    }
+
+    /// Starts tracking which guest pages change: KVM's dirty log on every slot (for writes by
+    /// the vCPUs) and the RAM's own bitmap (for writes by devices), both cleared.
+    pub fn start_dirty_log(&self) -> Result<(), MachineError> {
+        self.ram.set_dirty_logging(&self.vm, true)?;
+        for slot in self.ram.slots() {
+            self.ram.take_device_dirty(slot);
+        }
+        Ok(())
+    }
+
+    /// Stops KVM's dirty log.
+    pub fn stop_dirty_log(&self) -> Result<(), MachineError> {
+        Ok(self.ram.set_dirty_logging(&self.vm, false)?)
+    }
+
+    /// The pages written since tracking started or since the last call, by vCPUs or devices:
+    /// one bitmap per RAM slot (in [`GuestRam::slots`] order, bit i = page i of the slot).
+    pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>, MachineError> {
+        self.ram
+            .slots()
+            .iter()
+            .map(|slot| {
+                let mut bits = self.ram.take_dirty_bitmap(&self.vm, slot)?;
+                for (b, d) in bits.iter_mut().zip(self.ram.take_device_dirty(slot)) {
+                    *b |= d;
+                }
+                Ok(bits)
+            })
+            .collect()
+    }
+
     /// Stops and joins every vCPU thread. The machine cannot run again afterwards.
     pub fn shut_down(&mut self) {
+        self.throttler = None;
         if let Vcpus::Running(handles) = &mut self.vcpus {
             for h in handles.iter_mut() {
                 h.stop();
@@ -367,6 +432,11 @@ impl Machine {
     /// CPUID entries KVM supports on this host (before per-vCPU patching).
     pub fn host_cpuid(&self) -> &[kvm_cpuid_entry2] {
         &self.cpuid
+    }
+
+    /// The CPUID of each vCPU, in index order (what the guest was started with).
+    pub fn vcpu_cpuids(&self) -> &[Vec<kvm_cpuid_entry2>] {
+        &self.vcpu_cpuids
     }
 
     /// Captures every vCPU; the machine must be paused.
@@ -604,6 +674,14 @@ fn build_devices(
 pub fn host_cpuid() -> Result<Vec<kvm_cpuid_entry2>, MachineError> {
     let kvm = open_kvm()?;
     cpuid::supported(&kvm).map_err(kvm_err("get supported CPUID"))
+}
+
+/// The CPU features this host offers guests, as [`cpuid::feature_words`]: what KVM supports
+/// minus the features the host hides.
+pub fn offered_features(hidden: &[String]) -> Result<Vec<(u32, u32, [u32; 4])>, MachineError> {
+    let mut entries = host_cpuid()?;
+    cpuid::hide_features(&mut entries, hidden).map_err(MachineError::Device)?;
+    Ok(cpuid::feature_words(&entries))
 }
 
 /// A console sink that discards output (tests, benchmarks).

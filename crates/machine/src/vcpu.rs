@@ -6,9 +6,10 @@
 //! `KVM_RUN` returns `EINTR` whether or not the thread had entered it yet.
 
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
@@ -365,6 +366,7 @@ impl Vcpu {
             rx,
             paused: start_paused,
             stopped: false,
+            throttled_until: None,
             tid: tid.clone(),
             kvm_run: 0,
         };
@@ -440,10 +442,14 @@ enum Command {
     Resume,
     Capture(Sender<Result<VcpuState, VcpuError>>),
     Restore(Box<VcpuState>, Sender<Result<(), VcpuError>>),
+    /// Stay out of the guest for this long (auto-converge slows a guest that dirties memory
+    /// faster than a migration can send it); any other command ends the sleep early.
+    Throttle(Duration),
     Exit,
 }
 
 /// Forces a vCPU out of `KVM_RUN`.
+#[derive(Clone, Copy)]
 struct Kick {
     kvm_run: usize,
     thread: libc::pthread_t,
@@ -523,6 +529,21 @@ impl VcpuHandle {
         rx.recv().map_err(|_| VcpuError::Gone(self.index))?
     }
 
+    /// Keeps the vCPU out of the guest for `pause` (ended early by any other command).
+    pub fn throttle(&self, pause: Duration) -> Result<(), VcpuError> {
+        self.send(Command::Throttle(pause))
+    }
+
+    /// A handle that can only throttle this vCPU, for the machine's throttle thread. It must
+    /// not be used after the vCPU is stopped (the machine stops its throttle thread first).
+    pub(crate) fn throttle_handle(&self) -> ThrottleHandle {
+        ThrottleHandle {
+            index: self.index,
+            tx: self.tx.clone(),
+            kick: self.kick,
+        }
+    }
+
     /// Host CPU time consumed by this vCPU's thread, in nanoseconds.
     pub fn cpu_time_ns(&self) -> u64 {
         let tid = self.tid.load(Ordering::Relaxed);
@@ -550,6 +571,28 @@ impl Drop for VcpuHandle {
     }
 }
 
+/// What the throttle thread holds of a vCPU: its command queue and its kick.
+pub(crate) struct ThrottleHandle {
+    index: u32,
+    tx: Sender<Command>,
+    kick: Kick,
+}
+
+// SAFETY: Kick holds the address of the vCPU's kvm_run page and its thread id, both valid while
+// the vCPU thread runs; the machine joins the throttle thread before it stops any vCPU.
+unsafe impl Send for ThrottleHandle {}
+
+impl ThrottleHandle {
+    /// Asks the vCPU to sleep for `pause`.
+    pub(crate) fn throttle(&self, pause: Duration) -> Result<(), VcpuError> {
+        self.tx
+            .send(Command::Throttle(pause))
+            .map_err(|_| VcpuError::Gone(self.index))?;
+        self.kick.kick();
+        Ok(())
+    }
+}
+
 /// State of the vCPU thread.
 struct VcpuRunner {
     vcpu: Vcpu,
@@ -560,6 +603,9 @@ struct VcpuRunner {
     paused: bool,
     /// Set after a fatal exit: the vCPU never runs again.
     stopped: bool,
+    /// While set and in the future, the vCPU is throttled: it waits for commands instead of
+    /// running.
+    throttled_until: Option<Instant>,
     tid: Arc<AtomicI32>,
     /// The vCPU's kvm_run page, read for the element size of string I/O.
     kvm_run: usize,
@@ -584,10 +630,23 @@ impl VcpuRunner {
         // it again, so it cannot be missed.
         self.set_immediate_exit(0);
         loop {
+            let throttle_left = self
+                .throttled_until
+                .map(|until| until.saturating_duration_since(Instant::now()))
+                .filter(|left| !left.is_zero());
             let cmd = if self.paused || self.stopped {
                 match self.rx.recv() {
                     Ok(c) => c,
                     Err(_) => return false,
+                }
+            } else if let Some(left) = throttle_left {
+                match self.rx.recv_timeout(left) {
+                    Ok(c) => c,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.throttled_until = None;
+                        return true;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return false,
                 }
             } else {
                 match self.rx.try_recv() {
@@ -605,6 +664,7 @@ impl VcpuRunner {
                     let _ = ack.send(());
                 }
                 Command::Resume => self.paused = false,
+                Command::Throttle(pause) => self.throttled_until = Some(Instant::now() + pause),
                 Command::Capture(reply) => {
                     let _ = reply.send(self.vcpu.capture());
                 }

@@ -204,6 +204,7 @@ fn boot_and_watch(kernel: &Path, cmdline: &str, milestones: &[Milestone]) -> Boo
         kernel: kernel.to_path_buf(),
         initrd: None,
         cmdline: cmdline.to_string(),
+        hidden_cpu_features: Vec::new(),
     };
     let console = Console::default();
     let mut machine = Machine::new(&config, Box::new(console.clone()), Vec::new())

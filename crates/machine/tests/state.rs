@@ -54,6 +54,7 @@ fn boot(mem_mib: u64, vcpus: u32, cmdline: &str) -> (Machine, Console) {
         kernel: tern_testguest::path().to_path_buf(),
         initrd: None,
         cmdline: cmdline.into(),
+        hidden_cpu_features: Vec::new(),
     };
     let mut m = Machine::new(&config, Box::new(console.clone()), Vec::new()).expect("machine");
     m.start(false).expect("start");
@@ -197,6 +198,7 @@ fn the_ramdisk_arrives_intact() {
         kernel: tern_testguest::path().to_path_buf(),
         initrd: Some(initrd),
         cmdline: "heartbeat_ms=100".into(),
+        hidden_cpu_features: Vec::new(),
     };
     let mut m = Machine::new(&config, Box::new(console.clone()), Vec::new()).expect("machine");
     m.start(false).expect("start");

@@ -62,8 +62,14 @@ impl RecordType {
     pub const PAGES: RecordType = RecordType(6);
     /// The last record: how many records came before it.
     pub const END: RecordType = RecordType(7);
+    /// Guest pages that are all zero now (a migration round sends this for dirtied pages
+    /// that became zero, instead of their data): a run count and the runs.
+    pub const ZEROS: RecordType = RecordType(8);
     /// A free-form UTF-8 comment; optional, so readers may skip it.
     pub const NOTE: RecordType = RecordType(RECORD_OPTIONAL | 1);
+    /// A position in a migration stream (body: an 8-byte sequence number) that the receiver
+    /// acknowledges once it has applied every record before it; optional, files do not need it.
+    pub const MARK: RecordType = RecordType(RECORD_OPTIONAL | 2);
 
     /// Whether a reader that does not know this type may skip the record.
     pub const fn is_optional(self) -> bool {
@@ -90,7 +96,9 @@ impl RecordType {
             RecordType::DEVICE => "DEVICE",
             RecordType::PAGES => "PAGES",
             RecordType::END => "END",
+            RecordType::ZEROS => "ZEROS",
             RecordType::NOTE => "NOTE",
+            RecordType::MARK => "MARK",
             _ => return None,
         })
     }
@@ -368,9 +376,14 @@ pub(crate) fn device_prefix(id: &str) -> Result<[u8; 2], String> {
 pub(crate) fn check_body(ty: RecordType, body: &[u8], count: u64) -> Result<(), Fault> {
     match ty {
         RecordType::DEVICE => parse_device(body).map(|_| ()).map_err(Fault::Corrupt),
+        RecordType::ZEROS => crate::pages::parse_zeros(body).map(|_| ()),
         RecordType::NOTE => std::str::from_utf8(body)
             .map(|_| ())
             .map_err(|_| Fault::Corrupt("the note is not UTF-8".into())),
+        RecordType::MARK if body.len() != 8 => Err(Fault::Corrupt(format!(
+            "is {} bytes long instead of 8",
+            body.len()
+        ))),
         RecordType::END => {
             if body.len() != 8 {
                 return Err(Fault::Corrupt(format!(

@@ -64,7 +64,7 @@ pub use format::{
 };
 pub use index::{split_device, verify_all, IndexedRecord, SnapshotIndex};
 pub use info::{CpuFeatureWord, Info};
-pub use pages::{BlockRef, PageLocation, PageRun, PagesIndex};
+pub use pages::{is_zero_page, BlockRef, PageLocation, PageRun, PagesIndex};
 pub use source::ReadAt;
 pub use stream::{StreamItem, StreamReader};
 pub use writer::SnapshotWriter;

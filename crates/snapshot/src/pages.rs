@@ -82,6 +82,55 @@ fn check_run(i: usize, run: &PageRun, prev_end: u64) -> Result<(), Fault> {
     Ok(())
 }
 
+/// True if `page` holds only zero bytes: such pages need no data in a checkpoint or stream.
+pub fn is_zero_page(page: &[u8]) -> bool {
+    // SAFETY: reinterpreting bytes as u128 words; align_to handles the unaligned edges.
+    let (head, words, tail) = unsafe { page.align_to::<u128>() };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words
+            .chunks(16)
+            .all(|c| c.iter().fold(0u128, |a, &w| a | w) == 0)
+}
+
+/// Length of the fixed fields at the start of a ZEROS body (run count, reserved).
+const ZEROS_FIXED_LEN: usize = 8;
+
+/// Encodes the body of a ZEROS record: the run count, a reserved zero, then the runs as in a
+/// PAGES descriptor.
+pub(crate) fn encode_zeros(runs: &[PageRun]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(ZEROS_FIXED_LEN + RUN_LEN * runs.len());
+    b.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    for run in runs {
+        b.extend_from_slice(&run.first_pfn.to_le_bytes());
+        b.extend_from_slice(&run.pages.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+    }
+    b
+}
+
+/// Parses and checks the body of a ZEROS record (its checksum already verified).
+pub(crate) fn parse_zeros(body: &[u8]) -> Result<Vec<PageRun>, Fault> {
+    if body.len() < ZEROS_FIXED_LEN {
+        return Err(Fault::Corrupt("is too short for a run count".into()));
+    }
+    let run_count = le_u32(body, 0) as usize;
+    if le_u32(body, 4) != 0 {
+        return Err(Fault::Corrupt("has a nonzero reserved field".into()));
+    }
+    if body.len() != ZEROS_FIXED_LEN + RUN_LEN * run_count {
+        return Err(Fault::Corrupt(format!(
+            "is {} bytes long, but {run_count} runs take {}",
+            body.len(),
+            ZEROS_FIXED_LEN + RUN_LEN * run_count
+        )));
+    }
+    let runs = parse_runs(&body[ZEROS_FIXED_LEN..])?;
+    check_runs(&runs)?;
+    Ok(runs)
+}
+
 /// Number of checksum blocks for `total_pages` pages in blocks of `block_pages`.
 pub(crate) fn block_count(total_pages: u64, block_pages: u32) -> u64 {
     total_pages.div_ceil(u64::from(block_pages.max(1)))
@@ -567,6 +616,17 @@ impl PagesIndex {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn zero_pages_are_recognised() {
+        let mut page = vec![0u8; 4096];
+        assert!(super::is_zero_page(&page));
+        page[4095] = 1;
+        assert!(!super::is_zero_page(&page));
+        page[4095] = 0;
+        page[0] = 1;
+        assert!(!super::is_zero_page(&page[..17]));
+    }
+
     use super::*;
 
     fn run(first_pfn: u64, pages: u32) -> PageRun {

@@ -8,7 +8,9 @@ use crate::format::{
     check_body, Header, RecordHeader, RecordLoc, RecordType, HEADER_LEN, PAGE_SIZE,
     RECORD_HEADER_LEN,
 };
-use crate::pages::{descriptor_extent, first_bad_block, parse_descriptor, PageRun, DESC_FIXED_LEN};
+use crate::pages::{
+    descriptor_extent, first_bad_block, parse_descriptor, parse_zeros, PageRun, DESC_FIXED_LEN,
+};
 
 /// A body buffer starts at this size (or the body's length, if smaller) and doubles as data
 /// arrives, so a peer that declares a large body but does not send it cannot make the reader
@@ -26,6 +28,8 @@ pub enum StreamItem {
     /// A PAGES record: `data` holds the pages of `runs`, in order, 4096 bytes each. Pages
     /// in later records replace the same pages from earlier ones.
     Pages { runs: Vec<PageRun>, data: Vec<u8> },
+    /// A ZEROS record: the pages of `runs` are all zero from here on.
+    Zeros { runs: Vec<PageRun> },
 }
 
 /// Where the reader is in the stream.
@@ -46,6 +50,9 @@ pub struct StreamReader<R> {
     /// Records read so far.
     count: u64,
     state: State,
+    /// A page-data buffer handed back with [`StreamReader::recycle`], reused for the next
+    /// PAGES record.
+    spare: Option<Vec<u8>>,
 }
 
 impl<R: Read> StreamReader<R> {
@@ -60,6 +67,7 @@ impl<R: Read> StreamReader<R> {
             offset: HEADER_LEN as u64,
             count: 0,
             state: State::Reading,
+            spare: None,
         })
     }
 
@@ -97,6 +105,25 @@ impl<R: Read> StreamReader<R> {
         item
     }
 
+    /// Hands back the data buffer of a PAGES item once its pages are consumed: the next PAGES
+    /// record is read into it, so a long stream does not allocate (and fault in) a fresh
+    /// buffer per record.
+    pub fn recycle(&mut self, mut data: Vec<u8>) {
+        data.clear();
+        if self
+            .spare
+            .as_ref()
+            .is_none_or(|s| s.capacity() < data.capacity())
+        {
+            self.spare = Some(data);
+        }
+    }
+
+    /// The underlying reader (e.g. to answer on a migration connection between records).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.r
+    }
+
     /// Gives the reader back, positioned just after END if `next` returned `None`.
     pub fn into_inner(self) -> R {
         self.r
@@ -111,6 +138,11 @@ impl<R: Read> StreamReader<R> {
                     self.plain_body(&h, &loc)?;
                     self.count += 1;
                     return Ok(None);
+                }
+                RecordType::ZEROS => {
+                    let body = self.plain_body(&h, &loc)?;
+                    let runs = parse_zeros(&body).map_err(|f| f.at(&loc))?;
+                    Some(StreamItem::Zeros { runs })
                 }
                 t if t.is_known() => Some(StreamItem::Record {
                     ty: t,
@@ -175,7 +207,7 @@ impl<R: Read> StreamReader<R> {
             )
             .at(loc));
         }
-        let mut data = Vec::new();
+        let mut data = self.spare.take().unwrap_or_default();
         self.read_into(&mut data, d.total_pages * PAGE_SIZE as u64, loc)?;
         let block_bytes = d.block_pages as usize * PAGE_SIZE;
         if let Some(b) = first_bad_block(&data, block_bytes, &d.block_crcs) {

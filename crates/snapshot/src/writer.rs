@@ -8,7 +8,7 @@ use crate::format::{
 };
 use crate::info::Info;
 use crate::pages::{
-    block_count, block_crcs, check_runs, descriptor_len, encode_descriptor, PageRun,
+    block_count, block_crcs, check_runs, descriptor_len, encode_descriptor, encode_zeros, PageRun,
 };
 
 /// Most buffers handed to one `write_vectored` call (Linux's `IOV_MAX`).
@@ -61,6 +61,17 @@ impl<W: Write> SnapshotWriter<W> {
     /// The underlying writer.
     pub fn get_ref(&self) -> &W {
         &self.w
+    }
+
+    /// The underlying writer, e.g. to read a reply on a migration connection between records.
+    /// Writing to it directly would corrupt the stream.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+
+    /// Writes a MARK record with sequence number `seq`.
+    pub fn mark(&mut self, seq: u64) -> io::Result<()> {
+        self.record(RecordType::MARK, &seq.to_le_bytes())
     }
 
     /// Writes a record of type `ty`. PAGES and END have their own methods; the bodies of the
@@ -158,6 +169,23 @@ impl<W: Write> SnapshotWriter<W> {
         parts.push(head.as_slice());
         parts.extend_from_slice(data);
         self.emit(&parts)
+    }
+
+    /// Writes a ZEROS record: the pages of `runs` are all zero now. Runs must be increasing and
+    /// non-overlapping. Nothing is written for an empty `runs`.
+    pub fn zeros(&mut self, runs: &[PageRun]) -> io::Result<()> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        check_runs(runs).map_err(|f| invalid(format!("the ZEROS record {f}")))?;
+        let body = encode_zeros(runs);
+        if body.len() as u64 > RecordType::ZEROS.body_limit() {
+            return Err(invalid(format!(
+                "{} zero runs do not fit in one ZEROS record",
+                runs.len()
+            )));
+        }
+        self.write_record(RecordType::ZEROS, &[&body])
     }
 
     /// Writes END (the number of records before it), flushes, and returns the writer.

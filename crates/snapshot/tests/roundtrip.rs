@@ -55,7 +55,7 @@ fn check_index(index: &SnapshotIndex, src: &File, expected: &Expected, aligned: 
         .iter()
         .filter_map(|i| match i {
             StreamItem::Record { ty, .. } => Some(*ty),
-            StreamItem::Pages { .. } => None,
+            StreamItem::Pages { .. } | StreamItem::Zeros { .. } => None,
         })
         .collect();
     assert_eq!(non_pages, want);
@@ -351,7 +351,7 @@ fn unknown_optional_records_are_skipped() {
     let mut b = header(1, false);
     b.extend(raw_record(0x8000_7777, b"something new"));
     b.extend(raw_record(3, b"m"));
-    b.extend(raw_record(0x8000_0002, &[0xaa; 3000]));
+    b.extend(raw_record(0x8000_0999, &[0xaa; 3000]));
     b.extend(raw_end(3));
     assert_eq!(
         read_stream(&b).unwrap(),
@@ -555,4 +555,77 @@ fn info_is_required_by_info() {
     b.extend(raw_end(0));
     let err = read_index(&b).unwrap().info().unwrap_err();
     assert_eq!(err.to_string(), "it is corrupt: it has no INFO record");
+}
+
+#[test]
+fn zeros_records_travel_in_streams() {
+    let spec = PagesSpec::new(vec![run(0x10, 2), run(0x20, 1)], 2, 9);
+    let mut w = SnapshotWriter::new(Vec::new(), false).unwrap();
+    spec.write(&mut w);
+    w.zeros(&[run(0x11, 1), run(0x40, 3)]).unwrap();
+    w.zeros(&[]).unwrap();
+    let bytes = w.finish().unwrap();
+    let items = read_stream(&bytes).unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(
+        items[1],
+        StreamItem::Zeros {
+            runs: vec![run(0x11, 1), run(0x40, 3)]
+        }
+    );
+    // A file never holds them: a checkpoint stores each page once.
+    let err = SnapshotIndex::open(&bytes).unwrap_err().to_string();
+    assert!(err.contains("ZEROS"), "{err}");
+}
+
+#[test]
+fn zeros_runs_are_checked_like_page_runs() {
+    let mut w = SnapshotWriter::new(Vec::new(), false).unwrap();
+    assert!(w.zeros(&[run(5, 1), run(5, 1)]).is_err());
+    assert!(w.zeros(&[run(5, 0)]).is_err());
+}
+
+#[test]
+fn a_recycled_buffer_is_reused_for_the_next_pages_record() {
+    let a = PagesSpec::new(vec![run(0, 8)], 4, 1);
+    let b = PagesSpec::new(vec![run(100, 2)], 4, 2);
+    let mut w = SnapshotWriter::new(Vec::new(), false).unwrap();
+    a.write(&mut w);
+    b.write(&mut w);
+    let bytes = w.finish().unwrap();
+    let mut r = StreamReader::new(&bytes[..]).unwrap();
+    let Some(StreamItem::Pages { data, .. }) = r.next().unwrap() else {
+        panic!("expected pages");
+    };
+    assert_eq!(data, a.data());
+    let ptr = data.as_ptr();
+    r.recycle(data);
+    let Some(StreamItem::Pages { data, runs }) = r.next().unwrap() else {
+        panic!("expected pages");
+    };
+    assert_eq!(runs, b.runs);
+    assert_eq!(data, b.data());
+    assert_eq!(data.as_ptr(), ptr, "the recycled buffer is used again");
+    assert!(r.next().unwrap().is_none());
+}
+
+#[test]
+fn marks_are_read_as_records() {
+    let mut w = SnapshotWriter::new(Vec::new(), false).unwrap();
+    w.mark(7).unwrap();
+    let bytes = w.finish().unwrap();
+    assert_eq!(
+        read_stream(&bytes).unwrap(),
+        [StreamItem::Record {
+            ty: RecordType::MARK,
+            body: 7u64.to_le_bytes().to_vec()
+        }]
+    );
+    let mut b = header(1, false);
+    b.extend(raw_record(RecordType::MARK.0, b"short"));
+    b.extend(raw_end(1));
+    assert!(read_stream(&b)
+        .unwrap_err()
+        .to_string()
+        .contains("instead of 8"));
 }

@@ -9,6 +9,8 @@ pub mod console_log;
 pub mod devices;
 pub mod direct_io;
 pub mod logging;
+mod migrate_in;
+mod migrate_out;
 pub mod record;
 pub mod restore;
 pub mod save;
@@ -16,7 +18,7 @@ pub mod save;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -37,17 +39,31 @@ enum MainEvent {
     Guest(GuestEvent),
     Destroy,
     Saved,
+    /// The guest runs on this destination now.
+    Migrated(String),
+    /// An incoming migration failed; nothing ran here.
+    IncomingAborted(String),
 }
 
 /// Shared state of the guest process.
-struct Vmm {
+pub(crate) struct Vmm {
     record: DomainRecord,
     machine: Mutex<Machine>,
     console: Arc<ConsoleHub>,
     monitors: Mutex<Vec<UnixStream>>,
+    /// Monitor connections open now: the daemon is there.
+    monitors_open: AtomicUsize,
+    /// A monitor connection was open and closed: the daemon went away.
+    daemon_lost: AtomicBool,
     main: Sender<MainEvent>,
     /// The vCPUs used a good part of a CPU over the last sample period.
     busy: AtomicBool,
+    /// A migration (in or out) is in progress: pause, save and another migration wait.
+    migrating: AtomicBool,
+    /// Destroy was asked for: a migration in progress gives up.
+    destroying: AtomicBool,
+    /// What `tern list` should say besides the state (a migration in progress or unresolved).
+    note: Mutex<Option<String>>,
 }
 
 /// Share of one host CPU above which `tern list` calls a guest running rather than blocked.
@@ -59,7 +75,12 @@ impl Vmm {
         self.machine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn set_note(&self, note: Option<String>) {
+        *self.note.lock().unwrap_or_else(|p| p.into_inner()) = note;
+    }
+
     fn status(&self) -> VmmStatus {
+        let note = self.note.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let m = self.machine();
         let state = if m.is_paused() {
             VmmRunState::Paused
@@ -72,23 +93,43 @@ impl Vmm {
             state,
             cpu_time_ns: m.cpu_time_ns(),
             pid: std::process::id(),
+            note,
         }
+    }
+
+    /// Refuses what cannot be done while a migration runs.
+    fn not_migrating(&self) -> Result<(), String> {
+        if self.migrating.load(Ordering::Acquire) {
+            return Err("a migration of this guest is in progress".into());
+        }
+        Ok(())
     }
 
     fn handle(&self, req: VmmRequest) -> VmmReply {
         let result = match req {
             VmmRequest::Status => return VmmReply::Status(self.status()),
-            VmmRequest::Pause => self.machine().pause().map_err(|e| e.to_string()),
-            VmmRequest::Unpause => self.machine().resume().map_err(|e| e.to_string()),
+            VmmRequest::Pause => self
+                .not_migrating()
+                .and_then(|()| self.machine().pause().map_err(|e| e.to_string())),
+            VmmRequest::Unpause => self.not_migrating().and_then(|()| {
+                self.machine().resume().map_err(|e| e.to_string())?;
+                // The user resolved an unresolved migration by running the guest here.
+                self.set_note(None);
+                Ok(())
+            }),
             VmmRequest::PowerButton => {
                 self.machine().press_power_button();
                 Ok(())
             }
             VmmRequest::Destroy => {
+                self.destroying.store(true, Ordering::Release);
                 let _ = self.main.send(MainEvent::Destroy);
                 Ok(())
             }
-            VmmRequest::Console | VmmRequest::Monitor | VmmRequest::Save { .. } => Ok(()),
+            VmmRequest::Console
+            | VmmRequest::Monitor
+            | VmmRequest::Save { .. }
+            | VmmRequest::Migrate { .. } => Ok(()),
         };
         match result {
             Ok(()) => VmmReply::Ok,
@@ -106,6 +147,7 @@ impl Vmm {
         keep_running: bool,
         progress: impl FnMut(&tern_api::Progress),
     ) -> anyhow::Result<SaveSummary> {
+        self.not_migrating().map_err(anyhow::Error::msg)?;
         let mut machine = self.machine();
         let was_paused = machine.is_paused();
         let started = Instant::now();
@@ -143,11 +185,20 @@ pub fn run(dir: &Path) -> i32 {
     let started = Instant::now();
     let dir = DomainDir::new(dir);
     match start(&dir, started) {
-        Ok((vmm, listener, events, restore)) => {
+        Ok((vmm, listener, events, restore, incoming)) => {
             announce(&VmmStartup::Ready {
                 pid: std::process::id(),
                 restore,
             });
+            if let Some(incoming) = incoming {
+                let vmm = vmm.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("incoming".into())
+                    .spawn(move || migrate_in::run(&vmm, incoming));
+                if let Err(e) = spawned {
+                    fail(&dir, &anyhow::anyhow!("cannot start receiving: {e}"));
+                }
+            }
             serve(vmm, listener, events, &dir)
         }
         Err(e) => fail(&dir, &e),
@@ -184,6 +235,7 @@ type Started = (
     UnixListener,
     mpsc::Receiver<MainEvent>,
     Option<RestoreSummary>,
+    Option<migrate_in::Incoming>,
 );
 
 fn machine_config(record: &DomainRecord) -> anyhow::Result<MachineConfig> {
@@ -198,6 +250,7 @@ fn machine_config(record: &DomainRecord) -> anyhow::Result<MachineConfig> {
         kernel,
         initrd: c.ramdisk.clone(),
         cmdline: c.cmdline.clone(),
+        hidden_cpu_features: record.hidden_cpu_features.clone(),
     })
 }
 
@@ -210,7 +263,13 @@ fn start(dir: &DomainDir, started: Instant) -> anyhow::Result<Started> {
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     std::fs::write(dir.pid_file(), std::process::id().to_string())?;
 
+    let mut incoming = None;
     let (mut machine, restore) = match &record.restore {
+        None if record.incoming.is_some() => {
+            let (machine, job) = migrate_in::prepare(&record, console.output())?;
+            incoming = Some(job);
+            (machine, None)
+        }
         None => {
             let virtio = devices::build(&record)?;
             let mut machine = Machine::new(&machine_config(&record)?, console.output(), virtio)?;
@@ -257,15 +316,21 @@ fn start(dir: &DomainDir, started: Instant) -> anyhow::Result<Started> {
                 }
             }
         })?;
+    let migrating = incoming.is_some();
     let vmm = Arc::new(Vmm {
         record,
         machine: Mutex::new(machine),
         console,
         monitors: Mutex::new(Vec::new()),
+        monitors_open: AtomicUsize::new(0),
+        daemon_lost: AtomicBool::new(false),
         main,
         busy: AtomicBool::new(false),
+        migrating: AtomicBool::new(migrating),
+        destroying: AtomicBool::new(false),
+        note: Mutex::new(None),
     });
-    Ok((vmm, listener, main_rx, restore))
+    Ok((vmm, listener, main_rx, restore, incoming))
 }
 
 fn serve(
@@ -298,6 +363,8 @@ fn serve(
             message: "the guest reported a panic".into(),
         },
         Ok(MainEvent::Guest(GuestEvent::Crashed(message))) => ExitReason::Crash { message },
+        Ok(MainEvent::Migrated(destination)) => ExitReason::Migrated { destination },
+        Ok(MainEvent::IncomingAborted(message)) => ExitReason::IncomingAborted { message },
     };
     finish(&vmm, dir, reason)
 }
@@ -322,6 +389,19 @@ fn serve_connection(vmm: &Arc<Vmm>, stream: UnixStream) {
     let mut reader = BufReader::new(read_half);
     let mut writer = stream;
     while let Ok(req) = read_message::<VmmRequest>(&mut reader) {
+        if let VmmRequest::Migrate {
+            destination,
+            migration_id,
+            options,
+        } = req
+        {
+            let job = migrate_out::Request {
+                destination,
+                migration_id,
+                options,
+            };
+            return migrate_out::serve(vmm, reader, writer, job);
+        }
         if let VmmRequest::Save { path, keep_running } = &req {
             let mut progress_out = &writer;
             let result = vmm.save(path, *keep_running, |p| {
@@ -406,9 +486,21 @@ fn keep_monitor(vmm: &Arc<Vmm>, mut reader: BufReader<UnixStream>, writer: UnixS
             .unwrap_or_else(|p| p.into_inner())
             .push(w);
     }
+    vmm.monitors_open.fetch_add(1, Ordering::AcqRel);
     // The daemon never sends more on a monitor connection; wait for it to hang up.
     let mut sink = [0u8; 64];
     while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+    if vmm.monitors_open.fetch_sub(1, Ordering::AcqRel) == 1 {
+        vmm.daemon_lost.store(true, Ordering::Release);
+    }
+}
+
+impl Vmm {
+    /// Tells the daemon's monitor connections about `event`.
+    fn notify_monitors(&self, event: &VmmEvent) {
+        let mut monitors = self.monitors.lock().unwrap_or_else(|p| p.into_inner());
+        monitors.retain_mut(|m| write_message(m, event).is_ok());
+    }
 }
 
 fn finish(vmm: &Vmm, dir: &DomainDir, reason: ExitReason) -> i32 {

@@ -16,6 +16,41 @@ pub struct DomainRecord {
     /// Restore from a checkpoint instead of booting the kernel.
     #[serde(default)]
     pub restore: Option<RestoreSpec>,
+    /// CPU features the host does not offer guests (the daemon's `hide_cpu_features`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden_cpu_features: Vec<String>,
+    /// Receive the guest from a migration instead of booting the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<IncomingSpec>,
+}
+
+/// An incoming migration, as the daemon hands it to the guest process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IncomingSpec {
+    /// The connection from the source, inherited as this file descriptor.
+    pub fd: i32,
+    /// The source's address, for messages.
+    pub source: String,
+    /// Where the process records the migration's [`IncomingState`] (outside the domain
+    /// directory: the answer to a source's question must outlive the domain).
+    pub state_file: PathBuf,
+    /// What the source offered (and the daemon accepted).
+    pub offer: tern_migration::Offer,
+}
+
+/// Where an incoming migration stands (`incoming.json`). The guest process moves it forward;
+/// the daemon reads it to answer a source that lost the connection after `Go`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncomingState {
+    /// The stream is arriving.
+    Receiving,
+    /// The state is loaded; waiting for `Go`.
+    Ready,
+    /// `Go` arrived: the guest is this host's.
+    Committed,
+    /// The migration failed here; the guest never ran here.
+    Aborted,
 }
 
 /// Where and how to restore from.
@@ -24,6 +59,21 @@ pub struct RestoreSpec {
     pub path: PathBuf,
     /// Load and verify all memory before the guest runs (instead of on demand).
     pub copy: bool,
+}
+
+impl IncomingState {
+    /// The state recorded in `path`, if any.
+    pub fn load(path: &Path) -> Option<IncomingState> {
+        let text = std::fs::read(path).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Records the state in `path` before it is acted on. Not flushed to disk: it must survive
+    /// the process, not the host (after a host crash the guest is gone anyway), and the commit
+    /// is on the downtime's critical path.
+    pub fn store(self, path: &Path) -> anyhow::Result<()> {
+        replace_file(path, &serde_json::to_vec(&self)?)
+    }
 }
 
 /// Paths inside one domain's directory (`<state_dir>/domains/<id>`).
@@ -73,15 +123,27 @@ impl DomainDir {
     }
 }
 
-/// Writes `data` to `path` through a temporary file and a rename, so that readers see either
-/// the old or the new content, never a torn one.
+/// Writes `data` to `path` through a temporary file, flushed to disk, and a rename, so that
+/// readers see either the old or the new content, never a torn one, even after a crash.
 pub fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    write_and_rename(path, data, true)
+}
+
+/// Like [`write_atomically`] without the flush: atomic for readers and across a crash of the
+/// process, not of the host.
+pub fn replace_file(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    write_and_rename(path, data, false)
+}
+
+fn write_and_rename(path: &Path, data: &[u8], flush: bool) -> anyhow::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", tmp.display()))?;
     f.write_all(data)?;
-    f.sync_all()?;
+    if flush {
+        f.sync_all()?;
+    }
     std::fs::rename(&tmp, path)
         .map_err(|e| anyhow::anyhow!("cannot rename {} into place: {e}", tmp.display()))?;
     Ok(())

@@ -15,7 +15,7 @@ use anyhow::Context;
 use tern_api::{Progress, SavePhases, SaveSummary};
 use tern_machine::memory::RamSlot;
 use tern_machine::Machine;
-use tern_snapshot::{CpuFeatureWord, Info, PageRun, RecordType, SnapshotWriter};
+use tern_snapshot::{is_zero_page, CpuFeatureWord, Info, PageRun, RecordType, SnapshotWriter};
 
 use crate::direct_io::DirectFileWriter;
 use crate::record::DomainRecord;
@@ -126,19 +126,7 @@ fn write_to(
     let file = DirectFileWriter::create(tmp)
         .with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut w = SnapshotWriter::new(file, true)?;
-    let info = Info {
-        tern_version: env!("CARGO_PKG_VERSION").into(),
-        created_unix: crate::console::now_us() / 1_000_000,
-        host: hostname(),
-        guest_name: record.config.name.clone(),
-        guest_uuid: record.uuid.clone(),
-        memory_bytes: machine.ram().size(),
-        vcpus: vcpus.len() as u32,
-        cpu_features: vcpus
-            .first()
-            .map(|v| feature_words(&v.cpuid))
-            .unwrap_or_default(),
-    };
+    let info = guest_info(machine, record);
     w.record(RecordType::INFO, &serde_json::to_vec(&info)?)?;
     let mut config = record.config.clone();
     config.uuid = record.uuid.parse().ok();
@@ -182,6 +170,39 @@ fn write_to(
         pages: total_pages,
         phases,
     })
+}
+
+/// The INFO of a checkpoint or migration of `machine`.
+pub fn guest_info(machine: &Machine, record: &DomainRecord) -> Info {
+    Info {
+        tern_version: env!("CARGO_PKG_VERSION").into(),
+        created_unix: crate::console::now_us() / 1_000_000,
+        host: hostname(),
+        guest_name: record.config.name.clone(),
+        guest_uuid: record.uuid.clone(),
+        memory_bytes: machine.ram().size(),
+        vcpus: machine.vcpu_cpuids().len() as u32,
+        cpu_features: machine
+            .vcpu_cpuids()
+            .first()
+            .map(|c| feature_words(c))
+            .unwrap_or_default(),
+    }
+}
+
+/// Guest page ranges (pfns) that may hold data: the allocated parts of the RAM file. The
+/// rest was never written and reads as zero.
+pub fn populated_pages(machine: &Machine) -> anyhow::Result<Vec<std::ops::Range<u64>>> {
+    let fd = machine.ram().backing_file().as_raw_fd();
+    let mut ranges = Vec::new();
+    for slot in machine.ram().slots() {
+        for (start, end) in data_extents(fd, slot)? {
+            let first = (slot.guest_addr + start - slot.file_offset) / PAGE;
+            let last = (slot.guest_addr + end - slot.file_offset).div_ceil(PAGE);
+            ranges.push(first..last);
+        }
+    }
+    Ok(ranges)
 }
 
 fn feature_words(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<CpuFeatureWord> {
@@ -297,7 +318,7 @@ fn stored_pages(machine: &Machine) -> anyhow::Result<(Vec<PageRun>, Vec<u32>)> {
                 let host = (slot.host_addr + off - slot.file_offset) as *const u8;
                 // SAFETY: `off` is inside this slot's live mapping; the guest is paused.
                 let page = unsafe { std::slice::from_raw_parts(host, PAGE as usize) };
-                if !is_zero(page) {
+                if !is_zero_page(page) {
                     crcs.add(page);
                     let pfn = (slot.guest_addr + off - slot.file_offset) / PAGE;
                     match runs.last_mut() {
@@ -351,17 +372,6 @@ fn data_extents(fd: i32, slot: &RamSlot) -> anyhow::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-/// True if the page holds only zeros.
-fn is_zero(page: &[u8]) -> bool {
-    // SAFETY: reinterpreting bytes as u128 words; align_to handles the unaligned edges.
-    let (head, words, tail) = unsafe { page.align_to::<u128>() };
-    head.iter().all(|&b| b == 0)
-        && tail.iter().all(|&b| b == 0)
-        && words
-            .chunks(16)
-            .all(|c| c.iter().fold(0u128, |a, &w| a | w) == 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,14 +397,6 @@ mod tests {
         assert_eq!(parts[1][0].first_pfn, 14);
         assert_eq!(parts[1][1].first_pfn, 100);
         assert_eq!(parts[2][0].first_pfn, 103);
-    }
-
-    #[test]
-    fn zero_pages_are_recognised() {
-        let mut page = vec![0u8; 4096];
-        assert!(is_zero(&page));
-        page[4095] = 1;
-        assert!(!is_zero(&page));
     }
 
     #[test]

@@ -1,0 +1,38 @@
+//! tern's migration engine: moving a running guest to another host.
+//!
+//! * [`protocol`]: the messages the two sides exchange around the record stream, and the
+//!   handover that makes sure a guest runs on exactly one host.
+//! * [`transport`]: the connection ([`Transport`], TLS-ready) and [`Channel`] on top of it
+//!   (message framing, metering, the `--resource` rate cap).
+//! * [`policy`]: when to stop pre-copying and when to slow the guest down (auto-converge).
+//! * [`source`]: the sending side, over any machine that implements [`SourceVm`].
+//! * [`destination`]: the receiving side: the stream into guest memory, then the handover.
+//!
+//! The engine never looks inside devices or vCPUs: their state travels as the opaque bodies
+//! of MACHINE, VCPU and DEVICE records (one format for checkpoint files and for the wire).
+
+pub mod destination;
+pub mod error;
+pub mod memory;
+pub mod policy;
+pub mod protocol;
+pub mod source;
+pub mod transport;
+
+pub use error::MigrationError;
+pub use memory::{PageSet, RamRegion};
+pub use policy::{Limits, StopReason};
+pub use protocol::{CpuidEntry, Offer, Outcome, ToDestination, ToSource, PROTOCOL_VERSION};
+pub use source::{Observer, Plan, SendError, SourceVm, StateRecords};
+pub use transport::{Channel, Transport};
+
+use std::time::Duration;
+
+/// How long either side waits for the other to make progress (bytes accepted, a round
+/// acknowledged) before it gives up: the link is down or the peer hangs.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the source waits for the destination's answer to its offer (the destination
+/// builds the guest's machine first).
+pub const OFFER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the source waits for Ready after END, and the destination for Go after Ready.
+pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,655 @@
+//! The sending side of a migration.
+//!
+//! Warm: pause the guest, send every page worth sending and the state, hand over.
+//! Live: send every page while the guest runs (round 0), then rounds of the pages it dirtied
+//! meanwhile, each ended by a MARK the destination acknowledges once it has applied the round
+//! (so each round measures what the whole path sustains and nothing is left in buffers when
+//! the guest pauses). [`crate::policy`] decides when to stop; then the guest is paused, the
+//! last dirty pages and the state go out, and the handover follows.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use tern_api::{MigrationProgress, MigrationRound, MigrationSummary};
+use tern_snapshot::{is_zero_page, PageRun, RecordType, SnapshotWriter, PAGE_SIZE};
+
+use crate::error::MigrationError;
+use crate::memory::{host_range, PageSet, RamRegion};
+use crate::policy::{Convergence, Decision, Limits, RoundMeasure, StopReason};
+use crate::protocol::{Offer, ToDestination, ToSource};
+use crate::transport::{Channel, Transport};
+use crate::{HANDOVER_TIMEOUT, OFFER_TIMEOUT, STALL_TIMEOUT};
+
+const PAGE: usize = PAGE_SIZE;
+/// Pages per PAGES record (1 MiB): progress, cancellation and the peer are looked at
+/// between records.
+const RECORD_PAGES: usize = 256;
+/// Pages per checksum block in the stream.
+const BLOCK_PAGES: u32 = 64;
+/// Most runs per ZEROS record.
+const ZERO_RUNS_PER_RECORD: usize = 1 << 16;
+/// Least time between two progress reports.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// The state captured from a paused machine: opaque record bodies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StateRecords {
+    pub machine: Vec<u8>,
+    pub vcpus: Vec<Vec<u8>>,
+    pub devices: Vec<(String, Vec<u8>)>,
+}
+
+/// What the engine needs of the machine it migrates. Errors are messages for the user.
+pub trait SourceVm {
+    /// Guest RAM, region by region.
+    fn regions(&self) -> Vec<RamRegion>;
+    /// Page ranges that may hold data (the rest was never written and is zero).
+    fn populated(&self) -> Result<Vec<std::ops::Range<u64>>, String>;
+    fn is_paused(&self) -> bool;
+    fn pause(&self) -> Result<(), String>;
+    fn resume(&self) -> Result<(), String>;
+    /// Starts recording written pages (vCPUs and devices), with a clean slate.
+    fn start_dirty_log(&self) -> Result<(), String>;
+    fn stop_dirty_log(&self) -> Result<(), String>;
+    /// Pages written since the last call, one bitmap per region.
+    fn take_dirty(&self) -> Result<Vec<Vec<u64>>, String>;
+    /// Slows the vCPUs to run `100 - percent` percent of the time.
+    fn set_throttle(&self, percent: u8) -> Result<(), String>;
+    /// Captures VM, vCPU and device state; the machine is paused.
+    fn capture(&self) -> Result<StateRecords, String>;
+}
+
+/// Who watches a migration.
+pub trait Observer {
+    fn progress(&mut self, progress: &MigrationProgress);
+    /// Asked between records and just before the commit point; an error cancels the
+    /// migration (the guest stays here).
+    fn keep_going(&mut self) -> Result<(), String>;
+}
+
+/// What to migrate, where, and how.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The guest's name, for the summary.
+    pub domain: String,
+    /// Where to, as the user said it, for the summary.
+    pub destination: String,
+    pub offer: Offer,
+    pub live: bool,
+    pub limits: Limits,
+}
+
+/// How a migration failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// The guest is as before the migration, here; the destination keeps nothing.
+    Failed(MigrationError),
+    /// The destination was told to run the guest but did not confirm it: the guest stays
+    /// paused here until [`crate::protocol::Outcome`] is known.
+    Unresolved(MigrationError),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Failed(e) | SendError::Unresolved(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Migrates the guest of `vm` over `transport` as `plan` says.
+pub fn send<T: Transport>(
+    vm: &dyn SourceVm,
+    transport: T,
+    plan: &Plan,
+    observer: &mut dyn Observer,
+) -> Result<MigrationSummary, SendError> {
+    let mut sender = Sender {
+        vm,
+        observer,
+        plan,
+        regions: vm.regions(),
+        started: Instant::now(),
+        rounds: Vec::new(),
+        throttle: 0,
+        max_throttle: 0,
+        last_progress: None,
+        buf: vec![0u8; RECORD_PAGES * PAGE],
+        zero_buf: Vec::new(),
+    };
+    sender.run(transport)
+}
+
+/// Pages and bytes a round sent.
+#[derive(Clone, Copy, Debug, Default)]
+struct Tally {
+    pages: u64,
+    zero_pages: u64,
+    bytes: u64,
+}
+
+/// When the guest paused and what the stop-and-copy cost, for the summary.
+struct StopTimes {
+    paused: Instant,
+    paused_unix_ns: u64,
+    last_pages: Duration,
+    state: Duration,
+    stop_reason: StopReason,
+}
+
+struct Sender<'a> {
+    vm: &'a dyn SourceVm,
+    observer: &'a mut dyn Observer,
+    plan: &'a Plan,
+    regions: Vec<RamRegion>,
+    started: Instant,
+    rounds: Vec<MigrationRound>,
+    throttle: u8,
+    max_throttle: u8,
+    last_progress: Option<Instant>,
+    /// Copies of the pages of the PAGES record being assembled: the guest may change its
+    /// memory at any time, and a record's checksums must match what is sent.
+    buf: Vec<u8>,
+    zero_buf: Vec<PageRun>,
+}
+
+impl Sender<'_> {
+    fn run<T: Transport>(&mut self, transport: T) -> Result<MigrationSummary, SendError> {
+        let mut ch = Channel::new(transport);
+        if let Some(rate) = self.plan.limits.rate_limit {
+            ch.limit_rate(rate);
+        }
+        ch.transport()
+            .set_write_timeout(Some(STALL_TIMEOUT))
+            .map_err(|e| SendError::Failed(MigrationError::io("set a timeout", e)))?;
+        let destination_id = self.offer(&mut ch).map_err(SendError::Failed)?;
+        let was_running = !self.vm.is_paused();
+        let live = self.plan.live && was_running;
+        let mut w = SnapshotWriter::new(ch, false)
+            .map_err(|e| SendError::Failed(MigrationError::io("send the stream header", e)))?;
+        let stop = match self.transfer(&mut w, live, was_running) {
+            Ok(stop) => stop,
+            Err(e) => {
+                self.undo(live, was_running);
+                return Err(SendError::Failed(e));
+            }
+        };
+        let mut ch = match w.finish() {
+            Ok(ch) => ch,
+            Err(e) => {
+                self.undo(live, was_running);
+                return Err(SendError::Failed(MigrationError::io(
+                    "send the END record",
+                    e,
+                )));
+            }
+        };
+        let state_sent = Instant::now();
+        if let Err(e) = self.await_ready(&mut ch) {
+            self.undo(live, was_running);
+            return Err(SendError::Failed(e));
+        }
+        let ready = Instant::now();
+        // The commit point: past it the guest is the destination's.
+        if let Err(reason) = self.observer.keep_going() {
+            self.undo(live, was_running);
+            return Err(SendError::Failed(MigrationError::Cancelled(reason)));
+        }
+        self.report("handover", 0, 0, &ch);
+        let before_go = ch.sent();
+        let go = ToDestination::Go {
+            resume: was_running,
+        };
+        if let Err(e) = ch.send(&go) {
+            if ch.sent() == before_go {
+                // Not one byte of Go left this host: the destination cannot run the guest.
+                self.undo(live, was_running);
+                return Err(SendError::Failed(e));
+            }
+            return Err(SendError::Unresolved(e));
+        }
+        let go_sent = Instant::now();
+        let running = ch.receive::<ToSource>(HANDOVER_TIMEOUT);
+        let confirmed = Instant::now();
+        match running {
+            Ok(ToSource::Running {
+                resume_us,
+                reply_us,
+                resumed_unix_ns,
+            }) => {
+                let resume = Duration::from_micros(resume_us);
+                let one_way = confirmed
+                    .duration_since(go_sent)
+                    .saturating_sub(Duration::from_micros(reply_us))
+                    / 2;
+                let downtime = go_sent.duration_since(stop.paused) + one_way + resume;
+                let parts = tern_api::DowntimeParts {
+                    last_pages_ms: ms(stop.last_pages),
+                    state_ms: ms(stop.state),
+                    load_ms: ms(ready.duration_since(state_sent)),
+                    handover_ms: ms(go_sent.duration_since(ready) + one_way + resume),
+                };
+                Ok(self.summary(
+                    &ch,
+                    destination_id,
+                    live,
+                    &stop,
+                    downtime,
+                    parts,
+                    resumed_unix_ns,
+                ))
+            }
+            Ok(other) => Err(SendError::Unresolved(MigrationError::Protocol(format!(
+                "expected Running after Go, got {other:?}"
+            )))),
+            Err(e) => Err(SendError::Unresolved(e)),
+        }
+    }
+
+    /// Offers the guest; the destination's domain ID if it accepts.
+    fn offer<T: Transport>(&mut self, ch: &mut Channel<T>) -> Result<u32, MigrationError> {
+        ch.send(&ToDestination::Offer(Box::new(self.plan.offer.clone())))?;
+        match ch.receive::<ToSource>(OFFER_TIMEOUT)? {
+            ToSource::Accept { domain_id } => Ok(domain_id),
+            ToSource::Refuse { reason } => Err(MigrationError::Refused(reason)),
+            other => Err(MigrationError::Protocol(format!(
+                "expected Accept or Refuse, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends everything up to END (not included): the pages in rounds, then the state.
+    fn transfer<T: Transport>(
+        &mut self,
+        w: &mut SnapshotWriter<Channel<T>>,
+        live: bool,
+        was_running: bool,
+    ) -> Result<StopTimes, MigrationError> {
+        let offer = &self.plan.offer;
+        w.info(&offer.info)
+            .map_err(|e| MigrationError::io("send the INFO record", e))?;
+        let config = serde_json::to_vec(&offer.config)
+            .map_err(|e| MigrationError::Vm(format!("cannot encode the guest config: {e}")))?;
+        w.record(RecordType::CONFIG, &config)
+            .map_err(|e| MigrationError::io("send the CONFIG record", e))?;
+        let first = PageSet::from_ranges(&self.regions, &self.vm.populated().map_err(vm_err)?);
+        let mut stop = if live {
+            self.precopy(w, first)?
+        } else {
+            let paused = self.pause(was_running)?;
+            let t = Instant::now();
+            let tally = self.send_pages(w, &first, 0, true)?;
+            self.record_round(0, tally, t.elapsed(), true);
+            StopTimes {
+                last_pages: t.elapsed(),
+                ..paused
+            }
+        };
+        let t = Instant::now();
+        let state = self.vm.capture().map_err(vm_err)?;
+        self.send_state(w, &state)?;
+        stop.state = t.elapsed();
+        Ok(stop)
+    }
+
+    /// Pauses the guest (if it runs) and notes when.
+    fn pause(&mut self, was_running: bool) -> Result<StopTimes, MigrationError> {
+        let paused = Instant::now();
+        let paused_unix_ns = unix_ns();
+        if was_running {
+            self.vm.pause().map_err(vm_err)?;
+        }
+        Ok(StopTimes {
+            paused,
+            paused_unix_ns,
+            last_pages: Duration::ZERO,
+            state: Duration::ZERO,
+            stop_reason: StopReason::Warm,
+        })
+    }
+
+    /// Rounds while the guest runs, then the pause and the last dirty pages.
+    fn precopy<T: Transport>(
+        &mut self,
+        w: &mut SnapshotWriter<Channel<T>>,
+        first: PageSet,
+    ) -> Result<StopTimes, MigrationError> {
+        self.vm.start_dirty_log().map_err(vm_err)?;
+        let memory_bytes = self.plan.offer.info.memory_bytes;
+        let mut convergence = Convergence::new(self.plan.limits.clone(), memory_bytes);
+        let mut set = first;
+        let mut round = 0u32;
+        let reason = loop {
+            let started = Instant::now();
+            let tally = self.send_pages(w, &set, round, round == 0)?;
+            self.end_round(w, round)?;
+            let took = started.elapsed();
+            self.record_round(round, tally, took, false);
+            set = self.take_dirty()?;
+            let measure = RoundMeasure {
+                pages: tally.pages + tally.zero_pages,
+                bytes: tally.bytes,
+                seconds: took.as_secs_f64(),
+            };
+            match convergence.after_round(measure, set.count(), w.get_ref().sent()) {
+                Decision::Stop(reason) => break reason,
+                Decision::Continue { throttle } => self.set_throttle(throttle)?,
+            }
+            round += 1;
+        };
+        let mut stop = self.pause(true)?;
+        stop.stop_reason = reason;
+        let t = Instant::now();
+        set.union_with(&self.take_dirty()?);
+        self.vm.stop_dirty_log().map_err(vm_err)?;
+        self.set_throttle(0)?;
+        let tally = self.send_pages(w, &set, round + 1, false)?;
+        stop.last_pages = t.elapsed();
+        self.record_round(round + 1, tally, stop.last_pages, true);
+        Ok(stop)
+    }
+
+    fn take_dirty(&self) -> Result<PageSet, MigrationError> {
+        let bits = self.vm.take_dirty().map_err(vm_err)?;
+        PageSet::from_bitmaps(&self.regions, bits)
+    }
+
+    fn set_throttle(&mut self, percent: u8) -> Result<(), MigrationError> {
+        if percent != self.throttle {
+            log::info!("auto-converge: vCPUs throttled to {percent}%");
+            self.vm.set_throttle(percent).map_err(vm_err)?;
+            self.throttle = percent;
+            self.max_throttle = self.max_throttle.max(percent);
+        }
+        Ok(())
+    }
+
+    fn record_round(&mut self, round: u32, tally: Tally, took: Duration, stop_and_copy: bool) {
+        self.rounds.push(MigrationRound {
+            round,
+            pages: tally.pages,
+            zero_pages: tally.zero_pages,
+            bytes: tally.bytes,
+            seconds: took.as_secs_f64(),
+            throttle_percent: self.throttle,
+            stop_and_copy,
+        });
+    }
+
+    /// Sends the pages of `set`: PAGES records for pages with data; zero pages are left out
+    /// in the first pass (the destination's memory starts zeroed) and sent as ZEROS runs
+    /// later (they were written since).
+    fn send_pages<T: Transport>(
+        &mut self,
+        w: &mut SnapshotWriter<Channel<T>>,
+        set: &PageSet,
+        round: u32,
+        first_pass: bool,
+    ) -> Result<Tally, MigrationError> {
+        let start_bytes = w.get_ref().sent();
+        let mut tally = Tally::default();
+        let mut left = set.count();
+        let mut batch: Vec<PageRun> = Vec::new();
+        let mut filled = 0usize;
+        self.zero_buf.clear();
+        for run in set.runs() {
+            let host = host_range(&self.regions, run.first_pfn, u64::from(run.pages))
+                .ok_or_else(|| MigrationError::Vm("a page to send is outside guest RAM".into()))?;
+            for i in 0..u64::from(run.pages) {
+                let pfn = run.first_pfn + i;
+                let dst = &mut self.buf[filled * PAGE..(filled + 1) * PAGE];
+                // SAFETY: the page lies in guest RAM (checked above), mapped for as long as the
+                // machine exists; the guest may write it concurrently, which only means this
+                // copy is stale and the page dirty again.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (host + i * PAGE as u64) as *const u8,
+                        dst.as_mut_ptr(),
+                        PAGE,
+                    );
+                }
+                if is_zero_page(dst) {
+                    tally.zero_pages += 1;
+                    if !first_pass {
+                        push_page(&mut self.zero_buf, pfn);
+                    }
+                } else {
+                    push_page(&mut batch, pfn);
+                    filled += 1;
+                    tally.pages += 1;
+                }
+                left -= 1;
+                if filled == RECORD_PAGES {
+                    self.flush_pages(w, &mut batch, &mut filled)?;
+                    self.between_records(w, round, left)?;
+                }
+            }
+        }
+        self.flush_pages(w, &mut batch, &mut filled)?;
+        for chunk in self.zero_buf.chunks(ZERO_RUNS_PER_RECORD) {
+            w.zeros(chunk)
+                .map_err(|e| MigrationError::io("send zero pages", e))?;
+        }
+        tally.bytes = w.get_ref().sent() - start_bytes;
+        Ok(tally)
+    }
+
+    /// Sends the assembled PAGES record, if any.
+    fn flush_pages<T: Transport>(
+        &mut self,
+        w: &mut SnapshotWriter<Channel<T>>,
+        batch: &mut Vec<PageRun>,
+        filled: &mut usize,
+    ) -> Result<(), MigrationError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut slices = Vec::with_capacity(batch.len());
+        let mut off = 0usize;
+        for run in batch.iter() {
+            let len = run.pages as usize * PAGE;
+            slices.push(&self.buf[off..off + len]);
+            off += len;
+        }
+        w.pages(batch, &slices, BLOCK_PAGES)
+            .map_err(|e| MigrationError::io("send pages", e))?;
+        batch.clear();
+        *filled = 0;
+        Ok(())
+    }
+
+    /// Between two records: report progress, let the observer cancel, and look for an
+    /// early word from the destination (it only speaks out of turn to give up).
+    fn between_records<T: Transport>(
+        &mut self,
+        w: &mut SnapshotWriter<Channel<T>>,
+        round: u32,
+        left: u64,
+    ) -> Result<(), MigrationError> {
+        let phase = if self.vm.is_paused() {
+            "stop-and-copy"
+        } else {
+            "pre-copy"
+        };
+        self.report(phase, round, left, w.get_ref());
+        self.observer
+            .keep_going()
+            .map_err(MigrationError::Cancelled)?;
+        let ch = w.get_mut();
+        if ch.input_waiting() {
+            return Err(match ch.receive::<ToSource>(Duration::from_secs(5))? {
+                ToSource::Abort { reason } => MigrationError::PeerAborted {
+                    side: "destination",
+                    reason,
+                },
+                other => {
+                    MigrationError::Protocol(format!("unexpected {other:?} during the stream"))
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Ends a pre-copy round: a MARK, and the destination's acknowledgement that it applied
+    /// everything up to it.
+    fn end_round<T: Transport>(
+        &mut self,
+        w: &mut SnapshotWriter<Channel<T>>,
+        round: u32,
+    ) -> Result<(), MigrationError> {
+        w.mark(u64::from(round))
+            .map_err(|e| MigrationError::io("send a round mark", e))?;
+        let ch = w.get_mut();
+        loop {
+            match ch.receive::<ToSource>(STALL_TIMEOUT)? {
+                ToSource::Marked { seq } if seq == u64::from(round) => return Ok(()),
+                ToSource::Marked { .. } => {}
+                ToSource::Abort { reason } => {
+                    return Err(MigrationError::PeerAborted {
+                        side: "destination",
+                        reason,
+                    })
+                }
+                other => {
+                    return Err(MigrationError::Protocol(format!(
+                        "expected Marked, got {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+
+    fn send_state<T: Transport>(
+        &mut self,
+        w: &mut SnapshotWriter<Channel<T>>,
+        state: &StateRecords,
+    ) -> Result<(), MigrationError> {
+        let io = |e| MigrationError::io("send the machine state", e);
+        w.record(RecordType::MACHINE, &state.machine).map_err(io)?;
+        for v in &state.vcpus {
+            w.record(RecordType::VCPU, v).map_err(io)?;
+        }
+        for (id, bytes) in &state.devices {
+            w.device(id, bytes).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn await_ready<T: Transport>(&mut self, ch: &mut Channel<T>) -> Result<(), MigrationError> {
+        match ch.receive::<ToSource>(HANDOVER_TIMEOUT)? {
+            ToSource::Ready => Ok(()),
+            ToSource::Abort { reason } => Err(MigrationError::PeerAborted {
+                side: "destination",
+                reason,
+            }),
+            other => Err(MigrationError::Protocol(format!(
+                "expected Ready, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Puts the guest back as it was: full speed, no dirty log, running if it ran.
+    fn undo(&mut self, live: bool, was_running: bool) {
+        if let Err(e) = self.vm.set_throttle(0) {
+            log::error!("cannot end throttling: {e}");
+        }
+        if live {
+            if let Err(e) = self.vm.stop_dirty_log() {
+                log::error!("cannot stop the dirty log: {e}");
+            }
+        }
+        if was_running && self.vm.is_paused() {
+            if let Err(e) = self.vm.resume() {
+                log::error!("cannot resume the guest after the failed migration: {e}");
+            }
+        }
+    }
+
+    fn report<T: Transport>(&mut self, phase: &str, round: u32, left: u64, ch: &Channel<T>) {
+        let now = Instant::now();
+        if self
+            .last_progress
+            .is_some_and(|t| now.duration_since(t) < PROGRESS_EVERY)
+            && phase != "handover"
+        {
+            return;
+        }
+        self.last_progress = Some(now);
+        let elapsed = now.duration_since(self.started).as_secs_f64();
+        let rate = if elapsed > 0.0 {
+            ch.sent() as f64 / elapsed
+        } else {
+            0.0
+        };
+        let eta = (rate > 0.0).then(|| (left * PAGE as u64) as f64 / rate);
+        self.observer.progress(&MigrationProgress {
+            phase: phase.into(),
+            round,
+            pages_left: left,
+            bytes_sent: ch.sent(),
+            rate_bps: rate,
+            eta_seconds: eta,
+            throttle_percent: self.throttle,
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn summary<T: Transport>(
+        &self,
+        ch: &Channel<T>,
+        destination_id: u32,
+        live: bool,
+        stop: &StopTimes,
+        downtime: Duration,
+        parts: tern_api::DowntimeParts,
+        resumed_unix_ns: u64,
+    ) -> MigrationSummary {
+        let total = self.started.elapsed().as_secs_f64();
+        MigrationSummary {
+            domain: self.plan.domain.clone(),
+            destination: self.plan.destination.clone(),
+            destination_id,
+            live,
+            total_seconds: total,
+            downtime_ms: ms(downtime),
+            downtime_parts: parts,
+            rounds: self.rounds.clone(),
+            bytes_sent: ch.sent(),
+            mean_rate_mbit: if total > 0.0 {
+                ch.sent() as f64 * 8.0 / total / 1e6
+            } else {
+                0.0
+            },
+            max_throttle_percent: self.max_throttle,
+            resource_mbit: self.plan.limits.rate_limit.map(|r| r * 8 / 1_000_000),
+            stop_reason: stop.stop_reason.describe().into(),
+            paused_unix_ns: stop.paused_unix_ns,
+            resumed_unix_ns,
+        }
+    }
+}
+
+/// Adds page `pfn` to `runs` (pages come in increasing order).
+fn push_page(runs: &mut Vec<PageRun>, pfn: u64) {
+    match runs.last_mut() {
+        Some(r) if r.end_pfn() == pfn && r.pages < u32::MAX => r.pages += 1,
+        _ => runs.push(PageRun {
+            first_pfn: pfn,
+            pages: 1,
+        }),
+    }
+}
+
+fn vm_err(message: String) -> MigrationError {
+    MigrationError::Vm(message)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Now, in nanoseconds since the Unix epoch.
+pub fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}

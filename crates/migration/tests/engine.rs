@@ -1,0 +1,521 @@
+//! The engine end to end over real TCP on loopback, with a simulated machine: a "guest"
+//! thread that keeps writing pages while it runs, and dirty tracking of its own. The
+//! destination's memory must end up equal to the source's.
+
+use std::net::{TcpListener, TcpStream};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tern_api::MigrationProgress;
+use tern_migration::destination::{self, Received};
+use tern_migration::source::{send, Observer, Plan, SendError, SourceVm, StateRecords};
+use tern_migration::transport::Channel;
+use tern_migration::{
+    Limits, MigrationError, Offer, RamRegion, ToDestination, ToSource, PROTOCOL_VERSION,
+};
+use tern_snapshot::{Info, FORMAT_VERSION};
+
+const PAGE: usize = 4096;
+
+/// Guest memory shared by the simulated guest and the engine.
+struct Memory {
+    bytes: Box<[u8]>,
+}
+
+impl Memory {
+    fn new(pages: usize) -> Arc<Memory> {
+        Arc::new(Memory {
+            bytes: vec![0u8; pages * PAGE].into_boxed_slice(),
+        })
+    }
+
+    fn addr(&self) -> u64 {
+        self.bytes.as_ptr() as u64
+    }
+
+    fn pages(&self) -> usize {
+        self.bytes.len() / PAGE
+    }
+
+    /// Writes `value` over page `p` (the guest's store; racing with the engine's reads is
+    /// what a real guest does too).
+    fn write_page(&self, p: usize, value: u64) {
+        let base = (self.addr() as usize + p * PAGE) as *mut u64;
+        for i in 0..PAGE / 8 {
+            // SAFETY: inside the allocation, which outlives every user.
+            unsafe { base.add(i).write_volatile(value ^ i as u64) };
+        }
+    }
+}
+
+/// A simulated machine: memory, a writer thread, dirty tracking, pause and throttle.
+struct FakeVm {
+    memory: Arc<Memory>,
+    first_pfn: u64,
+    /// Held by the writer while it writes one page; pausing takes it too.
+    gate: Arc<Mutex<()>>,
+    paused: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    dirty: Arc<Mutex<Option<Vec<u64>>>>,
+    throttle: Arc<AtomicU64>,
+    writer: Option<JoinHandle<()>>,
+    resumes: AtomicU64,
+}
+
+impl FakeVm {
+    /// A machine with `pages` pages, the first `prefilled` of them written, and a writer
+    /// that dirties `hot` pages at `pages_per_ms`.
+    fn new(pages: usize, prefilled: usize, hot: Range<usize>, pages_per_ms: u64) -> FakeVm {
+        let memory = Memory::new(pages);
+        for p in 0..prefilled {
+            memory.write_page(p, p as u64 * 7 + 1);
+        }
+        let gate = Arc::new(Mutex::new(()));
+        let paused = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let dirty: Arc<Mutex<Option<Vec<u64>>>> = Arc::new(Mutex::new(None));
+        let throttle = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (memory, gate, paused, stop, dirty, throttle) = (
+                memory.clone(),
+                gate.clone(),
+                paused.clone(),
+                stop.clone(),
+                dirty.clone(),
+                throttle.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut seq = 1u64;
+                let mut page = hot.start;
+                while !stop.load(Ordering::Relaxed) && pages_per_ms > 0 && !hot.is_empty() {
+                    for _ in 0..pages_per_ms {
+                        let _g = gate.lock().unwrap();
+                        if paused.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        memory.write_page(page, seq);
+                        if let Some(bits) = dirty.lock().unwrap().as_mut() {
+                            bits[page / 64] |= 1 << (page % 64);
+                        }
+                        seq += 1;
+                        page = if page + 1 >= hot.end {
+                            hot.start
+                        } else {
+                            page + 1
+                        };
+                    }
+                    let t = throttle.load(Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_micros(1000 + t * 200));
+                }
+            })
+        };
+        FakeVm {
+            memory,
+            first_pfn: 0x100,
+            gate,
+            paused,
+            stop,
+            dirty,
+            throttle,
+            writer: Some(writer),
+            resumes: AtomicU64::new(0),
+        }
+    }
+
+    fn region(&self) -> RamRegion {
+        RamRegion {
+            first_pfn: self.first_pfn,
+            pages: self.memory.pages() as u64,
+            host_addr: self.memory.addr(),
+        }
+    }
+
+    fn stop_writer(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(w) = self.writer.take() {
+            w.join().unwrap();
+        }
+    }
+}
+
+impl Drop for FakeVm {
+    fn drop(&mut self) {
+        self.stop_writer();
+    }
+}
+
+impl SourceVm for FakeVm {
+    fn regions(&self) -> Vec<RamRegion> {
+        vec![self.region()]
+    }
+
+    fn populated(&self) -> Result<Vec<Range<u64>>, String> {
+        let all = self.first_pfn..self.first_pfn + self.memory.pages() as u64;
+        Ok(std::iter::once(all).collect())
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    fn pause(&self) -> Result<(), String> {
+        let _g = self.gate.lock().unwrap();
+        self.paused.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), String> {
+        self.paused.store(false, Ordering::Relaxed);
+        self.resumes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn start_dirty_log(&self) -> Result<(), String> {
+        *self.dirty.lock().unwrap() = Some(vec![0; self.memory.pages().div_ceil(64)]);
+        Ok(())
+    }
+
+    fn stop_dirty_log(&self) -> Result<(), String> {
+        *self.dirty.lock().unwrap() = None;
+        Ok(())
+    }
+
+    fn take_dirty(&self) -> Result<Vec<Vec<u64>>, String> {
+        let mut d = self.dirty.lock().unwrap();
+        let bits = d.as_mut().ok_or("no dirty log")?;
+        Ok(vec![std::mem::replace(bits, vec![0; bits.len()])])
+    }
+
+    fn set_throttle(&self, percent: u8) -> Result<(), String> {
+        self.throttle.store(u64::from(percent), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn capture(&self) -> Result<StateRecords, String> {
+        assert!(self.is_paused(), "state is captured from a paused machine");
+        Ok(StateRecords {
+            machine: b"machine".to_vec(),
+            vcpus: vec![b"vcpu0".to_vec()],
+            devices: vec![("serial0".into(), b"uart".to_vec())],
+        })
+    }
+}
+
+#[derive(Default)]
+struct Watch {
+    reports: Vec<MigrationProgress>,
+    cancel_after: Option<usize>,
+    asked: usize,
+}
+
+impl Observer for Watch {
+    fn progress(&mut self, p: &MigrationProgress) {
+        self.reports.push(p.clone());
+    }
+
+    fn keep_going(&mut self) -> Result<(), String> {
+        self.asked += 1;
+        match self.cancel_after {
+            Some(n) if self.asked > n => Err("cancelled by the test".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn offer(vm: &FakeVm) -> Offer {
+    Offer {
+        protocol: PROTOCOL_VERSION,
+        stream_format: FORMAT_VERSION,
+        migration_id: "m-1".into(),
+        live: true,
+        info: Info {
+            tern_version: "test".into(),
+            created_unix: 0,
+            host: "src".into(),
+            guest_name: "g".into(),
+            guest_uuid: "00000000-0000-0000-0000-000000000001".into(),
+            memory_bytes: (vm.memory.pages() * PAGE) as u64,
+            vcpus: 1,
+            cpu_features: vec![],
+        },
+        config: serde_json::json!({ "name": "g" }),
+        vcpu_cpuid: vec![vec![]],
+    }
+}
+
+/// How the simulated destination behaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Dest {
+    /// Does everything right.
+    Good,
+    /// Refuses the offer.
+    Refuse,
+    /// Gives up after this many records of the stream.
+    AbortMidStream,
+    /// Disappears after Ready: never answers Go.
+    VanishAfterReady,
+}
+
+struct DestResult {
+    memory: Arc<Memory>,
+    received: Option<Received>,
+    committed: bool,
+}
+
+fn destination(
+    listener: TcpListener,
+    pages: usize,
+    first_pfn: u64,
+    mode: Dest,
+) -> JoinHandle<DestResult> {
+    std::thread::spawn(move || {
+        let memory = Memory::new(pages);
+        let regions = [RamRegion {
+            first_pfn,
+            pages: pages as u64,
+            host_addr: memory.addr(),
+        }];
+        let (stream, _) = listener.accept().unwrap();
+        let mut ch = Channel::new(stream);
+        let offer = match ch.receive::<ToDestination>(Duration::from_secs(5)).unwrap() {
+            ToDestination::Offer(o) => *o,
+            other => panic!("{other:?}"),
+        };
+        if mode == Dest::Refuse {
+            ch.send(&ToSource::Refuse {
+                reason: "not today".into(),
+            })
+            .unwrap();
+            return DestResult {
+                memory,
+                received: None,
+                committed: false,
+            };
+        }
+        ch.send(&ToSource::Accept { domain_id: 7 }).unwrap();
+        let mut records = 0;
+        let mut keep_going = || {
+            records += 1;
+            if mode == Dest::AbortMidStream && records > 20 {
+                return Err("the destination ran out of patience".to_string());
+            }
+            Ok(())
+        };
+        let received = match destination::receive(&mut ch, &regions, &offer, &mut keep_going) {
+            Ok(r) => r,
+            Err(e) => {
+                destination::abort(&mut ch, &e.to_string());
+                return DestResult {
+                    memory,
+                    received: None,
+                    committed: false,
+                };
+            }
+        };
+        if mode == Dest::VanishAfterReady {
+            ch.send(&ToSource::Ready).unwrap();
+            return DestResult {
+                memory,
+                received: Some(received),
+                committed: false,
+            };
+        }
+        let resume = destination::ready_and_wait_for_go(&mut ch, Duration::from_secs(5)).unwrap();
+        assert!(resume);
+        let go = Instant::now();
+        destination::confirm_running(&mut ch, go, Instant::now(), 1).unwrap();
+        DestResult {
+            memory,
+            received: Some(received),
+            committed: true,
+        }
+    })
+}
+
+fn migrate(
+    vm: &FakeVm,
+    live: bool,
+    limits: Limits,
+    mode: Dest,
+    watch: &mut Watch,
+) -> (Result<tern_api::MigrationSummary, SendError>, DestResult) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = destination(listener, vm.memory.pages(), vm.first_pfn, mode);
+    let stream = TcpStream::connect(addr).unwrap();
+    let plan = Plan {
+        domain: "g".into(),
+        destination: addr.to_string(),
+        offer: offer(vm),
+        live,
+        limits,
+    };
+    let result = send(vm, stream, &plan, watch);
+    (result, dest.join().unwrap())
+}
+
+fn same_memory(a: &Memory, b: &Memory) -> bool {
+    a.bytes.iter().zip(b.bytes.iter()).all(|(x, y)| x == y)
+}
+
+#[test]
+fn warm_migration_copies_every_page() {
+    let mut vm = FakeVm::new(2048, 1500, 0..1500, 5);
+    let mut watch = Watch::default();
+    let (result, dest) = migrate(&vm, false, Limits::default(), Dest::Good, &mut watch);
+    let summary = result.unwrap();
+    vm.stop_writer();
+    assert!(dest.committed);
+    assert!(same_memory(&vm.memory, &dest.memory));
+    let received = dest.received.unwrap();
+    assert_eq!(received.machine, b"machine");
+    assert_eq!(
+        received.devices,
+        vec![("serial0".to_string(), b"uart".to_vec())]
+    );
+    // Zero pages are not sent; the destination starts zeroed.
+    assert_eq!(received.pages, 1500);
+    assert_eq!(summary.rounds.len(), 1);
+    assert!(summary.rounds[0].stop_and_copy);
+    assert_eq!(summary.rounds[0].zero_pages, 548);
+    assert_eq!(summary.destination_id, 7);
+    assert!(!summary.live);
+}
+
+#[test]
+fn live_migration_converges_and_copies_the_final_memory() {
+    let mut vm = FakeVm::new(8192, 6000, 100..1100, 20);
+    let mut watch = Watch::default();
+    let (result, dest) = migrate(&vm, true, Limits::default(), Dest::Good, &mut watch);
+    let summary = result.unwrap();
+    vm.stop_writer();
+    assert!(dest.committed);
+    assert!(
+        same_memory(&vm.memory, &dest.memory),
+        "memory differs after the migration"
+    );
+    assert!(summary.live);
+    assert!(summary.rounds.len() >= 2, "{:?}", summary.rounds);
+    assert!(summary.rounds.last().unwrap().stop_and_copy);
+    assert!(summary.downtime_ms > 0.0 && summary.downtime_ms < 1000.0);
+    assert!(!watch.reports.is_empty());
+    // The source is left paused: its guest runs on the destination now.
+    assert!(vm.is_paused());
+}
+
+#[test]
+fn a_refusal_leaves_the_guest_running() {
+    let vm = FakeVm::new(256, 10, 0..10, 1);
+    let mut watch = Watch::default();
+    let (result, _) = migrate(&vm, true, Limits::default(), Dest::Refuse, &mut watch);
+    match result {
+        Err(SendError::Failed(MigrationError::Refused(reason))) => assert_eq!(reason, "not today"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!vm.is_paused());
+}
+
+#[test]
+fn a_destination_that_gives_up_is_heard_and_the_guest_runs_on() {
+    let vm = FakeVm::new(16384, 16000, 0..100, 5);
+    let mut watch = Watch::default();
+    let (result, dest) = migrate(
+        &vm,
+        true,
+        Limits::default(),
+        Dest::AbortMidStream,
+        &mut watch,
+    );
+    match result {
+        Err(SendError::Failed(e)) => {
+            let text = e.to_string();
+            assert!(text.contains("ran out of patience"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!dest.committed);
+    assert!(!vm.is_paused(), "the guest must run on at the source");
+}
+
+#[test]
+fn cancelling_before_the_commit_point_resumes_the_guest() {
+    let vm = FakeVm::new(4096, 4000, 0..100, 5);
+    let mut watch = Watch {
+        cancel_after: Some(3),
+        ..Watch::default()
+    };
+    let (result, dest) = migrate(&vm, true, Limits::default(), Dest::Good, &mut watch);
+    assert!(matches!(
+        result,
+        Err(SendError::Failed(MigrationError::Cancelled(_)))
+    ));
+    assert!(!dest.committed);
+    assert!(!vm.is_paused());
+}
+
+#[test]
+fn a_missing_confirmation_leaves_the_guest_paused_and_unresolved() {
+    let vm = FakeVm::new(512, 100, 0..10, 1);
+    let mut watch = Watch::default();
+    let (result, dest) = migrate(
+        &vm,
+        true,
+        Limits::default(),
+        Dest::VanishAfterReady,
+        &mut watch,
+    );
+    assert!(
+        matches!(result, Err(SendError::Unresolved(_))),
+        "{result:?}"
+    );
+    assert!(!dest.committed);
+    assert!(
+        vm.is_paused(),
+        "never resumed while the destination may run it"
+    );
+    assert_eq!(vm.resumes.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn the_rate_cap_holds() {
+    // 12 MiB of data at 40 Mbit/s (5 MB/s): about 2.5 s.
+    let vm = FakeVm::new(4096, 3072, 0..0, 0);
+    let mut watch = Watch::default();
+    let limits = Limits {
+        rate_limit: Some(5_000_000),
+        ..Limits::default()
+    };
+    let started = Instant::now();
+    let (result, dest) = migrate(&vm, false, limits, Dest::Good, &mut watch);
+    let summary = result.unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert!(dest.committed);
+    let rate = summary.bytes_sent as f64 / secs;
+    assert!(
+        (rate - 5e6).abs() < 0.1 * 5e6,
+        "{rate} B/s over {secs} s is not within 10% of the cap"
+    );
+    assert_eq!(summary.resource_mbit, Some(40));
+}
+
+#[test]
+fn auto_converge_slows_a_guest_that_outruns_the_link() {
+    // The link is capped at 4 MB/s; the guest dirties about 2000 pages (8 MB) a second
+    // among 1000 hot pages: the rounds do not shrink until it is slowed down.
+    let mut vm = FakeVm::new(4096, 1000, 0..1000, 2);
+    let mut watch = Watch::default();
+    let limits = Limits {
+        rate_limit: Some(4_000_000),
+        max_downtime: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let (result, dest) = migrate(&vm, true, limits, Dest::Good, &mut watch);
+    let summary = result.unwrap();
+    vm.stop_writer();
+    assert!(dest.committed);
+    assert!(same_memory(&vm.memory, &dest.memory));
+    assert!(summary.max_throttle_percent > 0, "{summary:?}");
+}

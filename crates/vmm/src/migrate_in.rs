@@ -1,0 +1,245 @@
+//! Receiving a guest from another host. The daemon accepted the offer and started this process
+//! with the connection as an inherited descriptor; the machine is built (paused, with the
+//! CPUID the guest was started with) before the first page arrives, so that building it costs
+//! no downtime.
+//!
+//! The guest runs here only once the source says `Go`. Before that, any failure (the stream
+//! breaks or is bad, the daemon here goes away, the guest is destroyed here) ends this process
+//! with nothing left behind, and the source keeps its guest.
+
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use kvm_bindings::kvm_cpuid_entry2;
+use tern_api::vmm::VmmEvent;
+use tern_devices::serial::ConsoleOut;
+use tern_machine::{Machine, VcpuState, VmState};
+use tern_migration::destination::{self, Received};
+use tern_migration::transport::{tune_tcp, Channel};
+use tern_migration::{CpuidEntry, MigrationError, Offer, RamRegion, HANDOVER_TIMEOUT};
+
+use crate::record::{DomainRecord, IncomingState};
+use crate::{MainEvent, Vmm};
+
+const PAGE: u64 = 4096;
+/// How long the daemon may take to attach to this process before the handover.
+const DAEMON_ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An incoming migration waiting for its stream.
+pub(crate) struct Incoming {
+    channel: Channel<TcpStream>,
+    offer: Offer,
+    source: String,
+    state_file: PathBuf,
+}
+
+/// Takes the inherited connection and builds the machine the guest will arrive in.
+pub(crate) fn prepare(
+    record: &DomainRecord,
+    console: ConsoleOut,
+) -> anyhow::Result<(Machine, Incoming)> {
+    let spec = record
+        .incoming
+        .as_ref()
+        .context("no incoming migration to receive")?;
+    let stream = inherited_socket(spec.fd)?;
+    tune_tcp(&stream).context("cannot set up the migration connection")?;
+    let offer = spec.offer.clone();
+    if offer.info.memory_bytes != record.config.memory_mib << 20 {
+        bail!("the offered guest's memory does not match its config");
+    }
+    let cpuids = offer
+        .vcpu_cpuid
+        .iter()
+        .map(|entries| entries.iter().map(kvm_entry).collect())
+        .collect();
+    let virtio = crate::devices::build(record)?;
+    let mut machine = Machine::new_blank(record.config.memory_mib, cpuids, console, virtio)?;
+    machine.start(true)?;
+    IncomingState::Receiving.store(&spec.state_file)?;
+    Ok((
+        machine,
+        Incoming {
+            channel: Channel::new(stream),
+            offer,
+            source: spec.source.clone(),
+            state_file: spec.state_file.clone(),
+        },
+    ))
+}
+
+/// The connection the daemon passed as descriptor `fd`, checked to be a socket and kept from
+/// any child process.
+fn inherited_socket(fd: i32) -> anyhow::Result<TcpStream> {
+    // SAFETY: fstat fills a stat struct for a descriptor number; an invalid one fails.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if fd < 3
+        || unsafe { libc::fstat(fd, &mut st) } != 0
+        || st.st_mode & libc::S_IFMT != libc::S_IFSOCK
+    {
+        bail!("descriptor {fd} is not the migration connection");
+    }
+    // SAFETY: the daemon passed this descriptor for us alone; it is a connected TCP socket.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    // SAFETY: setting FD_CLOEXEC on a descriptor we own.
+    unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(stream)
+}
+
+fn kvm_entry(e: &CpuidEntry) -> kvm_cpuid_entry2 {
+    kvm_cpuid_entry2 {
+        function: e.function,
+        index: e.index,
+        flags: e.flags,
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
+        ..Default::default()
+    }
+}
+
+/// Receives the guest, waits for `Go` and runs it; or gives up and ends this process.
+pub(crate) fn run(vmm: &Arc<Vmm>, mut job: Incoming) {
+    let started = Instant::now();
+    vmm.set_note(Some(format!("arriving from {}", job.source)));
+    match receive(vmm, &mut job) {
+        Ok(resume) => commit(vmm, &mut job, resume),
+        Err(e) => {
+            let reason = format!("{e:#}");
+            log::warn!(
+                "incoming migration from {} failed after {:.3} s: {reason}",
+                job.source,
+                started.elapsed().as_secs_f64()
+            );
+            if let Err(e) = IncomingState::Aborted.store(&job.state_file) {
+                log::error!("{e:#}");
+            }
+            destination::abort(&mut job.channel, &reason);
+            let _ = vmm.main.send(MainEvent::IncomingAborted(reason));
+        }
+    }
+}
+
+/// Everything up to `Go`: the stream, the state loaded into the paused machine, `Ready`.
+/// Returns whether the source wants the guest resumed.
+fn receive(vmm: &Vmm, job: &mut Incoming) -> anyhow::Result<bool> {
+    let regions = regions(&vmm.machine());
+    let t = Instant::now();
+    let mut keep_going = || still_wanted(vmm);
+    let received = destination::receive(&mut job.channel, &regions, &job.offer, &mut keep_going)?;
+    let streamed = t.elapsed();
+    load(&vmm.machine(), &received)?;
+    log::info!(
+        "incoming: {} pages ({} zeroed) in {:.3} s, state loaded in {:.1} ms",
+        received.pages,
+        received.zero_pages,
+        streamed.as_secs_f64(),
+        (t.elapsed() - streamed).as_secs_f64() * 1e3
+    );
+    wait_for_daemon(vmm)?;
+    IncomingState::Ready.store(&job.state_file)?;
+    Ok(destination::ready_and_wait_for_go(
+        &mut job.channel,
+        HANDOVER_TIMEOUT,
+    )?)
+}
+
+/// `Go` arrived: the guest is this host's. Record it, run it, tell the daemon and the source.
+fn commit(vmm: &Vmm, job: &mut Incoming, resume: bool) {
+    let go = Instant::now();
+    let ch = &mut job.channel;
+    if let Err(e) = IncomingState::Committed.store(&job.state_file) {
+        // Without the record the daemon could not vouch for the guest: do not run it.
+        let reason = format!("cannot record the handover: {e:#}");
+        log::error!("{reason}");
+        let _ = IncomingState::Aborted.store(&job.state_file);
+        destination::abort(ch, &reason);
+        let _ = vmm.main.send(MainEvent::IncomingAborted(reason));
+        return;
+    }
+    {
+        let mut machine = vmm.machine();
+        if resume {
+            if let Err(e) = machine.resume() {
+                log::error!("cannot run the arrived guest: {e}");
+            }
+        }
+        machine.announce_restored();
+    }
+    let resumed = Instant::now();
+    let resumed_unix_ns = tern_migration::source::unix_ns();
+    vmm.migrating.store(false, Ordering::Release);
+    vmm.set_note(None);
+    vmm.notify_monitors(&VmmEvent::Committed);
+    if let Err(e) = destination::confirm_running(ch, go, resumed, resumed_unix_ns) {
+        // The guest is ours either way; the source finds out by asking.
+        log::warn!("cannot confirm the handover to the source: {e}");
+    }
+    log::info!(
+        "incoming migration complete: running {:.2} ms after Go",
+        resumed.duration_since(go).as_secs_f64() * 1e3
+    );
+}
+
+/// Whether the migration may go on: the daemon is still here and nobody destroyed the guest.
+fn still_wanted(vmm: &Vmm) -> Result<(), String> {
+    if vmm.destroying.load(Ordering::Acquire) {
+        return Err("the arriving guest was destroyed on the destination".into());
+    }
+    if vmm.daemon_lost.load(Ordering::Acquire) {
+        return Err("the destination's daemon went away".into());
+    }
+    Ok(())
+}
+
+/// The daemon attaches to this process right after it started; before the handover it must
+/// be there (it answers the source's questions if the handover's end is lost).
+fn wait_for_daemon(vmm: &Vmm) -> Result<(), MigrationError> {
+    let deadline = Instant::now() + DAEMON_ATTACH_TIMEOUT;
+    loop {
+        still_wanted(vmm).map_err(MigrationError::Cancelled)?;
+        if vmm.monitors_open.load(Ordering::Acquire) > 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(MigrationError::Cancelled(
+                "the destination's daemon did not attach to the arriving guest".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn regions(machine: &Machine) -> Vec<RamRegion> {
+    machine
+        .ram()
+        .slots()
+        .iter()
+        .map(|s| RamRegion {
+            first_pfn: s.guest_addr / PAGE,
+            pages: s.size / PAGE,
+            host_addr: s.host_addr,
+        })
+        .collect()
+}
+
+/// Loads the received VM, vCPU and device state into the paused machine.
+fn load(machine: &Machine, received: &Received) -> anyhow::Result<()> {
+    let vm: VmState = postcard::from_bytes(&received.machine)
+        .map_err(|e| anyhow::anyhow!("malformed MACHINE record: {e}"))?;
+    let vcpus: Vec<VcpuState> = received
+        .vcpus
+        .iter()
+        .map(|b| postcard::from_bytes(b).map_err(|e| anyhow::anyhow!("malformed VCPU record: {e}")))
+        .collect::<anyhow::Result<_>>()?;
+    machine.restore_vm_state(&vm)?;
+    machine.restore_vcpus(vcpus)?;
+    machine.restore_devices(&received.devices)?;
+    Ok(())
+}

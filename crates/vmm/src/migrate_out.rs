@@ -1,0 +1,363 @@
+//! Sending this guest to another host: the daemon opens the connection to the destination's
+//! relocation server and hands it over; this process runs the migration engine on its own
+//! machine and reports progress and the outcome back.
+//!
+//! The daemon must stay for the whole transfer: if its connection closes before the commit
+//! point the migration is cancelled and the guest keeps running here (a restarted daemon
+//! adopts it). After the commit point the migration completes without it.
+
+use std::io::BufReader;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tern_api::vmm::VmmReply;
+use tern_api::{write_message, MigrateOptions, MigrationProgress};
+use tern_migration::source::{send, Observer, Plan, SendError, SourceVm, StateRecords};
+use tern_migration::transport::{tune_tcp, Channel};
+use tern_migration::{
+    CpuidEntry, Limits, Offer, Outcome, RamRegion, ToDestination, ToSource, PROTOCOL_VERSION,
+};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::{MainEvent, Vmm};
+
+const PAGE: u64 = 4096;
+
+/// A migration the daemon asked for.
+pub(crate) struct Request {
+    pub destination: String,
+    pub migration_id: String,
+    pub options: MigrateOptions,
+}
+
+/// Serves a Migrate request: takes the connection's descriptor, migrates, answers.
+pub(crate) fn serve(
+    vmm: &Arc<Vmm>,
+    reader: BufReader<UnixStream>,
+    mut writer: UnixStream,
+    request: Request,
+) {
+    let reply = match take_connection(&reader, &mut writer) {
+        Ok(stream) => migrate(vmm, stream, &request, &mut writer),
+        Err(e) => VmmReply::Error {
+            message: format!("{e:#}"),
+        },
+    };
+    let _ = write_message(&mut writer, &reply);
+    if matches!(reply, VmmReply::Migrated(_)) {
+        // The guest lives on the destination now.
+        let _ = vmm.main.send(MainEvent::Migrated(request.destination));
+    }
+}
+
+/// Says Ok, then receives the connection's descriptor with one byte.
+fn take_connection(
+    reader: &BufReader<UnixStream>,
+    writer: &mut UnixStream,
+) -> anyhow::Result<TcpStream> {
+    write_message(writer, &VmmReply::Ok).context("the daemon went away")?;
+    anyhow::ensure!(
+        reader.buffer().is_empty(),
+        "the daemon sent more than the request before the connection"
+    );
+    writer.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut byte = [0u8; 1];
+    let (n, file) = reader
+        .get_ref()
+        .recv_with_fd(&mut byte)
+        .context("cannot receive the migration connection")?;
+    writer.set_read_timeout(None)?;
+    let file = file
+        .filter(|_| n == 1)
+        .context("the daemon sent no connection")?;
+    // SAFETY: the descriptor was just received and is owned by nobody else; it is a TCP socket
+    // the daemon connected.
+    let stream = unsafe { TcpStream::from_raw_fd(file.into_raw_fd()) };
+    tune_tcp(&stream).context("cannot set up the migration connection")?;
+    Ok(stream)
+}
+
+fn migrate(
+    vmm: &Arc<Vmm>,
+    stream: TcpStream,
+    request: &Request,
+    daemon: &mut UnixStream,
+) -> VmmReply {
+    if let Err(message) = vmm.not_migrating() {
+        return VmmReply::Error { message };
+    }
+    vmm.migrating.store(true, Ordering::Release);
+    vmm.set_note(Some(format!("migrating to {}", request.destination)));
+    let result = plan(vmm, request).map(|plan| {
+        let source = MachineSource { vmm };
+        let mut observer = DaemonObserver { vmm, daemon };
+        send(&source, stream, &plan, &mut observer)
+    });
+    vmm.migrating.store(false, Ordering::Release);
+    match result {
+        Err(e) => {
+            vmm.set_note(None);
+            error(format!("cannot migrate: {e:#}"))
+        }
+        Ok(Ok(summary)) => {
+            log::info!(
+                "migrated to {} in {:.3} s, downtime {:.1} ms",
+                request.destination,
+                summary.total_seconds,
+                summary.downtime_ms
+            );
+            VmmReply::Migrated(summary)
+        }
+        Ok(Err(SendError::Failed(e))) => {
+            vmm.set_note(None);
+            log::warn!("migration to {} failed: {e}", request.destination);
+            error(format!("the migration failed: {e}; the guest runs on here"))
+        }
+        Ok(Err(SendError::Unresolved(e))) => {
+            log::error!(
+                "migration to {}: the destination did not confirm the handover: {e}",
+                request.destination
+            );
+            vmm.set_note(Some(format!(
+                "migration to {} unresolved: paused here until that host says whether it runs the guest",
+                request.destination
+            )));
+            start_resolver(vmm, request);
+            error(format!(
+                "the migration's outcome is unknown: {e}. The guest stays paused here and is \
+                 never resumed on both hosts; tern asks {} until it knows (tern list shows it)",
+                request.destination
+            ))
+        }
+    }
+}
+
+fn error(message: String) -> VmmReply {
+    VmmReply::Error { message }
+}
+
+/// What to send: the offer from the running machine, and the user's options.
+fn plan(vmm: &Vmm, request: &Request) -> anyhow::Result<Plan> {
+    let machine = vmm.machine();
+    let mut config = vmm.record.config.clone();
+    config.uuid = vmm.record.uuid.parse().ok();
+    let offer = Offer {
+        protocol: PROTOCOL_VERSION,
+        stream_format: tern_snapshot::FORMAT_VERSION,
+        migration_id: request.migration_id.clone(),
+        live: request.options.live,
+        info: crate::save::guest_info(&machine, &vmm.record),
+        config: serde_json::to_value(&config)?,
+        vcpu_cpuid: machine
+            .vcpu_cpuids()
+            .iter()
+            .map(|entries| entries.iter().map(cpuid_entry).collect())
+            .collect(),
+    };
+    let limits = Limits {
+        max_downtime: Duration::from_millis(request.options.max_downtime_ms),
+        rate_limit: request.options.resource_mbit.map(|m| m * 1_000_000 / 8),
+        ..Limits::default()
+    };
+    Ok(Plan {
+        domain: vmm.record.config.name.clone(),
+        destination: request.destination.clone(),
+        offer,
+        live: request.options.live,
+        limits,
+    })
+}
+
+fn cpuid_entry(e: &kvm_bindings::kvm_cpuid_entry2) -> CpuidEntry {
+    CpuidEntry {
+        function: e.function,
+        index: e.index,
+        flags: e.flags,
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
+    }
+}
+
+/// The engine's view of this process's machine.
+struct MachineSource<'a> {
+    vmm: &'a Vmm,
+}
+
+fn msg(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl SourceVm for MachineSource<'_> {
+    fn regions(&self) -> Vec<RamRegion> {
+        self.vmm
+            .machine()
+            .ram()
+            .slots()
+            .iter()
+            .map(|s| RamRegion {
+                first_pfn: s.guest_addr / PAGE,
+                pages: s.size / PAGE,
+                host_addr: s.host_addr,
+            })
+            .collect()
+    }
+
+    fn populated(&self) -> Result<Vec<std::ops::Range<u64>>, String> {
+        crate::save::populated_pages(&self.vmm.machine()).map_err(|e| format!("{e:#}"))
+    }
+
+    fn is_paused(&self) -> bool {
+        self.vmm.machine().is_paused()
+    }
+
+    fn pause(&self) -> Result<(), String> {
+        self.vmm.machine().pause().map_err(msg)
+    }
+
+    fn resume(&self) -> Result<(), String> {
+        self.vmm.machine().resume().map_err(msg)
+    }
+
+    fn start_dirty_log(&self) -> Result<(), String> {
+        self.vmm.machine().start_dirty_log().map_err(msg)
+    }
+
+    fn stop_dirty_log(&self) -> Result<(), String> {
+        self.vmm.machine().stop_dirty_log().map_err(msg)
+    }
+
+    fn take_dirty(&self) -> Result<Vec<Vec<u64>>, String> {
+        self.vmm.machine().take_dirty_pages().map_err(msg)
+    }
+
+    fn set_throttle(&self, percent: u8) -> Result<(), String> {
+        self.vmm.machine().set_throttle(percent).map_err(msg)
+    }
+
+    fn capture(&self) -> Result<StateRecords, String> {
+        let machine = self.vmm.machine();
+        let vm = machine.capture_vm_state().map_err(msg)?;
+        let vcpus = machine.capture_vcpus().map_err(msg)?;
+        let devices = machine.capture_devices().map_err(msg)?;
+        Ok(StateRecords {
+            machine: postcard::to_allocvec(&vm).map_err(msg)?,
+            vcpus: vcpus
+                .iter()
+                .map(|v| postcard::to_allocvec(v).map_err(msg))
+                .collect::<Result<_, _>>()?,
+            devices,
+        })
+    }
+}
+
+/// Reports to the daemon and stops the migration if the daemon goes away or the guest is
+/// being destroyed.
+struct DaemonObserver<'a> {
+    vmm: &'a Vmm,
+    daemon: &'a mut UnixStream,
+}
+
+impl Observer for DaemonObserver<'_> {
+    fn progress(&mut self, progress: &MigrationProgress) {
+        self.vmm.set_note(Some(format!(
+            "migrating ({}, round {})",
+            progress.phase, progress.round
+        )));
+        let _ = write_message(self.daemon, &VmmReply::MigrationProgress(progress.clone()));
+    }
+
+    fn keep_going(&mut self) -> Result<(), String> {
+        if self.vmm.destroying.load(Ordering::Acquire) {
+            return Err("the guest is being destroyed".into());
+        }
+        if peer_closed(self.daemon) {
+            return Err("the daemon went away".into());
+        }
+        Ok(())
+    }
+}
+
+/// Whether the other end of a Unix stream has closed it.
+fn peer_closed(stream: &UnixStream) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: polling one descriptor we own, without waiting.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// After an unconfirmed handover: asks the destination what became of the migration until it
+/// knows, then ends here (it runs there) or resumes here (it does not). Stops asking if the
+/// user decides first (unpauses or destroys the guest).
+fn start_resolver(vmm: &Arc<Vmm>, request: &Request) {
+    let vmm = vmm.clone();
+    let destination = request.destination.clone();
+    let migration_id = request.migration_id.clone();
+    let spawned = std::thread::Builder::new()
+        .name("resolve".into())
+        .spawn(move || resolve(&vmm, &destination, &migration_id));
+    if let Err(e) = spawned {
+        log::error!("cannot start asking {}: {e}", request.destination);
+    }
+}
+
+fn resolve(vmm: &Vmm, destination: &str, migration_id: &str) {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        std::thread::sleep(wait);
+        wait = (wait * 2).min(Duration::from_secs(5));
+        if vmm.destroying.load(Ordering::Acquire) || !vmm.machine().is_paused() {
+            log::info!("migration {migration_id}: resolved by the user");
+            return;
+        }
+        match query(destination, migration_id) {
+            Ok(Outcome::Committed) => {
+                log::info!("migration {migration_id}: {destination} runs the guest; ending here");
+                vmm.set_note(None);
+                let _ = vmm.main.send(MainEvent::Migrated(destination.to_string()));
+                return;
+            }
+            Ok(Outcome::Aborted) => {
+                log::warn!("migration {migration_id}: {destination} does not run the guest; resuming it here");
+                if let Err(e) = vmm.machine().resume() {
+                    log::error!("cannot resume the guest: {e}");
+                }
+                vmm.set_note(None);
+                return;
+            }
+            Ok(Outcome::Pending) => {
+                log::info!("migration {migration_id}: {destination} has not decided yet")
+            }
+            Err(e) => log::warn!("migration {migration_id}: cannot ask {destination}: {e:#}"),
+        }
+    }
+}
+
+/// Asks the relocation server at `destination` about `migration_id`.
+fn query(destination: &str, migration_id: &str) -> anyhow::Result<Outcome> {
+    let addr: SocketAddr = destination
+        .parse()
+        .with_context(|| format!("bad address {destination}"))?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    tune_tcp(&stream)?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut ch = Channel::new(stream);
+    ch.send(&ToDestination::Query {
+        migration_id: migration_id.to_string(),
+    })?;
+    match ch.receive::<ToSource>(Duration::from_secs(5))? {
+        ToSource::Outcome { outcome } => Ok(outcome),
+        ToSource::Refuse { reason } => anyhow::bail!("refused: {reason}"),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+}
