@@ -4,6 +4,7 @@
 mod checkpoint;
 mod client;
 mod console;
+mod migrate;
 mod progress;
 
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tern_api::{DomainInfo, Request};
+use tern_api::{DomainInfo, MigrateOptions, Request, DEFAULT_MAX_DOWNTIME_MS};
 
 #[derive(Parser)]
 #[command(
@@ -98,6 +99,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move a running guest to the daemon whose relocation server listens at HOST[:PORT].
+    Migrate {
+        domain: String,
+        /// HOST or HOST:PORT (port 8002 unless given).
+        destination: String,
+        /// Copy memory while the guest runs; pause it only for the last pages.
+        #[arg(short, long)]
+        live: bool,
+        /// Cap the transfer rate, in megabits per second.
+        #[arg(short, long, value_name = "MBIT", value_parser = clap::value_parser!(u64).range(1..))]
+        resource: Option<u64>,
+        /// Longest pause of a live migration, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = DEFAULT_MAX_DOWNTIME_MS)]
+        max_downtime: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// The process of one guest (started by the daemon).
     #[command(hide = true)]
     Vmm {
@@ -179,6 +197,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             copy,
             json,
         } => checkpoint::restore(socket, &file, paused, copy, json)?,
+        Command::Migrate {
+            domain,
+            destination,
+            live,
+            resource,
+            max_downtime,
+            json,
+        } => {
+            let options = MigrateOptions {
+                live,
+                resource_mbit: resource,
+                max_downtime_ms: max_downtime,
+            };
+            migrate::migrate(socket, &domain, &destination, options, json)?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -218,19 +251,21 @@ fn list(socket: &Path, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<32} {:>5} {:>8} {:>5} {:<9} {:>9}",
+        "{:<32} {:>5} {:>8} {:>5} {:<9} {:>9}  Note",
         "Name", "ID", "Mem(MiB)", "VCPUs", "State", "Time(s)"
     );
     for d in domains {
-        println!(
-            "{:<32} {:>5} {:>8} {:>5} {:<9} {:>9.1}",
+        let row = format!(
+            "{:<32} {:>5} {:>8} {:>5} {:<9} {:>9.1}  {}",
             d.name,
             d.id,
             d.memory_mib,
             d.vcpus,
             d.state.as_str(),
-            d.cpu_time_s
+            d.cpu_time_s,
+            d.note.as_deref().unwrap_or("")
         );
+        println!("{}", row.trim_end());
     }
     Ok(())
 }

@@ -340,8 +340,8 @@ impl Sender<'_> {
         stop.stop_reason = reason;
         let t = Instant::now();
         set.union_with(&self.take_dirty()?);
-        self.vm.stop_dirty_log().map_err(vm_err)?;
-        self.set_throttle(0)?;
+        // The dirty log and the throttle stay as they are while the guest is paused: ending
+        // them costs downtime, and only matters if the guest runs here again (`undo`).
         let tally = self.send_pages(w, &set, round + 1, false)?;
         stop.last_pages = t.elapsed();
         self.record_round(round + 1, tally, stop.last_pages, true);

@@ -23,6 +23,9 @@ pub(crate) const IFF_VNET_HDR: i16 = 0x4000;
 const SIOCGIFFLAGS: u64 = 0x8913;
 const SIOCSIFFLAGS: u64 = 0x8914;
 const SIOCGIFINDEX: u64 = 0x8933;
+const SIOCSIFHWADDR: u64 = 0x8924;
+/// `ARPHRD_ETHER`: the hardware address family of Ethernet devices.
+const ARPHRD_ETHER: libc::sa_family_t = 1;
 const SIOCETHTOOL: u64 = 0x8946;
 const SIOCBRADDBR: u64 = 0x89a0;
 const SIOCBRDELBR: u64 = 0x89a1;
@@ -43,6 +46,7 @@ pub(crate) union IfReqData {
     pub flags: libc::c_short,
     pub ifindex: libc::c_int,
     pub ptr: *mut libc::c_void,
+    pub hwaddr: libc::sockaddr,
     _size: [u8; 24],
 }
 
@@ -131,6 +135,19 @@ impl CtlSocket {
         let mut ifr = IfReq::new(name);
         ifr.data.flags = flags;
         self.ifreq_ioctl(SIOCSIFFLAGS, &mut ifr)
+    }
+
+    /// Sets the interface's Ethernet address.
+    pub(crate) fn set_mac(&self, name: &str, mac: [u8; 6]) -> io::Result<()> {
+        let mut ifr = IfReq::new(name);
+        // SAFETY: sockaddr is plain old data; all zero is a valid value.
+        let mut addr: libc::sockaddr = unsafe { std::mem::zeroed() };
+        addr.sa_family = ARPHRD_ETHER;
+        for (dst, src) in addr.sa_data.iter_mut().zip(mac) {
+            *dst = src as libc::c_char;
+        }
+        ifr.data.hwaddr = addr;
+        self.ifreq_ioctl(SIOCSIFHWADDR, &mut ifr)
     }
 
     /// Sets or clears `IFF_UP`.

@@ -29,6 +29,13 @@ pub struct Tap {
     name: String,
 }
 
+/// The host end of every TAP carries this address. A Linux bridge without an address of its
+/// own takes the lowest of its ports' addresses; a random TAP address could become the
+/// bridge's, and change again when the guest leaves (a migration), leaving the host's
+/// neighbours with a stale ARP entry. The highest unicast, locally administered address is
+/// never the lowest (the convention Xen's vif devices follow).
+pub const HOST_SIDE_MAC: [u8; 6] = [0xfe, 0xff, 0xff, 0xff, 0xff, 0xff];
+
 impl Tap {
     /// Creates TAP `name` in the calling thread's network namespace and sets it up.
     ///
@@ -79,6 +86,8 @@ impl Tap {
         }
         .map_err(|e| NetError::os(name, "TUNSETOFFLOAD", e))?;
 
+        sock.set_mac(name, HOST_SIDE_MAC)
+            .map_err(|e| NetError::os(name, "set address (SIOCSIFHWADDR)", e))?;
         sock.set_up(name, true)
             .map_err(|e| NetError::os(name, "set up (SIOCSIFFLAGS)", e))?;
         Ok(Tap {

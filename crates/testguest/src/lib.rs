@@ -9,6 +9,7 @@
 //! | `write_mibps` | write rate over all vCPUs, MiB/s, or `max` | 0 |
 //! | `verify_ms` | period of one full verification pass | 2000 |
 //! | `write_passes` | stop writing after this many passes over the working set (0: never) | 0 |
+//! | `prefill` | `1`: write the whole working set once at full speed first | 0 |
 //! | `ip` | `A.B.C.D/NN`: the guest's address and prefix length; without it the network is off | none |
 //! | `gw` | `A.B.C.D`: default gateway | none |
 //! | `http_port` | TCP port of the download server (`GET /download/<n>`; 0: none) | 80 |

@@ -329,7 +329,14 @@ fn resolve(vmm: &Vmm, destination: &str, migration_id: &str) {
             }
             Ok(Outcome::Aborted) => {
                 log::warn!("migration {migration_id}: {destination} does not run the guest; resuming it here");
-                if let Err(e) = vmm.machine().resume() {
+                let mut machine = vmm.machine();
+                if let Err(e) = machine
+                    .set_throttle(0)
+                    .and_then(|()| machine.stop_dirty_log())
+                {
+                    log::error!("cannot end throttling and dirty logging: {e}");
+                }
+                if let Err(e) = machine.resume() {
                     log::error!("cannot resume the guest: {e}");
                 }
                 vmm.set_note(None);

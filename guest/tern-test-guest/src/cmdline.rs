@@ -11,6 +11,9 @@ pub struct Params {
     pub verify_ms: u64,
     /// Stop writing after this many passes over the working set (0: never stop).
     pub write_passes: u64,
+    /// `prefill=1`: write the whole working set once at full speed before the paced writer
+    /// starts (all of it in use, as in a guest that has been up a while).
+    pub prefill: bool,
     /// `ip=A.B.C.D/NN`: the guest's IPv4 address and prefix length (None: network off).
     pub ip: Option<([u8; 4], u8)>,
     /// An `ip=` that did not parse (reported, and the network stays off).
@@ -40,6 +43,7 @@ impl Params {
         write_mibps: 0,
         verify_ms: 2000,
         write_passes: 0,
+        prefill: false,
         ip: None,
         ip_invalid: false,
         gw: None,
@@ -125,6 +129,7 @@ pub fn parse(addr: u64) -> (Params, &'static [u8]) {
             b"write_mibps" => p.write_mibps = parse_u64(value).unwrap_or(0),
             b"verify_ms" => p.verify_ms = parse_u64(value).unwrap_or(p.verify_ms).max(10),
             b"write_passes" => p.write_passes = parse_u64(value).unwrap_or(0),
+            b"prefill" => p.prefill = parse_u64(value).is_some_and(|v| v != 0),
             b"ip" => {
                 p.ip = parse_cidr(value);
                 p.ip_invalid = p.ip.is_none();

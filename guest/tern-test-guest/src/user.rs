@@ -211,6 +211,9 @@ fn run(cpu: usize, mut net: Option<Net>, mut disk: Option<Disk>) -> ! {
     let shared = unsafe { &*core::ptr::addr_of!(SHARED) };
     let p = &shared.params;
     let expected = regs::expected(cpu);
+    if p.prefill {
+        Share::prefill(cpu, shared.cpus, shared.ws);
+    }
     let start = now_ns(cpu);
     let mut share = Share::new(
         cpu,

@@ -1,0 +1,180 @@
+//! `tern migrate`.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use tern_api::{MigrateOptions, MigrationProgress, MigrationSummary, Request};
+
+use crate::client;
+use crate::progress::bytes;
+
+pub fn migrate(
+    socket: &Path,
+    domain: &str,
+    destination: &str,
+    options: MigrateOptions,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut conn = client::send(
+        socket,
+        &Request::Migrate {
+            domain: domain.into(),
+            destination: destination.into(),
+            options,
+        },
+    )?;
+    let mut line = MigrationLine::new(domain);
+    let result = client::finish(&mut conn, |data| {
+        if let Ok(p) = serde_json::from_value::<MigrationProgress>(data.clone()) {
+            line.update(&p);
+        }
+    });
+    line.finish();
+    let summary: MigrationSummary =
+        serde_json::from_value(result?).context("malformed migration summary")?;
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print!("{}", describe(&summary));
+    }
+    Ok(())
+}
+
+/// The progress line: phase, round, pages left, rate, ETA, throttle.
+struct MigrationLine {
+    label: String,
+    enabled: bool,
+    drawn: bool,
+    last_draw: Option<Instant>,
+}
+
+impl MigrationLine {
+    fn new(domain: &str) -> Self {
+        MigrationLine {
+            label: format!("migrating {domain}"),
+            enabled: std::io::stderr().is_terminal(),
+            drawn: false,
+            last_draw: None,
+        }
+    }
+
+    fn update(&mut self, p: &MigrationProgress) {
+        if !self.enabled
+            || self
+                .last_draw
+                .is_some_and(|t| t.elapsed().as_millis() < 100)
+        {
+            return;
+        }
+        self.last_draw = Some(Instant::now());
+        let eta = p
+            .eta_seconds
+            .map_or_else(|| "-".to_string(), |s| format!("{s:.1} s"));
+        let throttle = if p.throttle_percent > 0 {
+            format!(", vCPUs throttled {}%", p.throttle_percent)
+        } else {
+            String::new()
+        };
+        eprint!(
+            "\r\x1b[2K{}: {} round {}, {} pages left, {} sent, {}/s, ETA {eta}{throttle}",
+            self.label,
+            p.phase,
+            p.round,
+            p.pages_left,
+            bytes(p.bytes_sent),
+            bytes(p.rate_bps as u64),
+        );
+        let _ = std::io::stderr().flush();
+        self.drawn = true;
+    }
+
+    fn finish(&mut self) {
+        if self.drawn {
+            eprint!("\r\x1b[2K");
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
+/// The human summary of a migration, several lines.
+pub fn describe(s: &MigrationSummary) -> String {
+    let mut out = format!(
+        "Migrated {} to {} (id={} there), {} migration\n",
+        s.domain,
+        s.destination,
+        s.destination_id,
+        if s.live { "live" } else { "warm" }
+    );
+    out += &format!("  total time   {:.3} s\n", s.total_seconds);
+    let p = &s.downtime_parts;
+    out += &format!(
+        "  downtime     {:.1} ms (last pages {:.1}, state {:.1}, load {:.1}, handover {:.1})\n",
+        s.downtime_ms, p.last_pages_ms, p.state_ms, p.load_ms, p.handover_ms
+    );
+    out += &format!("  rounds       {}", s.rounds.len());
+    let per_round: Vec<String> = s
+        .rounds
+        .iter()
+        .map(|r| {
+            let mark = if r.stop_and_copy { " (paused)" } else { "" };
+            format!("{}{mark}", r.pages)
+        })
+        .collect();
+    out += &format!(": pages {}\n", per_round.join(", "));
+    let cap = s
+        .resource_mbit
+        .map_or_else(String::new, |c| format!(" (cap {c} Mbit/s)"));
+    out += &format!(
+        "  sent         {} at a mean {:.0} Mbit/s{cap}\n",
+        bytes(s.bytes_sent),
+        s.mean_rate_mbit
+    );
+    let throttle = if s.max_throttle_percent > 0 {
+        format!(
+            "yes, vCPUs slowed down by up to {}%",
+            s.max_throttle_percent
+        )
+    } else {
+        "no".to_string()
+    };
+    out += &format!("  throttling   {throttle}\n");
+    out += &format!("  stopped      {}\n", s.stop_reason);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_api::MigrationRound;
+
+    #[test]
+    fn summary_names_rounds_and_throttling() {
+        let s = MigrationSummary {
+            domain: "g".into(),
+            destination: "10.0.0.2:8002".into(),
+            destination_id: 4,
+            live: true,
+            rounds: vec![
+                MigrationRound {
+                    pages: 1000,
+                    ..Default::default()
+                },
+                MigrationRound {
+                    round: 1,
+                    pages: 12,
+                    stop_and_copy: true,
+                    ..Default::default()
+                },
+            ],
+            max_throttle_percent: 40,
+            stop_reason: "remaining pages fit the downtime budget".into(),
+            ..Default::default()
+        };
+        let text = describe(&s);
+        assert!(text.contains("live migration"), "{text}");
+        assert!(text.contains("pages 1000, 12 (paused)"), "{text}");
+        assert!(text.contains("up to 40%"), "{text}");
+    }
+}
