@@ -327,6 +327,27 @@ impl Registry {
         key: &str,
         destination: &str,
         options: &MigrateOptions,
+        progress: impl FnMut(&MigrationProgress),
+    ) -> anyhow::Result<MigrationSummary> {
+        let result = self.migrate_out(key, destination, options, progress);
+        match &result {
+            Ok(s) => log::info!(
+                "migrated '{}' to {}: {:.1} ms downtime, {:.2} s in all",
+                s.domain,
+                s.destination,
+                s.downtime_ms,
+                s.total_seconds
+            ),
+            Err(e) => log::warn!("migration of '{key}' to {destination} failed: {e:#}"),
+        }
+        result
+    }
+
+    fn migrate_out(
+        &self,
+        key: &str,
+        destination: &str,
+        options: &MigrateOptions,
         mut progress: impl FnMut(&MigrationProgress),
     ) -> anyhow::Result<MigrationSummary> {
         let (id, dir) = self.find_live(key)?;

@@ -271,11 +271,12 @@ impl Sender<'_> {
             .map_err(|e| MigrationError::Vm(format!("cannot encode the guest config: {e}")))?;
         w.record(RecordType::CONFIG, &config)
             .map_err(|e| MigrationError::io("send the CONFIG record", e))?;
-        let first = PageSet::from_ranges(&self.regions, &self.vm.populated().map_err(vm_err)?);
         let mut stop = if live {
-            self.precopy(w, first)?
+            self.precopy(w)?
         } else {
             let paused = self.pause(was_running)?;
+            // Only now: a page the guest touched first before the pause must be in the set.
+            let first = self.populated()?;
             let t = Instant::now();
             let tally = self.send_pages(w, &first, 0, true)?;
             self.record_round(0, tally, t.elapsed(), true);
@@ -311,9 +312,11 @@ impl Sender<'_> {
     fn precopy<T: Transport>(
         &mut self,
         w: &mut SnapshotWriter<Channel<T>>,
-        first: PageSet,
     ) -> Result<StopTimes, MigrationError> {
+        // The log first, then the pages in use: a page first written in between is then in
+        // both, never in neither.
         self.vm.start_dirty_log().map_err(vm_err)?;
+        let first = self.populated()?;
         let memory_bytes = self.plan.offer.info.memory_bytes;
         let mut convergence = Convergence::new(self.plan.limits.clone(), memory_bytes);
         let mut set = first;
@@ -346,6 +349,12 @@ impl Sender<'_> {
         stop.last_pages = t.elapsed();
         self.record_round(round + 1, tally, stop.last_pages, true);
         Ok(stop)
+    }
+
+    /// The pages the guest has in use (the first pass sends these).
+    fn populated(&self) -> Result<PageSet, MigrationError> {
+        let ranges = self.vm.populated().map_err(vm_err)?;
+        Ok(PageSet::from_ranges(&self.regions, &ranges))
     }
 
     fn take_dirty(&self) -> Result<PageSet, MigrationError> {

@@ -116,7 +116,9 @@ fn migrate(
         Ok(Err(SendError::Failed(e))) => {
             vmm.set_note(None);
             log::warn!("migration to {} failed: {e}", request.destination);
-            error(format!("the migration failed: {e}; the guest runs on here"))
+            error(format!(
+                "the migration failed: {e}; the guest keeps running here"
+            ))
         }
         Ok(Err(SendError::Unresolved(e))) => {
             log::error!(

@@ -215,3 +215,107 @@ pub fn domain_dir(host: &Host, id: u64) -> PathBuf {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// Two hosts of a lab with their relocation servers on, the KVM lock held. Fields drop in
+/// order: hosts (and their guests) before the lab, the lock last.
+pub struct Pair {
+    pub h1: Host,
+    pub h2: Host,
+    pub lab: tern_testkit::NetLab,
+    _lock: KvmLock,
+}
+
+/// The `[relocation]` table for `member`: its server on its lab address, `allow` as
+/// `hosts_allow`, and `extra` lines at the top level of the config.
+pub fn relocation_toml(member: tern_testkit::Member, allow: &[&str], extra: &str) -> String {
+    let allow: Vec<String> = allow.iter().map(|a| format!("'{a}'")).collect();
+    format!(
+        "{extra}\n[relocation]\nserver = true\naddress = \"{}\"\nhosts_allow = [{}]\n",
+        member.ip(),
+        allow.join(", ")
+    )
+}
+
+impl Pair {
+    /// Hosts that accept each other (and only each other).
+    pub fn start() -> Pair {
+        Pair::start_with(&["^10\\.77\\.0\\.[12]$"], "", "")
+    }
+
+    /// Hosts with `allow` as both servers' `hosts_allow` and extra top-level config lines.
+    pub fn start_with(allow: &[&str], extra1: &str, extra2: &str) -> Pair {
+        use tern_testkit::{Member, NetLab};
+        let lock = KvmLock::acquire();
+        let lab = NetLab::new().expect("build the network lab");
+        let h1 = Host::in_lab(
+            &lab,
+            Member::Host1,
+            &relocation_toml(Member::Host1, allow, extra1),
+        );
+        let h2 = Host::in_lab(
+            &lab,
+            Member::Host2,
+            &relocation_toml(Member::Host2, allow, extra2),
+        );
+        Pair {
+            h1,
+            h2,
+            lab,
+            _lock: lock,
+        }
+    }
+}
+
+/// The lab address of the host `host` is (`h1` or `h2` of a [`Pair`]).
+pub fn address_of(pair: &Pair, host: &Host) -> String {
+    use tern_testkit::Member;
+    let member = if std::ptr::eq(host, &pair.h1) {
+        Member::Host1
+    } else {
+        Member::Host2
+    };
+    member.ip().to_string()
+}
+
+impl Host {
+    /// `tern migrate NAME DEST --json ARGS…`, asserting success; the summary.
+    pub fn migrate(&self, name: &str, destination: &str, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["migrate", name, destination, "--json"];
+        all.extend_from_slice(args);
+        let out = self.ok(&all);
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("summary {out:?}: {e}"))
+    }
+
+    /// Whether `name` is listed here.
+    pub fn has(&self, name: &str) -> bool {
+        self.list().iter().any(|d| d["name"] == name)
+    }
+
+    /// Asserts nothing of an (arrived or refused) guest is left here: not listed, no guest
+    /// process, no domain directory, no TAP device in `netns`.
+    pub fn assert_empty(&self, lab: &tern_testkit::NetLab, member: tern_testkit::Member) {
+        let gone = wait_for(Duration::from_secs(20), || {
+            self.list().is_empty() && self.live_guest_processes().is_empty()
+        });
+        assert!(
+            gone,
+            "left over: {:?}, processes {:?}\n{}",
+            self.list(),
+            self.live_guest_processes(),
+            self.daemon_log()
+        );
+        let domains = self.state_dir.join("domains");
+        let left: Vec<_> = std::fs::read_dir(&domains)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "domain directories left: {left:?}");
+        let out = lab
+            .exec(member, "ip", &["-o", "link", "show"])
+            .expect("ip link");
+        let links = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            !links.lines().any(|l| l.contains(": tern")),
+            "TAP devices left:\n{links}"
+        );
+    }
+}
