@@ -35,6 +35,9 @@ pub struct Workload {
     pub write_mibps: u64,
     pub verify_ms: u64,
     pub heartbeat_ms: u64,
+    pub vcpus: u32,
+    /// Write the working set once at full speed first (`prefill=1`).
+    pub prefill: bool,
 }
 
 impl Workload {
@@ -47,14 +50,24 @@ impl Workload {
             write_mibps: WRITE_MIBPS,
             verify_ms: (wss_mib * 1000 / VERIFY_MIBPS).max(100),
             heartbeat_ms: HEARTBEAT_MS,
+            vcpus: 1,
+            prefill: false,
         }
     }
 
     /// The kernel command line that sets this workload.
     pub fn cmdline(&self) -> String {
+        let write = if self.write_mibps == u64::MAX {
+            "max".to_string()
+        } else {
+            self.write_mibps.to_string()
+        };
         format!(
-            "heartbeat_ms={} wss_mib={} write_mibps={} verify_ms={}",
-            self.heartbeat_ms, self.wss_mib, self.write_mibps, self.verify_ms
+            "heartbeat_ms={} wss_mib={} write_mibps={write} verify_ms={} prefill={}",
+            self.heartbeat_ms,
+            self.wss_mib,
+            self.verify_ms,
+            u8::from(self.prefill)
         )
     }
 

@@ -136,7 +136,7 @@ impl Qemu {
             "-m",
             &w.mem_mib.to_string(),
             "-smp",
-            "1",
+            &w.vcpus.to_string(),
             "-nodefaults",
             "-no-user-config",
             "-display",
@@ -160,15 +160,30 @@ impl Qemu {
 
     /// Spawns QEMU (with `extra` arguments) and starts collecting its serial output.
     fn spawn(&self, w: &Workload, dir: &Path, extra: &[String]) -> anyhow::Result<QemuGuest> {
+        self.spawn_in(w, dir, extra, None)
+    }
+
+    /// [`Qemu::spawn`] inside network namespace `netns` (a lab host), if given.
+    pub fn spawn_in(
+        &self,
+        w: &Workload,
+        dir: &Path,
+        extra: &[String],
+        netns: Option<&str>,
+    ) -> anyhow::Result<QemuGuest> {
         let qmp_path = dir.join("qmp.sock");
         let _ = std::fs::remove_file(&qmp_path);
         let stderr = std::fs::File::create(dir.join("qemu.stderr"))?;
-        let mut child = Command::new(&self.binary)
-            .args(self.args(w, &qmp_path)?)
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(self.args(w, &qmp_path)?)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(stderr)
+            .stderr(stderr);
+        if let Some(ns) = netns {
+            tern_testkit::enter_netns(&mut cmd, ns)?;
+        }
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", self.binary.display()))?;
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -321,9 +336,54 @@ impl QemuGuest {
         let t = Instant::now();
         self.qmp()?
             .execute("migrate", Some(json!({ "uri": uri })))?;
-        let status = guest::wait_for(
+        let status = self.wait_migrated(Duration::from_millis(1))?;
+        let seconds = t.elapsed().as_secs_f64();
+        Ok(QemuSave {
+            seconds,
+            qemu_total_ms: status["total-time"].as_u64().unwrap_or(0),
+            file_bytes: settled_size(file)?,
+            normal_pages: status["ram"]["normal"].as_u64().unwrap_or(0),
+            zero_pages: status["ram"]["duplicate"].as_u64().unwrap_or(0),
+        })
+    }
+
+    /// Live-migrates the running guest to `uri` as the benchmark asks of both tools: a
+    /// downtime limit of `downtime_ms`, no bandwidth cap, auto-converge on. Waits until QEMU
+    /// reports it completed; the figures of `query-migrate` and the host time of the STOP
+    /// event (the guest paused here).
+    pub fn migrate_live(
+        &mut self,
+        uri: &str,
+        downtime_ms: u64,
+    ) -> anyhow::Result<(serde_json::Value, f64, f64)> {
+        let qmp = self.qmp()?;
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [
+                { "capability": "auto-converge", "state": true },
+                { "capability": "events", "state": true }
+            ]})),
+        )?;
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": downtime_ms })),
+        )?;
+        let t = Instant::now();
+        qmp.execute("migrate", Some(json!({ "uri": uri })))?;
+        let status = self.wait_migrated(Duration::from_millis(5))?;
+        let seconds = t.elapsed().as_secs_f64();
+        let stopped = self
+            .qmp()?
+            .event_time("STOP")
+            .context("QEMU sent no STOP event")?;
+        Ok((status, seconds, stopped))
+    }
+
+    /// Polls `query-migrate` every `every` until the migration completed; its last answer.
+    fn wait_migrated(&mut self, every: Duration) -> anyhow::Result<serde_json::Value> {
+        guest::wait_for(
             Duration::from_secs(600),
-            Duration::from_millis(1),
+            every,
             "QEMU's migration to finish",
             || {
                 let s = self.qmp()?.execute("query-migrate", None)?;
@@ -333,15 +393,17 @@ impl QemuGuest {
                     _ => Ok(None),
                 }
             },
-        )?;
-        let seconds = t.elapsed().as_secs_f64();
-        Ok(QemuSave {
-            seconds,
-            qemu_total_ms: status["total-time"].as_u64().unwrap_or(0),
-            file_bytes: settled_size(file)?,
-            normal_pages: status["ram"]["normal"].as_u64().unwrap_or(0),
-            zero_pages: status["ram"]["duplicate"].as_u64().unwrap_or(0),
-        })
+        )
+    }
+
+    /// Waits until QEMU reports the guest running (RESUME); the host time it did.
+    pub fn wait_resumed(&mut self) -> anyhow::Result<f64> {
+        guest::wait_for(
+            Duration::from_secs(60),
+            Duration::from_millis(5),
+            "the migrated guest to resume under QEMU",
+            || self.resumed_at(),
+        )
     }
 
     /// Asks QEMU to quit and waits for it.

@@ -51,6 +51,8 @@ pub const THROTTLE_STEPS: [u8; 7] = [20, 40, 60, 80, 90, 95, 99];
 /// last one: it dirties memory at half the rate it can be sent or more, so rounds shrink
 /// slowly (QEMU's auto-converge uses the same threshold).
 const THROTTLE_RATIO: f64 = 0.5;
+/// What auto-converge aims for: each round at most this share of the one before.
+const TARGET_RATIO: f64 = 0.3;
 /// A round is "not shrinking" if the next one would be at least this share of it.
 const STALL_RATIO: f64 = 0.9;
 
@@ -192,7 +194,7 @@ impl Convergence {
         // touching its memory for the first time, so its rounds look slower than the link.
         let ratio = dirty as f64 / (round.pages.max(1)) as f64;
         if ratio >= THROTTLE_RATIO && self.rounds > 1 {
-            if let Some(throttle) = self.throttle_harder() {
+            if let Some(throttle) = self.throttle_harder(ratio) {
                 return Decision::Continue { throttle };
             }
             if ratio >= STALL_RATIO {
@@ -226,15 +228,22 @@ impl Convergence {
         next <= dirty as f64 / 2.0
     }
 
-    /// The next throttle step, if auto-converge may go further.
-    fn throttle_harder(&mut self) -> Option<u8> {
+    /// The next throttle step, if auto-converge may go further: the smallest step that should
+    /// make the rounds shrink to [`TARGET_RATIO`], judging by `ratio` (pages dirtied during
+    /// the round over pages it sent) under the current throttle, and at least one step up.
+    /// On a slow link every round is long, so going one step at a time could use up the
+    /// round and byte limits before the guest is slow enough.
+    fn throttle_harder(&mut self, ratio: f64) -> Option<u8> {
         if !self.limits.auto_converge {
             return None;
         }
-        let next = self.throttle_step.map_or(0, |s| s + 1);
-        if next >= THROTTLE_STEPS.len() {
-            return None;
-        }
+        let running = 1.0 - f64::from(self.throttle()) / 100.0;
+        let unthrottled = ratio / running.max(0.01);
+        let wanted = (1.0 - TARGET_RATIO / unthrottled) * 100.0;
+        let first = self.throttle_step.map_or(0, |s| s + 1);
+        let next = (first..THROTTLE_STEPS.len())
+            .find(|&i| f64::from(THROTTLE_STEPS[i]) + 0.5 >= wanted)
+            .or_else(|| (first < THROTTLE_STEPS.len()).then_some(THROTTLE_STEPS.len() - 1))?;
         self.throttle_step = Some(next);
         Some(THROTTLE_STEPS[next])
     }
@@ -302,8 +311,9 @@ mod tests {
         let mut c = Convergence::new(Limits::default(), GIB);
         let d = c.after_round(round(100, 1.0), 40 * PAGES_PER_MIB, 100 << 20);
         assert_eq!(d, Decision::Continue { throttle: 0 });
+        // 30 of 40 MiB dirtied again: to make rounds shrink to 30%, the guest must run at 40%.
         let d = c.after_round(round(40, 0.4), 30 * PAGES_PER_MIB, 140 << 20);
-        assert_eq!(d, Decision::Continue { throttle: 20 });
+        assert_eq!(d, Decision::Continue { throttle: 60 });
     }
 
     #[test]
@@ -315,15 +325,17 @@ mod tests {
             c.after_round(round(64, 1.0), 64 * PAGES_PER_MIB, total),
             Decision::Continue { throttle: 0 }
         );
+        // Rounds that do not shrink at all: each throttle step is chosen for the rate the
+        // guest would dirty at unthrottled, skipping steps that cannot be enough.
         let mut seen = Vec::new();
-        for _ in 0..THROTTLE_STEPS.len() {
+        for _ in 0..3 {
             total += 64 << 20;
             match c.after_round(round(64, 1.0), 64 * PAGES_PER_MIB, total) {
                 Decision::Continue { throttle } => seen.push(throttle),
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(seen, THROTTLE_STEPS);
+        assert_eq!(seen, [80, 95, 99]);
         // At the strongest throttle, two more rounds that do not shrink end the pre-copy.
         total += 64 << 20;
         assert_eq!(

@@ -216,7 +216,8 @@ fn wait_for_daemon(vmm: &Vmm) -> Result<(), MigrationError> {
     }
 }
 
-fn regions(machine: &Machine) -> Vec<RamRegion> {
+/// The machine's RAM slots as the migration engine sees them.
+pub(crate) fn regions(machine: &Machine) -> Vec<RamRegion> {
     machine
         .ram()
         .slots()

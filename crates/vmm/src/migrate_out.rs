@@ -26,8 +26,6 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::{MainEvent, Vmm};
 
-const PAGE: u64 = 4096;
-
 /// A migration the daemon asked for.
 pub(crate) struct Request {
     pub destination: String,
@@ -198,17 +196,7 @@ fn msg(e: impl std::fmt::Display) -> String {
 
 impl SourceVm for MachineSource<'_> {
     fn regions(&self) -> Vec<RamRegion> {
-        self.vmm
-            .machine()
-            .ram()
-            .slots()
-            .iter()
-            .map(|s| RamRegion {
-                first_pfn: s.guest_addr / PAGE,
-                pages: s.size / PAGE,
-                host_addr: s.host_addr,
-            })
-            .collect()
+        crate::migrate_in::regions(&self.vmm.machine())
     }
 
     fn populated(&self) -> Result<Vec<std::ops::Range<u64>>, String> {

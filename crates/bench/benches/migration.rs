@@ -1,0 +1,402 @@
+//! The migration benchmark of issue 5: a 1 GiB, 2-vCPU test guest with 512 MiB in use,
+//! writing 0, 64, 256 MiB/s and as fast as it can, live-migrated from host1 to host2 of the
+//! test lab over a link shaped to 1 Gbit/s, by tern and, in the same run, by QEMU (`-incoming
+//! tcp:`, auto-converge, the same 30 ms downtime limit, no bandwidth cap). Downtime is measured
+//! the same way for both: from the pause on the source to the resume on the destination, as
+//! the two processes stamp them with the host clock (tern's summary; QEMU's STOP and RESUME
+//! events). Prints the table and records it in `benchmarks/migration.md` and `.json`.
+//!
+//! `TERN_BENCH_QEMU=off` leaves QEMU out; `TERN_BENCH_RATES=0,256` runs some rates only.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use tern_bench::guest::{self, Workload};
+use tern_bench::machine_info::MachineInfo;
+use tern_bench::qemu::{self, Qemu};
+use tern_testkit::{run_in_netns, KvmLock, Member, NetLab, TernHost};
+
+const MEM_MIB: u64 = 1024;
+const VCPUS: u32 = 2;
+const WSS_MIB: u64 = 512;
+/// The shaped link between the hosts (and to the rest of the lab).
+const LINK_MBIT: u64 = 1000;
+const DOWNTIME_MS: u64 = 30;
+const QEMU_PORT: u16 = 4444;
+/// Write rates (MiB/s); `u64::MAX`: as fast as the guest can.
+const RATES: [u64; 4] = [0, 64, 256, u64::MAX];
+
+#[derive(Clone, Debug, Default, Serialize)]
+struct Figures {
+    tool: String,
+    write_mibps: Option<u64>,
+    downtime_ms: f64,
+    total_s: f64,
+    bytes: u64,
+    rounds: u64,
+    throttle_percent: u64,
+    /// The guest's own word after arrival: memory and register checks clean.
+    checks_clean: bool,
+}
+
+impl Figures {
+    /// Total time over the time the bytes alone take on the link.
+    fn over_link(&self, link_bps: f64) -> f64 {
+        self.total_s / (self.bytes as f64 / link_bps)
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workload(write_mibps: u64) -> Workload {
+    Workload {
+        mem_mib: MEM_MIB,
+        wss_mib: WSS_MIB,
+        write_mibps,
+        verify_ms: 4000,
+        heartbeat_ms: 100,
+        vcpus: VCPUS,
+        prefill: true,
+    }
+}
+
+fn rates() -> Vec<u64> {
+    match std::env::var("TERN_BENCH_RATES") {
+        Ok(list) => list
+            .split(',')
+            .filter_map(|r| match r.trim() {
+                "max" => Some(u64::MAX),
+                n => n.parse().ok(),
+            })
+            .collect(),
+        Err(_) => RATES.to_vec(),
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let tern = tern_testkit::find_tern()?;
+    let qemu = match std::env::var("TERN_BENCH_QEMU").as_deref() {
+        Ok("off") => None,
+        _ => match qemu::detect() {
+            Ok(q) => Some(q),
+            Err(why) => {
+                eprintln!("warning: QEMU left out: {why}");
+                None
+            }
+        },
+    };
+    let _lock = KvmLock::acquire();
+    let lab = NetLab::new()?;
+    shape(&lab)?;
+    let link_bps = measure_link(&lab)?;
+    println!(
+        "link host1 -> host2: shaped to {LINK_MBIT} Mbit/s, measured {:.0} Mbit/s",
+        link_bps * 8.0 / 1e6
+    );
+    let mut results = Vec::new();
+    for rate in rates() {
+        let w = workload(rate);
+        let t = tern_once(&lab, &tern, &w).with_context(|| format!("tern at {}", label(rate)))?;
+        print_row(&t, link_bps);
+        results.push(t);
+        if let Some(q) = &qemu {
+            let f = qemu_once(&lab, q, &w).with_context(|| format!("QEMU at {}", label(rate)))?;
+            print_row(&f, link_bps);
+            results.push(f);
+        }
+    }
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let info = MachineInfo::collect(&repo);
+    let md = report(&results, link_bps, &info, qemu.as_ref());
+    println!("\n{md}");
+    if std::env::var_os("TERN_BENCH_RATES").is_none() {
+        std::fs::write(repo.join("benchmarks/migration.md"), &md)?;
+        let json = serde_json::json!({
+            "link_mbit_shaped": LINK_MBIT,
+            "link_mbit_measured": link_bps * 8.0 / 1e6,
+            "results": results,
+        });
+        std::fs::write(
+            repo.join("benchmarks/migration.json"),
+            serde_json::to_string_pretty(&json)?,
+        )?;
+        println!("Recorded in benchmarks/migration.md and benchmarks/migration.json");
+    }
+    Ok(())
+}
+
+fn label(rate: u64) -> String {
+    match rate {
+        u64::MAX => "max".into(),
+        r => format!("{r} MiB/s"),
+    }
+}
+
+/// A token bucket on each host's uplink: both directions of every host-to-host path.
+fn shape(lab: &NetLab) -> anyhow::Result<()> {
+    for m in Member::HOSTS {
+        let rate = format!("{LINK_MBIT}mbit");
+        let out = lab.exec(
+            m,
+            "tc",
+            &[
+                "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", &rate, "burst", "256kb",
+                "latency", "50ms",
+            ],
+        )?;
+        if !out.status.success() {
+            bail!("tc: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes per second one TCP stream gets from host1 to host2.
+fn measure_link(lab: &NetLab) -> anyhow::Result<f64> {
+    const BYTES: usize = 128 << 20;
+    let addr = SocketAddr::from((Member::Host2.ip(), 5001));
+    let listener = run_in_netns(lab.ns(Member::Host2), || TcpListener::bind(addr))??;
+    let reader = std::thread::spawn(move || -> std::io::Result<usize> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        loop {
+            match s.read(&mut buf)? {
+                0 => return Ok(total),
+                n => total += n,
+            }
+        }
+    });
+    let mut conn = lab.tcp_connect(Member::Host1, addr, Duration::from_secs(5))?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let started = Instant::now();
+    for _ in 0..BYTES >> 20 {
+        conn.write_all(&chunk)?;
+    }
+    drop(conn);
+    let got = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    let secs = started.elapsed().as_secs_f64();
+    Ok(got as f64 / secs)
+}
+
+fn relocation(member: Member) -> String {
+    format!(
+        "[relocation]\nserver = true\naddress = \"{}\"\nhosts_allow = ['^10\\.77\\.0\\.[12]$']\n",
+        member.ip()
+    )
+}
+
+fn tern_once(lab: &NetLab, tern: &std::path::Path, w: &Workload) -> anyhow::Result<Figures> {
+    let h1 = lab.start_host(tern, Member::Host1, &relocation(Member::Host1))?;
+    let h2 = lab.start_host(tern, Member::Host2, &relocation(Member::Host2))?;
+    let cfg = h1.guest_config("bench", w.mem_mib, w.vcpus, &w.cmdline())?;
+    h1.run(&["create", tern_testkit::path_arg(&cfg)?])?;
+    wait_filled_tern(&h1, w)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let out = h1.run(&["migrate", "bench", "10.77.0.2", "--live", "--json"])?;
+    let s: serde_json::Value = serde_json::from_str(out.trim()).context("tern's summary")?;
+    let ns = |k: &str| s[k].as_u64().unwrap_or(0) as f64;
+    let last_seq = h2
+        .heartbeats("bench")?
+        .pop()
+        .map(|(_, h)| h.seq)
+        .unwrap_or(0);
+    let checks_clean = checks_clean_tern(&h2, last_seq)?;
+    h2.run(&["destroy", "bench"])?;
+    Ok(Figures {
+        tool: "tern".into(),
+        write_mibps: (w.write_mibps != u64::MAX).then_some(w.write_mibps),
+        downtime_ms: (ns("resumed_unix_ns") - ns("paused_unix_ns")) / 1e6,
+        total_s: s["total_seconds"].as_f64().unwrap_or(0.0),
+        bytes: s["bytes_sent"].as_u64().unwrap_or(0),
+        rounds: s["rounds"].as_array().map_or(0, |r| r.len() as u64),
+        throttle_percent: s["max_throttle_percent"].as_u64().unwrap_or(0),
+        checks_clean,
+    })
+}
+
+fn wait_filled_tern(h: &TernHost, w: &Workload) -> anyhow::Result<()> {
+    guest::wait_for(
+        w.fill_timeout(),
+        Duration::from_millis(200),
+        "the guest to fill its working set",
+        || {
+            let beats = h.heartbeats("bench")?;
+            Ok(beats
+                .last()
+                .filter(|(_, b)| b.written >= w.ws_pages())
+                .map(|_| ()))
+        },
+    )
+}
+
+/// Waits for a full verification pass on the destination; whether it found everything intact.
+fn checks_clean_tern(h: &TernHost, from_seq: u64) -> anyhow::Result<bool> {
+    let first = guest::wait_for(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        "heartbeats on the destination",
+        || Ok(h.heartbeats("bench")?.pop().map(|(_, b)| b)),
+    )?;
+    let last = guest::wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        "a full memory check on the destination",
+        || {
+            Ok(h.heartbeats("bench")?
+                .pop()
+                .map(|(_, b)| b)
+                .filter(|b| b.passes > first.passes && b.seq > from_seq))
+        },
+    )?;
+    Ok(last.mem_errors == 0 && last.reg_errors == 0)
+}
+
+fn qemu_once(lab: &NetLab, q: &Qemu, w: &Workload) -> anyhow::Result<Figures> {
+    let dir = tempfile::tempdir()?;
+    let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
+    std::fs::create_dir_all(&src_dir)?;
+    std::fs::create_dir_all(&dst_dir)?;
+    let mut src = q.spawn_in(w, &src_dir, &[], Some(lab.ns(Member::Host1)))?;
+    guest::first_beat(&src).with_context(|| src.stderr_tail())?;
+    guest::wait_filled(&src, w)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let uri = format!("tcp:{}:{QEMU_PORT}", Member::Host2.ip());
+    let mut dst = q.spawn_in(
+        w,
+        &dst_dir,
+        &["-incoming".into(), uri.clone()],
+        Some(lab.ns(Member::Host2)),
+    )?;
+    let (status, seconds, stopped) = src.migrate_live(&uri, DOWNTIME_MS)?;
+    let resumed = dst.wait_resumed()?;
+    let before = guest::last_beat(&dst).map(|b| b.passes).unwrap_or(0);
+    let after = guest::wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        "a full memory check under QEMU on the destination",
+        || Ok(guest::last_beat(&dst).ok().filter(|b| b.passes > before)),
+    )?;
+    let _ = src.quit();
+    let _ = dst.quit();
+    Ok(Figures {
+        tool: format!("QEMU {}.{}.{}", q.version.0, q.version.1, q.version.2),
+        write_mibps: (w.write_mibps != u64::MAX).then_some(w.write_mibps),
+        downtime_ms: (resumed - stopped) * 1e3,
+        total_s: seconds,
+        bytes: status["ram"]["transferred"].as_u64().unwrap_or(0),
+        rounds: status["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+        throttle_percent: status["cpu-throttle-percentage"].as_u64().unwrap_or(0),
+        checks_clean: after.mem_errors == 0 && after.reg_errors == 0,
+    })
+}
+
+fn print_row(f: &Figures, link_bps: f64) {
+    println!(
+        "{:<12} {:>10}: downtime {:>7.1} ms, total {:>6.2} s, {:>5} MiB sent ({:.2}x the link time), {} rounds, throttle {}%, checks {}",
+        f.tool,
+        f.write_mibps.map_or("max".to_string(), |r| format!("{r} MiB/s")),
+        f.downtime_ms,
+        f.total_s,
+        f.bytes >> 20,
+        f.over_link(link_bps),
+        f.rounds,
+        f.throttle_percent,
+        if f.checks_clean { "clean" } else { "FAILED" }
+    );
+}
+
+fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&Qemu>) -> String {
+    let mut md = format!(
+        "# Migration benchmark (issue 5)\n\n\
+         Measured by `cargo bench -p tern-bench --bench migration` (also run by `scripts/bench`).\n\n\
+         {}\n\n\
+         A {MEM_MIB} MiB, {VCPUS}-vCPU test guest with {WSS_MIB} MiB of its memory in use (written\n\
+         once at start), writing at the given rate over those {WSS_MIB} MiB, is live-migrated from\n\
+         host1 to host2 of the test lab. The hosts' uplinks are shaped to {LINK_MBIT} Mbit/s with a\n\
+         token bucket (measured: {:.0} Mbit/s for one TCP stream). Both tools: {DOWNTIME_MS} ms\n\
+         downtime limit, no bandwidth cap, auto-converge. Downtime runs from the pause on the\n\
+         source to the resume on the destination, as both processes stamp them with the host\n\
+         clock. *Link time* is bytes sent divided by the measured link rate. After each move the\n\
+         guest completes a full verification pass of its memory and registers on the destination.\n\n\
+         QEMU: {}\n\n\
+         | write rate | tool | downtime | total time | sent | total / link time | rounds | throttle | guest checks |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---|\n",
+        info.markdown(),
+        link_bps * 8.0 / 1e6,
+        qemu.map_or("not measured".to_string(), |q| q.version_line.clone())
+    );
+    for f in results {
+        md += &format!(
+            "| {} | {} | {:.1} ms | {:.2} s | {} MiB | {:.2} | {} | {}% | {} |\n",
+            f.write_mibps
+                .map_or("max".to_string(), |r| format!("{r} MiB/s")),
+            f.tool,
+            f.downtime_ms,
+            f.total_s,
+            f.bytes >> 20,
+            f.over_link(link_bps),
+            f.rounds,
+            f.throttle_percent,
+            if f.checks_clean { "clean" } else { "FAILED" }
+        );
+    }
+    md += "\n## Targets\n\n";
+    for f in results.iter().filter(|f| f.tool == "tern") {
+        let limit = match f.write_mibps {
+            Some(0) => Some(5.0),
+            Some(256) => Some(20.0),
+            _ => None,
+        };
+        if let Some(limit) = limit {
+            md += &format!(
+                "- downtime at {}: {:.1} ms, target under {limit} ms: {}\n",
+                label(f.write_mibps.unwrap_or(0)),
+                f.downtime_ms,
+                verdict(f.downtime_ms < limit)
+            );
+        }
+        md += &format!(
+            "- total time at {}: {:.2}x the link time, target at most 1.3x: {}\n",
+            f.write_mibps.map_or("max".to_string(), label),
+            f.over_link(link_bps),
+            verdict(f.over_link(link_bps) <= 1.3)
+        );
+        if let Some(q) = results
+            .iter()
+            .find(|q| q.tool != "tern" && q.write_mibps == f.write_mibps)
+        {
+            md += &format!(
+                "- downtime at {} below QEMU's ({:.1} vs {:.1} ms): {}\n",
+                f.write_mibps.map_or("max".to_string(), label),
+                f.downtime_ms,
+                q.downtime_ms,
+                verdict(f.downtime_ms < q.downtime_ms)
+            );
+        }
+    }
+    md
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
