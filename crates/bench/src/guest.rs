@@ -315,7 +315,7 @@ mod tests {
         assert_eq!(w.ws_pages(), 524_288);
         assert_eq!(
             w.cmdline(),
-            "heartbeat_ms=10 wss_mib=2048 write_mibps=48 verify_ms=16000"
+            "heartbeat_ms=10 wss_mib=2048 write_mibps=48 verify_ms=16000 prefill=0"
         );
         assert!(w.touched_estimate() > 2048 << 20);
         assert_eq!(Workload::for_memory(64).verify_ms, 250);
