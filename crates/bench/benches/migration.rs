@@ -19,7 +19,9 @@ use serde::Serialize;
 use tern_bench::guest::{self, Workload};
 use tern_bench::machine_info::MachineInfo;
 use tern_bench::qemu::{self, Qemu};
-use tern_testkit::{run_in_netns, KvmLock, Member, NetLab, TernHost};
+use tern_testkit::{
+    relocation_toml, run_in_netns, KvmLock, Member, NetLab, TernHost, LAB_HOSTS_ALLOW,
+};
 
 const MEM_MIB: u64 = 1024;
 const VCPUS: u32 = 2;
@@ -45,6 +47,19 @@ struct Figures {
 }
 
 impl Figures {
+    /// The write rate as the table shows it.
+    fn rate_label(&self) -> String {
+        self.write_mibps.map_or("max".to_string(), label)
+    }
+
+    fn checks_word(&self) -> &'static str {
+        if self.checks_clean {
+            "clean"
+        } else {
+            "FAILED"
+        }
+    }
+
     /// Total time over the time the bytes alone take on the link.
     fn over_link(&self, link_bps: f64) -> f64 {
         self.total_s / (self.bytes as f64 / link_bps)
@@ -52,13 +67,7 @@ impl Figures {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tern_bench::exit_code(run())
 }
 
 fn workload(write_mibps: u64) -> Workload {
@@ -194,16 +203,17 @@ fn measure_link(lab: &NetLab) -> anyhow::Result<f64> {
     Ok(got as f64 / secs)
 }
 
-fn relocation(member: Member) -> String {
-    format!(
-        "[relocation]\nserver = true\naddress = \"{}\"\nhosts_allow = ['^10\\.77\\.0\\.[12]$']\n",
-        member.ip()
-    )
-}
-
 fn tern_once(lab: &NetLab, tern: &std::path::Path, w: &Workload) -> anyhow::Result<Figures> {
-    let h1 = lab.start_host(tern, Member::Host1, &relocation(Member::Host1))?;
-    let h2 = lab.start_host(tern, Member::Host2, &relocation(Member::Host2))?;
+    let h1 = lab.start_host(
+        tern,
+        Member::Host1,
+        &relocation_toml(Member::Host1, &[LAB_HOSTS_ALLOW]),
+    )?;
+    let h2 = lab.start_host(
+        tern,
+        Member::Host2,
+        &relocation_toml(Member::Host2, &[LAB_HOSTS_ALLOW]),
+    )?;
     let cfg = h1.guest_config("bench", w.mem_mib, w.vcpus, &w.cmdline())?;
     h1.run(&["create", tern_testkit::path_arg(&cfg)?])?;
     wait_filled_tern(&h1, w)?;
@@ -310,14 +320,14 @@ fn print_row(f: &Figures, link_bps: f64) {
     println!(
         "{:<12} {:>10}: downtime {:>7.1} ms, total {:>6.2} s, {:>5} MiB sent ({:.2}x the link time), {} rounds, throttle {}%, checks {}",
         f.tool,
-        f.write_mibps.map_or("max".to_string(), |r| format!("{r} MiB/s")),
+        f.rate_label(),
         f.downtime_ms,
         f.total_s,
         f.bytes >> 20,
         f.over_link(link_bps),
         f.rounds,
         f.throttle_percent,
-        if f.checks_clean { "clean" } else { "FAILED" }
+        f.checks_word()
     );
 }
 
@@ -344,8 +354,7 @@ fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&
     for f in results {
         md += &format!(
             "| {} | {} | {:.1} ms | {:.2} s | {} MiB | {:.2} | {} | {}% | {} |\n",
-            f.write_mibps
-                .map_or("max".to_string(), |r| format!("{r} MiB/s")),
+            f.rate_label(),
             f.tool,
             f.downtime_ms,
             f.total_s,
@@ -353,7 +362,7 @@ fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&
             f.over_link(link_bps),
             f.rounds,
             f.throttle_percent,
-            if f.checks_clean { "clean" } else { "FAILED" }
+            f.checks_word()
         );
     }
     md += "\n## Targets\n\n";
@@ -366,14 +375,14 @@ fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&
         if let Some(limit) = limit {
             md += &format!(
                 "- downtime at {}: {:.1} ms, target under {limit} ms: {}\n",
-                label(f.write_mibps.unwrap_or(0)),
+                f.rate_label(),
                 f.downtime_ms,
                 verdict(f.downtime_ms < limit)
             );
         }
         md += &format!(
             "- total time at {}: {:.2}x the link time, target at most 1.3x: {}\n",
-            f.write_mibps.map_or("max".to_string(), label),
+            f.rate_label(),
             f.over_link(link_bps),
             verdict(f.over_link(link_bps) <= 1.3)
         );
@@ -383,7 +392,7 @@ fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&
         {
             md += &format!(
                 "- downtime at {} below QEMU's ({:.1} vs {:.1} ms): {}\n",
-                f.write_mibps.map_or("max".to_string(), label),
+                f.rate_label(),
                 f.downtime_ms,
                 q.downtime_ms,
                 verdict(f.downtime_ms < q.downtime_ms)

@@ -16,13 +16,7 @@ const DOWNLOAD: u64 = 100 << 20;
 const ROUNDS: usize = 3;
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tern_bench::exit_code(run())
 }
 
 struct Figures {

@@ -14,13 +14,7 @@ use tern_bench::report::Report;
 use tern_bench::save_restore::{self, Config};
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tern_bench::exit_code(run())
 }
 
 fn run() -> anyhow::Result<()> {

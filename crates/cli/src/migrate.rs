@@ -1,14 +1,12 @@
 //! `tern migrate`.
 
-use std::io::{IsTerminal, Write};
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::Context;
 use tern_api::{MigrateOptions, MigrationProgress, MigrationSummary, Request};
 
 use crate::client;
-use crate::progress::bytes;
+use crate::progress::{bytes, ProgressLine};
 
 pub fn migrate(
     socket: &Path,
@@ -25,10 +23,10 @@ pub fn migrate(
             options,
         },
     )?;
-    let mut line = MigrationLine::new(domain);
+    let mut line = ProgressLine::new(&format!("migrating {domain}"));
     let result = client::finish(&mut conn, |data| {
         if let Ok(p) = serde_json::from_value::<MigrationProgress>(data.clone()) {
-            line.update(&p);
+            line.draw(|| progress_text(&p));
         }
     });
     line.finish();
@@ -42,60 +40,24 @@ pub fn migrate(
     Ok(())
 }
 
-/// The progress line: phase, round, pages left, rate, ETA, throttle.
-struct MigrationLine {
-    label: String,
-    enabled: bool,
-    drawn: bool,
-    last_draw: Option<Instant>,
-}
-
-impl MigrationLine {
-    fn new(domain: &str) -> Self {
-        MigrationLine {
-            label: format!("migrating {domain}"),
-            enabled: std::io::stderr().is_terminal(),
-            drawn: false,
-            last_draw: None,
-        }
-    }
-
-    fn update(&mut self, p: &MigrationProgress) {
-        if !self.enabled
-            || self
-                .last_draw
-                .is_some_and(|t| t.elapsed().as_millis() < 100)
-        {
-            return;
-        }
-        self.last_draw = Some(Instant::now());
-        let eta = p
-            .eta_seconds
-            .map_or_else(|| "-".to_string(), |s| format!("{s:.1} s"));
-        let throttle = if p.throttle_percent > 0 {
-            format!(", vCPUs throttled {}%", p.throttle_percent)
-        } else {
-            String::new()
-        };
-        eprint!(
-            "\r\x1b[2K{}: {} round {}, {} pages left, {} sent, {}/s, ETA {eta}{throttle}",
-            self.label,
-            p.phase,
-            p.round,
-            p.pages_left,
-            bytes(p.bytes_sent),
-            bytes(p.rate_bps as u64),
-        );
-        let _ = std::io::stderr().flush();
-        self.drawn = true;
-    }
-
-    fn finish(&mut self) {
-        if self.drawn {
-            eprint!("\r\x1b[2K");
-            let _ = std::io::stderr().flush();
-        }
-    }
+/// The progress text: phase, round, pages left, rate, ETA, throttle.
+fn progress_text(p: &MigrationProgress) -> String {
+    let eta = p
+        .eta_seconds
+        .map_or_else(|| "-".to_string(), |s| format!("{s:.1} s"));
+    let throttle = if p.throttle_percent > 0 {
+        format!(", vCPUs throttled {}%", p.throttle_percent)
+    } else {
+        String::new()
+    };
+    format!(
+        "{} round {}, {} pages left, {} sent, {}/s, ETA {eta}{throttle}",
+        p.phase,
+        p.round,
+        p.pages_left,
+        bytes(p.bytes_sent),
+        bytes(p.rate_bps as u64),
+    )
 }
 
 /// The human summary of a migration, several lines.

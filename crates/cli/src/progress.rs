@@ -3,7 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
-/// Redraws a progress line (bytes done, rate, ETA) at most ten times a second.
+/// Redraws a progress line (bytes done, rate, ETA, or any text) at most ten times a second.
 pub struct ProgressLine {
     label: String,
     started: Instant,
@@ -42,6 +42,28 @@ impl ProgressLine {
 
     /// Shows `done` of `total` bytes.
     pub fn update(&mut self, done: u64, total: u64) {
+        let started = self.started;
+        self.draw(|| {
+            let secs = started.elapsed().as_secs_f64().max(1e-6);
+            let rate = done as f64 / secs;
+            let eta = if rate > 0.0 && total > done {
+                format!("{:.1} s", (total - done) as f64 / rate)
+            } else {
+                "-".into()
+            };
+            let pct = (done * 100).checked_div(total).unwrap_or(0);
+            format!(
+                "{} / {} ({pct}%), {}/s, ETA {eta}",
+                bytes(done),
+                bytes(total),
+                bytes(rate as u64)
+            )
+        });
+    }
+
+    /// Redraws the line as `label: text`, unless it was drawn less than 100 ms ago (`text` is
+    /// only built when it will be shown).
+    pub fn draw(&mut self, text: impl FnOnce() -> String) {
         if !self.enabled
             || self
                 .last_draw
@@ -50,21 +72,7 @@ impl ProgressLine {
             return;
         }
         self.last_draw = Some(Instant::now());
-        let secs = self.started.elapsed().as_secs_f64().max(1e-6);
-        let rate = done as f64 / secs;
-        let eta = if rate > 0.0 && total > done {
-            format!("{:.1} s", (total - done) as f64 / rate)
-        } else {
-            "-".into()
-        };
-        let pct = (done * 100).checked_div(total).unwrap_or(0);
-        eprint!(
-            "\r\x1b[2K{}: {} / {} ({pct}%), {}/s, ETA {eta}",
-            self.label,
-            bytes(done),
-            bytes(total),
-            bytes(rate as u64)
-        );
+        eprint!("\r\x1b[2K{}: {}", self.label, text());
         let _ = std::io::stderr().flush();
         self.drawn = true;
     }

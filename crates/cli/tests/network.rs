@@ -270,35 +270,16 @@ fn save_and_restore_with_traffic_and_disk_io_in_flight_loses_nothing() {
     host.wait_heartbeat("busy", 5, Duration::from_secs(20));
 
     // A slow download (curl limits its rate), so that it is surely in flight at the save.
-    let file = host.dir.join("inflight.bin");
-    let mut curl = std::process::Command::new(tern_testkit::find_program("curl").expect("curl"));
-    curl.args([
-        "-sS",
-        "--fail",
-        "--limit-rate",
-        "20M",
-        "-o",
-        file.to_str().expect("path"),
-    ])
-    .arg("http://10.77.0.10/download/104857600");
-    let mut download = lab.spawn_in(Member::Client, curl).expect("curl");
+    let mut download = Download::start(&lab, host.dir.join("inflight.bin"), "20M");
     std::thread::sleep(Duration::from_secs(2));
     assert!(
-        matches!(download.try_wait(), Ok(None)),
+        download.running(),
         "the download should still be running when the checkpoint starts"
     );
     let checkpoint = host.dir.join("busy.tern");
     host.ok(&["save", "busy", checkpoint.to_str().expect("path")]);
     host.ok(&["restore", checkpoint.to_str().expect("path")]);
-    let out = download.wait_with_output().expect("curl");
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let data = std::fs::read(&file).expect("download");
-    assert_eq!(data.len(), 104_857_600);
-    assert_eq!(tern_testguest::verify_download(&data), Ok(()));
+    download.assert_complete();
 
     let before = host.heartbeats("busy").pop().expect("beats").1;
     let after = host.wait_heartbeat("busy", before.seq + 10, Duration::from_secs(20));

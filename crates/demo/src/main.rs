@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tern_testkit::{Member, NetLab, TernHost};
+use tern_testkit::{relocation_toml, Member, NetLab, TernHost, LAB_HOSTS_ALLOW};
 
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 10);
 const DOWNLOAD: u64 = 200 << 20;
@@ -44,13 +44,6 @@ fn heartbeats(host: &TernHost, name: &str) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-fn relocation(member: Member) -> String {
-    format!(
-        "[relocation]\nserver = true\naddress = \"{}\"\nhosts_allow = ['^10\\.77\\.0\\.[12]$']\n",
-        member.ip()
-    )
-}
-
 /// Prints and runs `tern args` on `who`, its progress display (stderr) going straight to the
 /// terminal.
 fn show_live(host: &TernHost, who: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -75,8 +68,16 @@ fn run() -> anyhow::Result<()> {
     println!("br0 for guests), a client, all on one layer-2 segment.");
     let lab = NetLab::new().context("cannot build the network lab (the demo needs root)")?;
     print!("{}", lab.describe());
-    let host1 = lab.start_host(&tern, Member::Host1, &relocation(Member::Host1))?;
-    let host2 = lab.start_host(&tern, Member::Host2, &relocation(Member::Host2))?;
+    let host1 = lab.start_host(
+        &tern,
+        Member::Host1,
+        &relocation_toml(Member::Host1, &[LAB_HOSTS_ALLOW]),
+    )?;
+    let host2 = lab.start_host(
+        &tern,
+        Member::Host2,
+        &relocation_toml(Member::Host2, &[LAB_HOSTS_ALLOW]),
+    )?;
     for (name, h) in [("host1", &host1), ("host2", &host2)] {
         println!(
             "\n{name}$ cat {0}\n{1}\n{name}$ tern daemon --config {0} &",

@@ -116,6 +116,20 @@ impl Member {
     }
 }
 
+/// `hosts_allow` that admits exactly the lab's two hosts.
+pub const LAB_HOSTS_ALLOW: &str = r"^10\.77\.0\.[12]$";
+
+/// The daemon config's `[relocation]` table for host `member`: the server on its lab address,
+/// `hosts_allow` as given (regular expressions).
+pub fn relocation_toml(member: Member, hosts_allow: &[&str]) -> String {
+    let allow: Vec<String> = hosts_allow.iter().map(|a| format!("'{a}'")).collect();
+    format!(
+        "[relocation]\nserver = true\naddress = \"{}\"\nhosts_allow = [{}]\n",
+        member.ip(),
+        allow.join(", ")
+    )
+}
+
 /// Address of the `n`th guest of a test (10.77.0.10 + n), for n below 90.
 pub fn guest_ip(n: u8) -> Option<Ipv4Addr> {
     (n < 90).then(|| Ipv4Addr::new(10, 77, 0, 10 + n))

@@ -228,18 +228,13 @@ pub struct Pair {
 /// The `[relocation]` table for `member`: its server on its lab address, `allow` as
 /// `hosts_allow`, and `extra` lines at the top level of the config.
 pub fn relocation_toml(member: tern_testkit::Member, allow: &[&str], extra: &str) -> String {
-    let allow: Vec<String> = allow.iter().map(|a| format!("'{a}'")).collect();
-    format!(
-        "{extra}\n[relocation]\nserver = true\naddress = \"{}\"\nhosts_allow = [{}]\n",
-        member.ip(),
-        allow.join(", ")
-    )
+    format!("{extra}\n{}", tern_testkit::relocation_toml(member, allow))
 }
 
 impl Pair {
     /// Hosts that accept each other (and only each other).
     pub fn start() -> Pair {
-        Pair::start_with(&["^10\\.77\\.0\\.[12]$"], "", "")
+        Pair::start_with(&[tern_testkit::LAB_HOSTS_ALLOW], "", "")
     }
 
     /// Hosts with `allow` as both servers' `hosts_allow` and extra top-level config lines.
@@ -317,5 +312,47 @@ impl Host {
             !links.lines().any(|l| l.contains(": tern")),
             "TAP devices left:\n{links}"
         );
+    }
+}
+
+/// A 100 MiB download from the guest at 10.77.0.10 by the lab's client, with curl limited to
+/// `rate` (curl's syntax, e.g. `20M`) so that it is surely still running a moment later.
+pub struct Download {
+    child: std::process::Child,
+    file: PathBuf,
+}
+
+/// Bytes the guest's HTTP server sends for a [`Download`].
+pub const DOWNLOAD_BYTES: usize = 104_857_600;
+
+impl Download {
+    pub fn start(lab: &tern_testkit::NetLab, file: PathBuf, rate: &str) -> Download {
+        let curl_bin = tern_testkit::find_program("curl").expect("curl");
+        let mut curl = std::process::Command::new(curl_bin);
+        curl.args(["-sS", "--fail", "--limit-rate", rate, "-o"])
+            .arg(&file)
+            .arg(format!("http://10.77.0.10/download/{DOWNLOAD_BYTES}"));
+        let child = lab
+            .spawn_in(tern_testkit::Member::Client, curl)
+            .expect("curl");
+        Download { child, file }
+    }
+
+    /// Whether curl is still at it.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for curl and asserts every byte arrived as the guest should have sent it.
+    pub fn assert_complete(self) {
+        let out = self.child.wait_with_output().expect("curl");
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let data = std::fs::read(&self.file).expect("download");
+        assert_eq!(data.len(), DOWNLOAD_BYTES);
+        assert_eq!(tern_testguest::verify_download(&data), Ok(()));
     }
 }
