@@ -51,6 +51,20 @@ pub enum Request {
         #[serde(flatten)]
         options: MigrateOptions,
     },
+    /// This host's relocation key fingerprint (`sha256:…`).
+    Fingerprint,
+    /// Trust the host whose key has `fingerprint` for migrations in both directions.
+    TrustAdd {
+        fingerprint: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// The trusted hosts.
+    TrustList,
+    /// Stop trusting a host, named by fingerprint or name.
+    TrustRemove {
+        host: String,
+    },
 }
 
 /// How to migrate.
@@ -276,6 +290,9 @@ pub struct MigrationSummary {
     /// both hosts' clocks agree (the same machine, or NTP).
     pub paused_unix_ns: u64,
     pub resumed_unix_ns: u64,
+    /// The connection was neither authenticated nor encrypted (`insecure = true`).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// The parts of a migration's downtime, in milliseconds.

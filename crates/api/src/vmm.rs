@@ -27,10 +27,51 @@ pub enum VmmRequest {
     /// (one byte with `SCM_RIGHTS`), and progress and the outcome follow.
     Migrate {
         destination: String,
+        /// The destination's host as the user named it (for a CA-signed certificate's name).
+        server_name: String,
         migration_id: String,
         #[serde(flatten)]
         options: crate::messages::MigrateOptions,
+        security: LinkSecurity,
     },
+}
+
+/// How a guest process secures a relocation connection, as its daemon tells it: paths and
+/// fingerprints (`sha256:…`), not key material.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum LinkSecurity {
+    /// Plaintext (`[relocation] insecure = true`).
+    Insecure,
+    /// Mutual TLS 1.3 with this host's identity; the peer's key must be one of `trusted` or
+    /// certified by the CA in `ca_file`.
+    Tls {
+        cert_file: std::path::PathBuf,
+        key_file: std::path::PathBuf,
+        trusted: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_file: Option<std::path::PathBuf>,
+    },
+}
+
+impl LinkSecurity {
+    /// The same identity, trusting only the key `peer` (for a second session with a peer
+    /// already authenticated).
+    pub fn pinned_to(&self, peer: String) -> LinkSecurity {
+        match self {
+            LinkSecurity::Insecure => LinkSecurity::Insecure,
+            LinkSecurity::Tls {
+                cert_file,
+                key_file,
+                ..
+            } => LinkSecurity::Tls {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+                trusted: vec![peer],
+                ca_file: None,
+            },
+        }
+    }
 }
 
 /// Run state of the guest inside its process.

@@ -214,6 +214,7 @@ fn tern_once(lab: &NetLab, tern: &std::path::Path, w: &Workload) -> anyhow::Resu
         Member::Host2,
         &relocation_toml(Member::Host2, &[LAB_HOSTS_ALLOW]),
     )?;
+    h1.trust_each_other(&h2)?;
     let cfg = h1.guest_config("bench", w.mem_mib, w.vcpus, &w.cmdline())?;
     h1.run(&["create", tern_testkit::path_arg(&cfg)?])?;
     wait_filled_tern(&h1, w)?;

@@ -116,12 +116,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print this host's relocation key fingerprint, for `tern trust add` on other hosts.
+    Fingerprint {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the hosts this host trusts to migrate guests to and from it.
+    Trust {
+        #[command(subcommand)]
+        command: TrustCommand,
+    },
     /// The process of one guest (started by the daemon).
     #[command(hide = true)]
     Vmm {
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Trust the host with this key fingerprint (`sha256:…`, from `tern fingerprint` there).
+    Add {
+        fingerprint: String,
+        /// A name to list it under and remove it by.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the trusted hosts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop trusting a host, by fingerprint or name.
+    Remove { host: String },
 }
 
 fn main() -> ExitCode {
@@ -212,8 +240,51 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             migrate::migrate(socket, &domain, &destination, options, json)?
         }
+        Command::Fingerprint { json } => {
+            let data = client::call(socket, &Request::Fingerprint)?;
+            if json {
+                println!("{data}");
+            } else {
+                println!("{}", data["fingerprint"].as_str().unwrap_or(""));
+            }
+        }
+        Command::Trust { command } => trust(socket, command)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn trust(socket: &Path, command: TrustCommand) -> anyhow::Result<()> {
+    match command {
+        TrustCommand::Add { fingerprint, name } => {
+            let data = client::call(socket, &Request::TrustAdd { fingerprint, name })?;
+            println!("Trusting {}", data["fingerprint"].as_str().unwrap_or(""));
+        }
+        TrustCommand::Remove { host } => {
+            let data = client::call(socket, &Request::TrustRemove { host })?;
+            println!(
+                "No longer trusting {}",
+                data["fingerprint"].as_str().unwrap_or("")
+            );
+        }
+        TrustCommand::List { json } => {
+            let data = client::call(socket, &Request::TrustList)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+                return Ok(());
+            }
+            println!("{:<72} {:<20} Source", "Fingerprint", "Name");
+            for entry in data.as_array().into_iter().flatten() {
+                let row = format!(
+                    "{:<72} {:<20} {}",
+                    entry["fingerprint"].as_str().unwrap_or(""),
+                    entry["name"].as_str().unwrap_or(""),
+                    entry["source"].as_str().unwrap_or("")
+                );
+                println!("{}", row.trim_end());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn create(socket: &Path, file: &Path, paused: bool, json: bool) -> anyhow::Result<()> {

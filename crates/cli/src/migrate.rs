@@ -32,6 +32,11 @@ pub fn migrate(
     line.finish();
     let summary: MigrationSummary =
         serde_json::from_value(result?).context("malformed migration summary")?;
+    if summary.insecure {
+        eprintln!(
+            "Warning: this migration was neither authenticated nor encrypted ([relocation] insecure = true)"
+        );
+    }
     if json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -103,6 +108,14 @@ pub fn describe(s: &MigrationSummary) -> String {
     };
     out += &format!("  throttling   {throttle}\n");
     out += &format!("  stopped      {}\n", s.stop_reason);
+    out += &format!(
+        "  link         {}\n",
+        if s.insecure {
+            "plaintext (insecure = true)"
+        } else {
+            "TLS 1.3, mutually authenticated"
+        }
+    );
     out
 }
 

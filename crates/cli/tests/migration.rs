@@ -314,19 +314,6 @@ fn link(pair: &Pair, member: Member, state: &str) {
     assert!(out.status.success(), "ip link set eth0 {state}");
 }
 
-/// Restarts `host`'s daemon with `extra` top-level config lines.
-fn reconfigure(host: &mut Host, member: Member, extra: &str) {
-    host.kill_daemon();
-    let toml = format!(
-        "state_dir = \"{}\"\nsocket = \"{}\"\n{}",
-        host.state_dir.display(),
-        host.socket.display(),
-        relocation_toml(member, &[tern_testkit::LAB_HOSTS_ALLOW], extra)
-    );
-    std::fs::write(host.config_path(), toml).expect("config");
-    host.start_daemon();
-}
-
 /// Migrates `name` and asserts a refusal containing `reason`, logged on both hosts, with the
 /// guest still running on the source and nothing on the destination.
 fn assert_refused(pair: &Pair, name: &str, reason: &str) {
@@ -356,16 +343,21 @@ fn the_destination_refuses_what_it_cannot_take() {
     );
 
     // CPU: the destination hides a feature the guest was started with.
-    reconfigure(
-        &mut pair.h2,
-        Member::Host2,
-        "hide_cpu_features = [\"cx16\"]\n",
-    );
+    pair.h2
+        .reconfigure(Member::Host2, "hide_cpu_features = [\"cx16\"]", "");
     assert_refused(&pair, "x", "cx16");
     // Memory: the destination can give guests 512 MiB, the guest has 1 GiB.
-    reconfigure(&mut pair.h2, Member::Host2, "guest_memory_mib = 512\n");
+    pair.h2
+        .reconfigure(Member::Host2, "guest_memory_mib = 512", "");
     assert_refused(&pair, "x", "memory");
-    reconfigure(&mut pair.h2, Member::Host2, "");
+    // Storage: host1's scratch directory is host2's too, so that a disk there is refused
+    // only when it is gone.
+    let storage = format!(
+        "storage = [\"{}\", \"{}\"]",
+        tern_testguest::path().parent().expect("dir").display(),
+        pair.h1.dir.display()
+    );
+    pair.h2.reconfigure(Member::Host2, "", &storage);
 
     // Name, then UUID: a guest of that name (or UUID) already runs there.
     let cfg = pair.h2.guest_config("x", 64, 1, "heartbeat_ms=500");
@@ -434,13 +426,28 @@ fn unknown_hosts_and_other_versions_are_refused() {
     );
     assert_refused(&pair, "a", "hosts_allow");
 
-    // A source speaking another protocol version (the client's address is allowed).
+    // A source speaking another protocol version (the client's address is allowed), over TLS
+    // with a key the destination trusts (host1's).
     let addr = SocketAddr::from((Member::Host2.ip(), 8002));
-    let mut conn = pair
+    let conn = pair
         .lab
         .tcp_connect(Member::Client, addr, Duration::from_secs(5))
         .expect("connect to the relocation server");
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
+    let tls_dir = pair.h1.state_dir.join("tls");
+    let identity = tern_tls::Identity::load(&tls_dir.join("host.crt"), &tls_dir.join("host.key"))
+        .expect("host1's identity");
+    let h2_key = pair
+        .h2
+        .fingerprint()
+        .expect("fingerprint")
+        .parse()
+        .expect("a fingerprint");
+    let config = tern_tls::client_config(&identity, tern_tls::pinned(h2_key)).expect("config");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut conn = tern_tls::TlsStream::connect(conn, config, &host2(), deadline)
+        .expect("a TLS session with host2");
+    conn.tcp()
+        .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let offer = serde_json::json!({
         "type": "offer",
@@ -457,8 +464,9 @@ fn unknown_hosts_and_other_versions_are_refused() {
         "vcpu_cpuid": []
     });
     writeln!(conn, "{offer}").expect("send the offer");
+    conn.close_write().expect("end the request");
     let mut reply = String::new();
-    BufReader::new(&conn)
+    BufReader::new(&mut conn)
         .read_line(&mut reply)
         .expect("read the answer");
     let reply: Value = serde_json::from_str(&reply).expect("a JSON answer");

@@ -15,6 +15,13 @@
 //! address = "192.0.2.10"
 //! port = 8002
 //! hosts_allow = ['^localhost$', '^192\.0\.2\.[0-9]+$']
+//! # Who may migrate guests here, besides the run-time trust store (`tern trust add`):
+//! trusted = ["sha256:…"]          # pinned host keys
+//! ca_file = "/etc/tern/pool-ca.pem" # certificates this CA signed (and still valid)
+//! # What an incoming guest may use on this host (default: no disks, every bridge).
+//! storage = ["/srv/guests", "/dev/vg0/web"]
+//! nbd_servers = ["192.0.2.200:10809"]
+//! bridges = ["br0"]
 //! ```
 //!
 //! Every key is optional. Unlike guest configs, unknown keys are errors: this file belongs to
@@ -76,6 +83,30 @@ pub struct RelocationConfig {
     pub port: u16,
     /// Which peers may connect; empty allows all.
     pub hosts_allow: HostsAllow,
+    /// Plaintext relocation, without authentication or encryption (both hosts must say so).
+    pub insecure: bool,
+    /// This host's certificate (PEM); `None`: `<state_dir>/tls/host.crt`, created on first start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// This host's private key (PEM); `None`: `<state_dir>/tls/host.key`, created on first start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Host key fingerprints (`sha256:<64 hex>`) trusted besides the run-time trust store.
+    pub trusted: Vec<String>,
+    /// A pool CA: hosts whose certificates it signed (and that are valid now) are trusted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Directories whose files, and block devices, an incoming guest's disks may name.
+    pub storage: Vec<PathBuf>,
+    /// NBD servers (`host:port`) an incoming guest's disks may connect to.
+    pub nbd_servers: Vec<String>,
+    /// Bridges an incoming guest may join; `None`: every bridge of this host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridges: Option<Vec<String>>,
+    /// Relocation handshakes served at the same time; further connections are closed at once.
+    pub max_handshakes: usize,
+    /// Seconds a peer has to complete its handshake and send its first message.
+    pub handshake_timeout_s: u64,
 }
 
 /// xend's relocation port.
@@ -88,6 +119,16 @@ impl Default for RelocationConfig {
             address: None,
             port: DEFAULT_RELOCATION_PORT,
             hosts_allow: HostsAllow::default(),
+            insecure: false,
+            cert_file: None,
+            key_file: None,
+            trusted: Vec::new(),
+            ca_file: None,
+            storage: Vec::new(),
+            nbd_servers: Vec::new(),
+            bridges: None,
+            max_handshakes: 4,
+            handshake_timeout_s: 5,
         }
     }
 }
@@ -317,7 +358,7 @@ hosts_allow = ['^localhost$', '^192\.0\.2\.[0-9]+$']
         );
         assert_eq!(
             err("[relocation]\nserver = true\nportt = 1\n"),
-            "line 3: unknown field `portt`, expected one of `server`, `address`, `port`, `hosts_allow`"
+            "line 3: unknown field `portt`, expected one of `server`, `address`, `port`, `hosts_allow`, `insecure`, `cert_file`, `key_file`, `trusted`, `ca_file`, `storage`, `nbd_servers`, `bridges`, `max_handshakes`, `handshake_timeout_s`"
         );
         assert_eq!(
             err("[relocation]\nport = 0\n"),

@@ -1,16 +1,20 @@
 //! The tern daemon (the role of xend): owns the domains of one host, runs each guest in its
 //! own process, and serves the `tern` CLI on a Unix socket.
 
+pub mod admission;
 pub mod checkpoint;
 pub mod console;
 pub mod guest_process;
+pub mod peer_log;
 pub mod registry;
 pub mod relocation;
 pub mod server;
+pub mod trust;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use tern_config::DaemonConfig;
@@ -31,10 +35,14 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
         hidden_cpu_features: config.hide_cpu_features.clone(),
         guest_memory_mib: config.guest_memory_mib,
     };
-    let registry = registry::Registry::new(&config.state_dir, policy)?;
+    let trust = Arc::new(trust::HostTrust::open(
+        &config.state_dir,
+        &config.relocation,
+    )?);
+    let registry = registry::Registry::new(&config.state_dir, policy, trust.clone())?;
     registry.adopt_existing();
     if config.relocation.server {
-        relocation::start(&config.relocation, registry.clone())?;
+        relocation::start(&config.relocation, registry.clone(), trust)?;
     }
     log::info!(
         "listening on {} (state in {})",

@@ -21,6 +21,7 @@ use tern_vmm::record::{
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::guest_process::{self, Control};
+use crate::trust::HostTrust;
 
 /// Where a domain is in its life.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,6 +83,8 @@ pub(crate) enum Launch {
 pub struct Registry {
     state_dir: PathBuf,
     policy: HostPolicy,
+    /// This host's relocation identity and whom it trusts.
+    trust: Arc<HostTrust>,
     domains: Mutex<BTreeMap<u32, Domain>>,
     /// Signalled on every change, for requests that wait for one.
     changed: Condvar,
@@ -102,7 +105,11 @@ const MIGRATION_RECORD_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Registry {
     /// A registry keeping its domains under `state_dir`.
-    pub fn new(state_dir: &Path, policy: HostPolicy) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        state_dir: &Path,
+        policy: HostPolicy,
+        trust: Arc<HostTrust>,
+    ) -> anyhow::Result<Arc<Self>> {
         for dir in [domains_dir(state_dir), migrations_dir(state_dir)] {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -111,6 +118,7 @@ impl Registry {
         Ok(Arc::new(Registry {
             state_dir: state_dir.to_path_buf(),
             policy,
+            trust,
             domains: Mutex::new(BTreeMap::new()),
             changed: Condvar::new(),
         }))
@@ -360,8 +368,10 @@ impl Registry {
         let (reader, writer) = control_parts(&mut control);
         let request = VmmRequest::Migrate {
             destination: addr.to_string(),
+            server_name: crate::relocation::server_name(destination),
             migration_id,
             options: options.clone(),
+            security: self.trust.outgoing(),
         };
         write_message(writer, &request).context("guest process went away")?;
         match read_message::<VmmReply>(reader) {
@@ -603,6 +613,10 @@ impl Registry {
     }
 
     /// The host's policy.
+    pub fn trust(&self) -> &HostTrust {
+        &self.trust
+    }
+
     pub fn policy(&self) -> &HostPolicy {
         &self.policy
     }

@@ -1,121 +1,255 @@
-//! The relocation server: other hosts' daemons connect here to migrate guests to this host
-//! (or to ask what became of a migration whose handover they did not see end).
+//! The relocation server: other hosts' daemons' guest processes connect here to migrate guests
+//! to this host (or to ask what became of a migration whose handover they did not see end).
 //!
-//! A peer must be allowed by `hosts_allow` (its address or reverse-resolved name). An offer is
-//! checked before a single page is sent: protocol and stream versions, CPU features, memory,
-//! no guest of that name or UUID here, the guest's bridges and disks. Then a guest process is
-//! started with the connection, builds the machine, and the offer is accepted; the process
-//! receives the guest directly from the source's guest process.
+//! Every connection passes, in order: a free handshake slot (at most `max_handshakes` at a
+//! time, the rest are closed at once), `hosts_allow` on the peer's address (before a byte is
+//! read), the TLS handshake with a trusted key (or, with `insecure`, plaintext on both sides)
+//! and its first message, all within `handshake_timeout_s`. An offer then goes to
+//! [`crate::admission`], which decides from this host's config what the guest may use; only
+//! then is a guest process started, with the connection, and the offer accepted. Failed
+//! connections are logged once per peer and kind and then counted ([`PeerLog`]).
 
 use std::ffi::CStr;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tern_config::{DomainConfig, RelocationConfig};
-use tern_migration::transport::{tune_tcp, Channel};
-use tern_migration::{Offer, ToDestination, ToSource, PROTOCOL_VERSION};
+use tern_config::RelocationConfig;
+use tern_migration::link::{self, AcceptError, Link, LinkSecurity};
+use tern_migration::transport::tune_tcp;
+use tern_migration::{Channel, Offer, ToDestination, ToSource};
 use tern_vmm::record::{IncomingSpec, IncomingState};
 
+use crate::admission::{admit_offer, IncomingPolicy};
 use crate::guest_process::INCOMING_FD;
+use crate::peer_log::PeerLog;
 use crate::registry::{Launch, Registry};
+use crate::trust::HostTrust;
 
-/// How long a peer may take to say what it wants.
-const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection waiting for a handshake slot, and when it arrived.
+type Arrival = (TcpStream, SocketAddr, Instant);
 
-/// Listens for other hosts' daemons as `config` says.
-pub fn start(config: &RelocationConfig, registry: Arc<Registry>) -> anyhow::Result<()> {
+struct Server {
+    config: RelocationConfig,
+    registry: Arc<Registry>,
+    trust: Arc<HostTrust>,
+    failures: PeerLog,
+}
+
+/// Listens for other hosts as `config` says.
+pub fn start(
+    config: &RelocationConfig,
+    registry: Arc<Registry>,
+    trust: Arc<HostTrust>,
+) -> anyhow::Result<()> {
     let address = config.address.as_deref().unwrap_or("0.0.0.0");
     let listener = TcpListener::bind((address, config.port))
         .with_context(|| format!("cannot listen for migrations on {address}:{}", config.port))?;
-    if config.hosts_allow.is_empty() {
-        log::warn!(
-            "relocation server on {address}:{}: hosts_allow is empty, so every host that can reach this port may migrate guests here",
-            config.port
-        );
-    } else {
-        log::info!(
-            "relocation server on {address}:{}, for hosts matching {:?}",
-            config.port,
-            config.hosts_allow.patterns()
-        );
+    announce(config, address, &trust);
+    let server = Arc::new(Server {
+        config: config.clone(),
+        registry,
+        trust,
+        failures: PeerLog::default(),
+    });
+    let slots = config.max_handshakes.max(1);
+    let (queue, arrivals) = sync_channel::<Arrival>(slots);
+    let arrivals = Arc::new(Mutex::new(arrivals));
+    for i in 0..slots {
+        let (server, arrivals) = (server.clone(), arrivals.clone());
+        std::thread::Builder::new()
+            .name(format!("relocation-{i}"))
+            .spawn(move || server.handshakes(&arrivals))?;
     }
-    let config = Arc::new(config.clone());
     std::thread::Builder::new()
         .name("relocation".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => {
-                        let (config, registry) = (config.clone(), registry.clone());
-                        let _ = std::thread::Builder::new()
-                            .name("relocation-peer".into())
-                            .spawn(move || serve_peer(stream, &config, &registry));
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::warn!("relocation server: accept failed: {e}");
+                        // Out of descriptors, say: let some close before trying again.
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
                     }
-                    Err(e) => log::warn!("relocation server: accept failed: {e}"),
+                };
+                let Ok(peer) = stream.peer_addr() else {
+                    continue;
+                };
+                if let Err(TrySendError::Full((stream, peer, _))) =
+                    queue.try_send((stream, peer, Instant::now()))
+                {
+                    server.failures.failed(
+                        peer.ip(),
+                        "turned away (all handshake slots busy)",
+                        "turned away: all handshake slots are busy ([relocation] max_handshakes)",
+                    );
+                    drop(stream);
                 }
             }
         })?;
     Ok(())
 }
 
-fn serve_peer(stream: TcpStream, config: &RelocationConfig, registry: &Arc<Registry>) {
-    let Ok(peer) = stream.peer_addr() else {
-        return;
-    };
-    if let Err(e) =
-        tune_tcp(&stream).and_then(|()| stream.set_write_timeout(Some(FIRST_MESSAGE_TIMEOUT)))
-    {
-        log::warn!("relocation from {peer}: {e}");
-        return;
+/// Says at start how the server is secured and whom it lets in.
+fn announce(config: &RelocationConfig, address: &str, trust: &HostTrust) {
+    if config.insecure {
+        log::warn!(
+            "relocation server on {address}:{}: insecure = true: migrations are neither \
+             authenticated nor encrypted; any host that reaches this port can send guests here \
+             and read their memory on the wire",
+            config.port
+        );
+    } else {
+        log::info!(
+            "relocation server on {address}:{} (TLS 1.3, this host is {})",
+            config.port,
+            trust.fingerprint()
+        );
     }
-    let mut ch = Channel::new(stream);
-    let first = match ch.receive::<ToDestination>(FIRST_MESSAGE_TIMEOUT) {
-        Ok(m) => m,
-        Err(e) => {
+    for warning in crate::admission::policy_warnings(config) {
+        log::warn!("relocation server: {warning}");
+    }
+    if config.hosts_allow.is_empty() {
+        log::info!("relocation server: hosts_allow is empty: any address may try to connect");
+    } else {
+        log::info!(
+            "relocation server: hosts_allow {:?}",
+            config.hosts_allow.patterns()
+        );
+    }
+}
+
+impl Server {
+    /// A handshake slot: serves one waiting connection after another.
+    fn handshakes(&self, arrivals: &Mutex<Receiver<Arrival>>) {
+        loop {
+            let next = arrivals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .recv_timeout(Duration::from_secs(5));
+            match next {
+                Ok((stream, peer, arrived)) => {
+                    let deadline = arrived + Duration::from_secs(self.config.handshake_timeout_s);
+                    self.serve(stream, peer, deadline);
+                }
+                Err(RecvTimeoutError::Timeout) => self.failures.tick(),
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn serve(&self, stream: TcpStream, peer: SocketAddr, deadline: Instant) {
+        if let Err(reason) = check_peer(&self.config, peer.ip()) {
+            self.failures.failed(
+                peer.ip(),
+                "not in hosts_allow",
+                &format!("refused: {reason}"),
+            );
+            link::refuse_unread(stream, deadline, &reason);
+            return;
+        }
+        if let Err(e) = tune_tcp(&stream) {
             log::warn!("relocation from {peer}: {e}");
             return;
         }
-    };
-    if let Err(reason) = check_peer(config, peer.ip()) {
-        log::warn!("refused relocation from {peer}: {reason}");
-        let _ = ch.send(&ToSource::Refuse { reason });
-        return;
-    }
-    match first {
-        ToDestination::Query { migration_id } => {
-            let outcome = registry.migration_outcome(&migration_id);
-            log::info!("{peer} asked about migration {migration_id}: {outcome:?}");
-            let _ = ch.send(&ToSource::Outcome { outcome });
-        }
-        ToDestination::Offer(offer) => {
-            let reply = match accept(registry, &ch, *offer, peer) {
+        let incoming = match link::accept_first(stream, self.trust.server_security(), deadline) {
+            Ok(incoming) => incoming,
+            Err(e) => {
+                let kind = match &e {
+                    AcceptError::WrongMode(_) => "refused: TLS on one side only",
+                    AcceptError::Handshake(_) => "refused in the TLS handshake",
+                    AcceptError::Timeout => "handshake timed out",
+                    AcceptError::Other(_) => "broken first message",
+                };
+                self.failures
+                    .failed(peer.ip(), kind, &format!("{kind}: {e}"));
+                return;
+            }
+        };
+        let mut channel = incoming.channel;
+        let reply = match incoming.first {
+            ToDestination::Query { migration_id } => {
+                let outcome = self.registry.migration_outcome(&migration_id);
+                log::info!("{peer} asked about migration {migration_id}: {outcome:?}");
+                ToSource::Outcome { outcome }
+            }
+            ToDestination::Offer(offer) => match self.accept(&channel, *offer, peer) {
                 Ok(domain_id) => ToSource::Accept { domain_id },
                 Err(e) => {
                     let reason = format!("{e:#}");
                     log::warn!("refused a migration from {peer}: {reason}");
                     ToSource::Refuse { reason }
                 }
-            };
-            let _ = ch.send(&reply);
-        }
-        ToDestination::Go { .. } => {
-            let _ = ch.send(&ToSource::Refuse {
+            },
+            ToDestination::Go { .. } => ToSource::Refuse {
                 reason: "Go without a migration".into(),
-            });
+            },
+        };
+        if let Err(e) = link::answer(&mut channel, &reply) {
+            log::warn!("relocation from {peer}: cannot answer: {e}");
+        }
+    }
+
+    /// Admits an offer and starts the guest process that receives the guest; the domain ID.
+    fn accept(&self, ch: &Channel<Link>, offer: Offer, peer: SocketAddr) -> anyhow::Result<u32> {
+        let policy = IncomingPolicy {
+            relocation: &self.config,
+            hidden_cpu_features: &self.registry.policy().hidden_cpu_features,
+        };
+        let config = admit_offer(&policy, &offer)?;
+        let source_key = ch.transport().peer_fingerprint();
+        log::info!(
+            "accepting '{}' from {peer}{} (migration {}, {}, {} MiB)",
+            config.name,
+            source_key.map(|k| format!(" ({k})")).unwrap_or_default(),
+            offer.migration_id,
+            if offer.live { "live" } else { "warm" },
+            config.memory_mib
+        );
+        let state_file = self.registry.migration_file(&offer.migration_id);
+        if state_file.exists() {
+            bail!("migration {} was seen here before", offer.migration_id);
+        }
+        IncomingState::Receiving.store(&state_file)?;
+        // The stream's session must come from the key that made the offer.
+        let security = match source_key {
+            Some(key) => self.trust.outgoing().pinned_to(key.to_string()),
+            None => LinkSecurity::Insecure,
+        };
+        let spec = IncomingSpec {
+            fd: INCOMING_FD,
+            source: peer.ip().to_string(),
+            state_file: state_file.clone(),
+            offer,
+            security,
+        };
+        let launch = Launch::Incoming {
+            spec: Box::new(spec),
+            fd: ch.transport().as_raw_fd(),
+        };
+        match self.registry.start_domain(config, false, launch) {
+            Ok((id, _, _)) => Ok(id),
+            Err(e) => {
+                let _ = IncomingState::Aborted.store(&state_file);
+                Err(e)
+            }
         }
     }
 }
 
-/// Whether `hosts_allow` lets `ip` in: by address, or by the name its address resolves to.
+/// Whether `hosts_allow` lets `ip` in: by address, or by the name its address resolves to
+/// if that name resolves back to the address (a reverse name alone is the peer's to choose).
 fn check_peer(config: &RelocationConfig, ip: IpAddr) -> Result<(), String> {
     let addr = ip.to_string();
     if config.allows(&addr, None) {
         return Ok(());
     }
-    let name = reverse_name(ip);
+    let name = confirmed_name(ip);
     if config.allows(&addr, name.as_deref()) {
         return Ok(());
     }
@@ -123,6 +257,13 @@ fn check_peer(config: &RelocationConfig, ip: IpAddr) -> Result<(), String> {
         "this host does not accept migrations from {addr}{} (it is not in the relocation server's hosts_allow)",
         name.map(|n| format!(" ({n})")).unwrap_or_default()
     ))
+}
+
+/// The name `ip` resolves to, if that name also resolves to `ip`.
+fn confirmed_name(ip: IpAddr) -> Option<String> {
+    let name = reverse_name(ip)?;
+    let forward = (name.as_str(), 0).to_socket_addrs().ok()?;
+    forward.into_iter().any(|a| a.ip() == ip).then_some(name)
 }
 
 /// The name `ip` resolves to, if any.
@@ -186,99 +327,19 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (storage, len as libc::socklen_t)
 }
 
-/// Checks an offer and starts the guest process that receives the guest; the domain ID.
-fn accept(
-    registry: &Arc<Registry>,
-    ch: &Channel<TcpStream>,
-    offer: Offer,
-    peer: SocketAddr,
-) -> anyhow::Result<u32> {
-    if ch.buffered() != 0 {
-        bail!("the source sent data before its offer was accepted");
+/// The host part of `destination` as the user wrote it (a name or an address), which a
+/// destination's CA-signed certificate must be valid for.
+pub fn server_name(destination: &str) -> String {
+    if let Ok(addr) = destination.parse::<SocketAddr>() {
+        return addr.ip().to_string();
     }
-    let config = check_offer(registry, &offer)?;
-    log::info!(
-        "accepting '{}' from {peer} (migration {}, {}, {} MiB)",
-        config.name,
-        offer.migration_id,
-        if offer.live { "live" } else { "warm" },
-        config.memory_mib
-    );
-    let state_file = registry.migration_file(&offer.migration_id);
-    if state_file.exists() {
-        bail!("migration {} was seen here before", offer.migration_id);
+    if destination.parse::<IpAddr>().is_ok() {
+        return destination.to_string();
     }
-    IncomingState::Receiving.store(&state_file)?;
-    let spec = IncomingSpec {
-        fd: INCOMING_FD,
-        source: peer.ip().to_string(),
-        state_file: state_file.clone(),
-        offer,
-    };
-    let launch = Launch::Incoming {
-        spec: Box::new(spec),
-        fd: ch.transport().as_raw_fd(),
-    };
-    match registry.start_domain(config, false, launch) {
-        Ok((id, _, _)) => Ok(id),
-        Err(e) => {
-            let _ = IncomingState::Aborted.store(&state_file);
-            Err(e)
-        }
+    match destination.rsplit_once(':') {
+        Some((host, _)) => host.trim_matches(|c| c == '[' || c == ']').to_string(),
+        None => destination.to_string(),
     }
-}
-
-/// The checks that do not need a guest process: versions, the guest's description, CPU.
-/// Name, UUID, memory and devices are checked as for any new domain.
-fn check_offer(registry: &Registry, offer: &Offer) -> anyhow::Result<DomainConfig> {
-    if offer.protocol != PROTOCOL_VERSION {
-        bail!(
-            "this host speaks relocation protocol version {PROTOCOL_VERSION}, the source version {}",
-            offer.protocol
-        );
-    }
-    if offer.stream_format != tern_snapshot::FORMAT_VERSION {
-        bail!(
-            "this host reads migration stream version {}, the source sends version {}",
-            tern_snapshot::FORMAT_VERSION,
-            offer.stream_format
-        );
-    }
-    if offer.migration_id.is_empty()
-        || offer.migration_id.len() > 64
-        || !offer
-            .migration_id
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() || b == b'-')
-    {
-        bail!("the offer's migration ID is not a UUID");
-    }
-    let config: DomainConfig = serde_json::from_value(offer.config.clone())
-        .map_err(|e| anyhow::anyhow!("the offered guest config is malformed: {e}"))?;
-    let info = &offer.info;
-    let uuid_matches = config.uuid.map(|u| u.to_string()) == Some(info.guest_uuid.clone());
-    if !uuid_matches
-        || config.name != info.guest_name
-        || info.memory_bytes != config.memory_mib << 20
-        || info.vcpus != config.vcpus
-        || offer.vcpu_cpuid.len() != config.vcpus as usize
-    {
-        bail!("the offer contradicts itself (its config and its description differ)");
-    }
-    let offered = tern_machine::offered_features(&registry.policy().hidden_cpu_features)?;
-    let wanted: Vec<(u32, u32, [u32; 4])> = info
-        .cpu_features
-        .iter()
-        .map(|w| (w.leaf, w.subleaf, w.regs))
-        .collect();
-    let missing = tern_machine::cpuid::missing_features(&wanted, &offered);
-    if !missing.is_empty() {
-        bail!(
-            "this host's CPU lacks features the guest was started with: {}",
-            missing.join(", ")
-        );
-    }
-    Ok(config)
 }
 
 /// The address of the relocation server `destination` names: `host`, `host:port`, `a.b.c.d`,

@@ -140,6 +140,18 @@ fn handle(
             })?;
             serde_json::to_value(summary)?
         }
+        Request::Fingerprint => serde_json::json!({
+            "fingerprint": registry.trust().fingerprint().to_string()
+        }),
+        Request::TrustAdd { fingerprint, name } => {
+            let added = registry.trust().add(&fingerprint, name)?;
+            serde_json::json!({ "fingerprint": added.to_string() })
+        }
+        Request::TrustList => serde_json::to_value(registry.trust().list())?,
+        Request::TrustRemove { host } => {
+            let removed = registry.trust().remove(&host)?;
+            serde_json::to_value(removed)?
+        }
         Request::Console { .. } => anyhow::bail!("console requests are handled separately"),
     })
 }

@@ -85,6 +85,18 @@ fn run() -> anyhow::Result<()> {
             std::fs::read_to_string(h.config_path())?.trim_end()
         );
     }
+    println!(
+        "\nMigrations are TLS 1.3 with both hosts authenticated: each trusts the other's key."
+    );
+    for ((name, h), (other_name, other)) in [
+        (("host1", &host1), ("host2", &host2)),
+        (("host2", &host2), ("host1", &host1)),
+    ] {
+        let fingerprint = other.fingerprint()?;
+        println!("{other_name}$ tern fingerprint\n{fingerprint}");
+        println!("{name}$ tern trust add {fingerprint} --name {other_name}");
+        h.run(&["trust", "add", &fingerprint, "--name", other_name])?;
+    }
 
     let cfg = host1.guest_config(
         "web",

@@ -39,6 +39,9 @@ pub enum MigrationError {
     /// The machine could not do what the migration needed.
     #[error("{0}")]
     Vm(String),
+    /// The connection could not be secured: a key not trusted, a failed handshake.
+    #[error("{0}")]
+    Security(String),
     /// Stopped on request, or because the daemon went away.
     #[error("it was cancelled: {0}")]
     Cancelled(String),

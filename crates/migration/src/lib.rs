@@ -2,6 +2,8 @@
 //!
 //! * [`protocol`]: the messages the two sides exchange around the record stream, and the
 //!   handover that makes sure a guest runs on exactly one host.
+//! * [`link`]: securing the connection (mutual TLS 1.3, or plaintext when both hosts say
+//!   `insecure`), and which process speaks in which session.
 //! * [`transport`]: the connection ([`Transport`], TLS-ready) and [`Channel`] on top of it
 //!   (message framing, metering, the `--resource` rate cap).
 //! * [`policy`]: when to stop pre-copying and when to slow the guest down (auto-converge).
@@ -13,6 +15,7 @@
 
 pub mod destination;
 pub mod error;
+pub mod link;
 pub mod memory;
 pub mod policy;
 pub mod protocol;

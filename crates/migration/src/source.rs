@@ -96,10 +96,29 @@ impl std::fmt::Display for SendError {
     }
 }
 
-/// Migrates the guest of `vm` over `transport` as `plan` says.
+/// Offers the guest on `ch`; the destination's domain ID if it accepts.
+pub fn offer<T: Transport>(ch: &mut Channel<T>, offer: &Offer) -> Result<u32, MigrationError> {
+    ch.send(&ToDestination::Offer(Box::new(offer.clone())))?;
+    accepted(ch.receive::<ToSource>(OFFER_TIMEOUT)?)
+}
+
+/// The destination's domain ID if `answer` to an offer accepts it.
+pub fn accepted(answer: ToSource) -> Result<u32, MigrationError> {
+    match answer {
+        ToSource::Accept { domain_id } => Ok(domain_id),
+        ToSource::Refuse { reason } => Err(MigrationError::Refused(reason)),
+        other => Err(MigrationError::Protocol(format!(
+            "expected Accept or Refuse, got {other:?}"
+        ))),
+    }
+}
+
+/// Migrates the guest of `vm` as `plan` says over `transport`, on which destination domain
+/// `destination_id` accepted its [`offer`].
 pub fn send<T: Transport>(
     vm: &dyn SourceVm,
     transport: T,
+    destination_id: u32,
     plan: &Plan,
     observer: &mut dyn Observer,
 ) -> Result<MigrationSummary, SendError> {
@@ -116,7 +135,7 @@ pub fn send<T: Transport>(
         buf: vec![0u8; RECORD_PAGES * PAGE],
         zero_buf: Vec::new(),
     };
-    sender.run(transport)
+    sender.run(transport, destination_id)
 }
 
 /// Pages and bytes a round sent.
@@ -153,7 +172,11 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    fn run<T: Transport>(&mut self, transport: T) -> Result<MigrationSummary, SendError> {
+    fn run<T: Transport>(
+        &mut self,
+        transport: T,
+        destination_id: u32,
+    ) -> Result<MigrationSummary, SendError> {
         let mut ch = Channel::new(transport);
         if let Some(rate) = self.plan.limits.rate_limit {
             ch.limit_rate(rate);
@@ -161,7 +184,6 @@ impl Sender<'_> {
         ch.transport()
             .set_write_timeout(Some(STALL_TIMEOUT))
             .map_err(|e| SendError::Failed(MigrationError::io("set a timeout", e)))?;
-        let destination_id = self.offer(&mut ch).map_err(SendError::Failed)?;
         let was_running = !self.vm.is_paused();
         let live = self.plan.live && was_running;
         let mut w = SnapshotWriter::new(ch, false)
@@ -242,18 +264,6 @@ impl Sender<'_> {
                 "expected Running after Go, got {other:?}"
             )))),
             Err(e) => Err(SendError::Unresolved(e)),
-        }
-    }
-
-    /// Offers the guest; the destination's domain ID if it accepts.
-    fn offer<T: Transport>(&mut self, ch: &mut Channel<T>) -> Result<u32, MigrationError> {
-        ch.send(&ToDestination::Offer(Box::new(self.plan.offer.clone())))?;
-        match ch.receive::<ToSource>(OFFER_TIMEOUT)? {
-            ToSource::Accept { domain_id } => Ok(domain_id),
-            ToSource::Refuse { reason } => Err(MigrationError::Refused(reason)),
-            other => Err(MigrationError::Protocol(format!(
-                "expected Accept or Refuse, got {other:?}"
-            ))),
         }
     }
 
@@ -633,6 +643,7 @@ impl Sender<'_> {
             stop_reason: stop.stop_reason.describe().into(),
             paused_unix_ns: stop.paused_unix_ns,
             resumed_unix_ns,
+            insecure: false,
         }
     }
 }

@@ -165,6 +165,21 @@ impl<T: Transport> Channel<T> {
         self.inner.get_ref()
     }
 
+    pub fn transport_mut(&mut self) -> &mut T {
+        self.inner.get_mut()
+    }
+
+    /// The connection back, for what follows the messages; refused if the peer already sent
+    /// more than this side has read (it would be lost).
+    pub fn into_transport(self) -> Result<T, MigrationError> {
+        if !self.inner.buffer().is_empty() {
+            return Err(MigrationError::Protocol(
+                "the peer sent data before it was answered".into(),
+            ));
+        }
+        Ok(self.inner.into_inner())
+    }
+
     /// The buffered reader, for a record stream that follows messages on the same connection.
     pub fn reader(&mut self) -> &mut BufReader<T> {
         &mut self.inner

@@ -353,7 +353,11 @@ fn migrate(
         live,
         limits,
     };
-    let result = send(vm, stream, &plan, watch);
+    let mut ch = Channel::new(stream);
+    let result = match tern_migration::source::offer(&mut ch, &plan.offer) {
+        Ok(id) => send(vm, ch.into_transport().unwrap(), id, &plan, watch),
+        Err(e) => Err(SendError::Failed(e)),
+    };
     (result, dest.join().unwrap())
 }
 

@@ -189,6 +189,24 @@ impl TernHost {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// This host's relocation key fingerprint (`tern fingerprint`).
+    pub fn fingerprint(&self) -> anyhow::Result<String> {
+        Ok(self.run(&["fingerprint"])?.trim().to_string())
+    }
+
+    /// Makes this host trust `other`'s key, under `name`.
+    pub fn trust(&self, other: &TernHost, name: &str) -> anyhow::Result<()> {
+        self.run(&["trust", "add", &other.fingerprint()?, "--name", name])?;
+        Ok(())
+    }
+
+    /// Makes this host and `other` trust each other, as an administrator would with
+    /// `tern fingerprint` on each and `tern trust add` on the other.
+    pub fn trust_each_other(&self, other: &TernHost) -> anyhow::Result<()> {
+        self.trust(other, "peer")?;
+        other.trust(self, "peer")
+    }
+
     /// Writes a test-guest config file in the scratch directory and returns its path.
     pub fn guest_config(
         &self,

@@ -26,8 +26,8 @@ pub use cmd::{ensure_program, find_program, output_within, run_within};
 pub use host::{path_arg, TernHost};
 pub use nbd::NbdExport;
 pub use netlab::{
-    guest_ip, relocation_toml, Member, NetLab, FIXED_PREFIX, GUEST_BRIDGE, LAB_HOSTS_ALLOW,
-    LAB_PREFIX_LEN, LAB_SUBNET, UPLINK,
+    guest_ip, relocation_toml, relocation_toml_with, Member, NetLab, FIXED_PREFIX, GUEST_BRIDGE,
+    LAB_HOSTS_ALLOW, LAB_PREFIX_LEN, LAB_SUBNET, UPLINK,
 };
 pub use netns::{enter_netns, netns_exists, netns_path, run_in_netns};
 pub use ping::{PingReply, PingReport};

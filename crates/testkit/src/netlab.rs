@@ -120,14 +120,33 @@ impl Member {
 pub const LAB_HOSTS_ALLOW: &str = r"^10\.77\.0\.[12]$";
 
 /// The daemon config's `[relocation]` table for host `member`: the server on its lab address,
-/// `hosts_allow` as given (regular expressions).
+/// `hosts_allow` as given (regular expressions); incoming guests may use the test guest's
+/// kernel and the lab's NBD server.
 pub fn relocation_toml(member: Member, hosts_allow: &[&str]) -> String {
+    relocation_toml_with(member, hosts_allow, "")
+}
+
+/// [`relocation_toml`] with `lines` added to the table (`insecure = true`, say); a `storage`
+/// or `nbd_servers` line there replaces the lab's.
+pub fn relocation_toml_with(member: Member, hosts_allow: &[&str], lines: &str) -> String {
     let allow: Vec<String> = hosts_allow.iter().map(|a| format!("'{a}'")).collect();
-    format!(
+    let sets = |key: &str| lines.lines().any(|l| l.trim_start().starts_with(key));
+    let mut table = format!(
         "[relocation]\nserver = true\naddress = \"{}\"\nhosts_allow = [{}]\n",
         member.ip(),
-        allow.join(", ")
-    )
+        allow.join(", "),
+    );
+    if !sets("storage") {
+        let kernels = tern_testguest::path()
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        table += &format!("storage = [\"{kernels}\"]\n");
+    }
+    if !sets("nbd_servers") {
+        table += &format!("nbd_servers = [\"{}:10809\"]\n", Member::Storage.ip());
+    }
+    table + lines + "\n"
 }
 
 /// Address of the `n`th guest of a test (10.77.0.10 + n), for n below 90.

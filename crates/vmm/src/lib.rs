@@ -391,12 +391,16 @@ fn serve_connection(vmm: &Arc<Vmm>, stream: UnixStream) {
     while let Ok(req) = read_message::<VmmRequest>(&mut reader) {
         if let VmmRequest::Migrate {
             destination,
+            server_name,
             migration_id,
             options,
+            security,
         } = req
         {
             let job = migrate_out::Request {
                 destination,
+                server_name,
+                security,
                 migration_id,
                 options,
             };

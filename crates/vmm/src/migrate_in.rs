@@ -20,6 +20,7 @@ use tern_api::vmm::VmmEvent;
 use tern_devices::serial::ConsoleOut;
 use tern_machine::{Machine, VcpuState, VmState};
 use tern_migration::destination::{self, Received};
+use tern_migration::link::{self, Link, LinkSecurity, Security};
 use tern_migration::transport::{tune_tcp, Channel};
 use tern_migration::{CpuidEntry, MigrationError, Offer, RamRegion, HANDOVER_TIMEOUT};
 
@@ -32,7 +33,10 @@ const DAEMON_ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An incoming migration waiting for its stream.
 pub(crate) struct Incoming {
-    channel: Channel<TcpStream>,
+    /// The connection, until the stream's session is established on it.
+    connection: Option<TcpStream>,
+    security: LinkSecurity,
+    channel: Option<Channel<Link>>,
     offer: Offer,
     source: String,
     state_file: PathBuf,
@@ -65,7 +69,9 @@ pub(crate) fn prepare(
     Ok((
         machine,
         Incoming {
-            channel: Channel::new(stream),
+            connection: Some(stream),
+            security: spec.security.clone(),
+            channel: None,
             offer,
             source: spec.source.clone(),
             state_file: spec.state_file.clone(),
@@ -120,7 +126,9 @@ pub(crate) fn run(vmm: &Arc<Vmm>, mut job: Incoming) {
             if let Err(e) = IncomingState::Aborted.store(&job.state_file) {
                 log::error!("{e:#}");
             }
-            destination::abort(&mut job.channel, &reason);
+            if let Some(channel) = job.channel.as_mut() {
+                destination::abort(channel, &reason);
+            }
             let _ = vmm.main.send(MainEvent::IncomingAborted(reason));
         }
     }
@@ -130,9 +138,18 @@ pub(crate) fn run(vmm: &Arc<Vmm>, mut job: Incoming) {
 /// Returns whether the source wants the guest resumed.
 fn receive(vmm: &Vmm, job: &mut Incoming) -> anyhow::Result<bool> {
     let regions = regions(&vmm.machine());
+    let connection = job
+        .connection
+        .take()
+        .context("the migration connection is gone")?;
+    // The source starts this session once the daemon here accepted its offer.
+    let security = Security::load(&job.security)?;
+    let channel = job
+        .channel
+        .insert(Channel::new(link::accept_stream(connection, &security)?));
     let t = Instant::now();
     let mut keep_going = || still_wanted(vmm);
-    let received = destination::receive(&mut job.channel, &regions, &job.offer, &mut keep_going)?;
+    let received = destination::receive(channel, &regions, &job.offer, &mut keep_going)?;
     let streamed = t.elapsed();
     load(&vmm.machine(), &received)?;
     log::info!(
@@ -145,7 +162,7 @@ fn receive(vmm: &Vmm, job: &mut Incoming) -> anyhow::Result<bool> {
     wait_for_daemon(vmm)?;
     IncomingState::Ready.store(&job.state_file)?;
     Ok(destination::ready_and_wait_for_go(
-        &mut job.channel,
+        channel,
         HANDOVER_TIMEOUT,
     )?)
 }
@@ -153,7 +170,9 @@ fn receive(vmm: &Vmm, job: &mut Incoming) -> anyhow::Result<bool> {
 /// `Go` arrived: the guest is this host's. Record it, run it, tell the daemon and the source.
 fn commit(vmm: &Vmm, job: &mut Incoming, resume: bool) {
     let go = Instant::now();
-    let ch = &mut job.channel;
+    let Some(ch) = job.channel.as_mut() else {
+        return;
+    };
     if let Err(e) = IncomingState::Committed.store(&job.state_file) {
         // Without the record the daemon could not vouch for the guest: do not run it.
         let reason = format!("cannot record the handover: {e:#}");

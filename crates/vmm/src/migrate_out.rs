@@ -17,10 +17,12 @@ use std::time::Duration;
 use anyhow::Context;
 use tern_api::vmm::VmmReply;
 use tern_api::{write_message, MigrateOptions, MigrationProgress};
+use tern_migration::link::{self, LinkSecurity, Security};
 use tern_migration::source::{send, Observer, Plan, SendError, SourceVm, StateRecords};
-use tern_migration::transport::{tune_tcp, Channel};
+use tern_migration::transport::tune_tcp;
 use tern_migration::{
-    CpuidEntry, Limits, Offer, Outcome, RamRegion, ToDestination, ToSource, PROTOCOL_VERSION,
+    CpuidEntry, Limits, Offer, Outcome, RamRegion, ToDestination, ToSource, OFFER_TIMEOUT,
+    PROTOCOL_VERSION,
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -29,8 +31,11 @@ use crate::{MainEvent, Vmm};
 /// A migration the daemon asked for.
 pub(crate) struct Request {
     pub destination: String,
+    /// The destination's host as the user named it.
+    pub server_name: String,
     pub migration_id: String,
     pub options: MigrateOptions,
+    pub security: LinkSecurity,
 }
 
 /// Serves a Migrate request: takes the connection's descriptor, migrates, answers.
@@ -94,7 +99,7 @@ fn migrate(
     let result = plan(vmm, request).map(|plan| {
         let source = MachineSource { vmm };
         let mut observer = DaemonObserver { vmm, daemon };
-        send(&source, stream, &plan, &mut observer)
+        offer_and_send(&source, stream, request, &plan, &mut observer)
     });
     vmm.migrating.store(false, Ordering::Release);
     match result {
@@ -135,6 +140,35 @@ fn migrate(
             ))
         }
     }
+}
+
+/// Secures the connection, offers the guest and, once the destination accepts, sends it.
+fn offer_and_send(
+    source: &MachineSource,
+    stream: TcpStream,
+    request: &Request,
+    plan: &Plan,
+    observer: &mut DaemonObserver,
+) -> Result<tern_api::MigrationSummary, SendError> {
+    let security = Security::load(&request.security).map_err(SendError::Failed)?;
+    if matches!(security, Security::Insecure) {
+        log::warn!(
+            "migrating to {} without authentication or encryption (insecure = true)",
+            request.destination
+        );
+    }
+    let mut ch = link::open(stream, &security, &request.server_name).map_err(SendError::Failed)?;
+    let offer = ToDestination::Offer(Box::new(plan.offer.clone()));
+    let destination_id = match link::ask(&mut ch, &offer, OFFER_TIMEOUT) {
+        Ok(answer) => tern_migration::source::accepted(answer),
+        Err(e) => Err(e),
+    }
+    .map_err(SendError::Failed)?;
+    let stream =
+        link::reopen_for_stream(ch, &security, &request.server_name).map_err(SendError::Failed)?;
+    let mut summary = send(source, stream, destination_id, plan, observer)?;
+    summary.insecure = matches!(security, Security::Insecure);
+    Ok(summary)
 }
 
 fn error(message: String) -> VmmReply {
@@ -291,7 +325,11 @@ fn peer_closed(stream: &UnixStream) -> bool {
 /// user decides first (unpauses or destroys the guest).
 fn start_resolver(vmm: &Arc<Vmm>, request: &Request) {
     let vmm = vmm.clone();
-    let destination = request.destination.clone();
+    let destination = Destination {
+        address: request.destination.clone(),
+        server_name: request.server_name.clone(),
+        security: request.security.clone(),
+    };
     let migration_id = request.migration_id.clone();
     let spawned = std::thread::Builder::new()
         .name("resolve".into())
@@ -301,7 +339,20 @@ fn start_resolver(vmm: &Arc<Vmm>, request: &Request) {
     }
 }
 
-fn resolve(vmm: &Vmm, destination: &str, migration_id: &str) {
+/// Where to ask about an unresolved migration, and how to secure the question.
+struct Destination {
+    address: String,
+    server_name: String,
+    security: LinkSecurity,
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.address)
+    }
+}
+
+fn resolve(vmm: &Vmm, destination: &Destination, migration_id: &str) {
     let mut wait = Duration::from_millis(500);
     loop {
         std::thread::sleep(wait);
@@ -341,18 +392,20 @@ fn resolve(vmm: &Vmm, destination: &str, migration_id: &str) {
 }
 
 /// Asks the relocation server at `destination` about `migration_id`.
-fn query(destination: &str, migration_id: &str) -> anyhow::Result<Outcome> {
+fn query(destination: &Destination, migration_id: &str) -> anyhow::Result<Outcome> {
     let addr: SocketAddr = destination
+        .address
         .parse()
         .with_context(|| format!("bad address {destination}"))?;
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     tune_tcp(&stream)?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut ch = Channel::new(stream);
-    ch.send(&ToDestination::Query {
+    let security = Security::load(&destination.security)?;
+    let mut ch = link::open(stream, &security, &destination.server_name)?;
+    let query = ToDestination::Query {
         migration_id: migration_id.to_string(),
-    })?;
-    match ch.receive::<ToSource>(Duration::from_secs(5))? {
+    };
+    match link::ask(&mut ch, &query, Duration::from_secs(5))? {
         ToSource::Outcome { outcome } => Ok(outcome),
         ToSource::Refuse { reason } => anyhow::bail!("refused: {reason}"),
         other => anyhow::bail!("unexpected answer {other:?}"),

@@ -36,6 +36,9 @@ pub struct IncomingSpec {
     pub state_file: PathBuf,
     /// What the source offered (and the daemon accepted).
     pub offer: tern_migration::Offer,
+    /// How the stream's session is secured: TLS pinned to the key the source showed the
+    /// daemon, or plaintext when this host runs `insecure`.
+    pub security: tern_migration::link::LinkSecurity,
 }
 
 /// Where an incoming migration stands (`incoming.json`). The guest process moves it forward;

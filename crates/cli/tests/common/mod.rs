@@ -231,6 +231,26 @@ pub fn relocation_toml(member: tern_testkit::Member, allow: &[&str], extra: &str
     format!("{extra}\n{}", tern_testkit::relocation_toml(member, allow))
 }
 
+impl Host {
+    /// Restarts this lab host's daemon with `top_level` lines in its config and `relocation`
+    /// lines in its `[relocation]` table; its state directory (guests, key, trust) stays.
+    pub fn reconfigure(&mut self, member: tern_testkit::Member, top_level: &str, relocation: &str) {
+        self.kill_daemon();
+        let toml = format!(
+            "state_dir = \"{}\"\nsocket = \"{}\"\n{top_level}\n{}",
+            self.state_dir.display(),
+            self.socket.display(),
+            tern_testkit::relocation_toml_with(
+                member,
+                &[tern_testkit::LAB_HOSTS_ALLOW],
+                relocation
+            )
+        );
+        std::fs::write(self.config_path(), toml).expect("config");
+        self.start_daemon();
+    }
+}
+
 impl Pair {
     /// Hosts that accept each other (and only each other).
     pub fn start() -> Pair {
@@ -252,6 +272,8 @@ impl Pair {
             Member::Host2,
             &relocation_toml(Member::Host2, allow, extra2),
         );
+        h1.trust_each_other(&h2)
+            .expect("make the hosts trust each other");
         Pair {
             h1,
             h2,
