@@ -295,6 +295,19 @@ pub struct MigrationSummary {
     pub insecure: bool,
 }
 
+impl MigrationSummary {
+    /// The rate the pre-copy rounds drove the link at, megabits per second (guest data, as
+    /// sent before any encryption).
+    pub fn precopy_rate_mbit(&self) -> f64 {
+        let (bytes, seconds) = self
+            .rounds
+            .iter()
+            .filter(|r| !r.stop_and_copy)
+            .fold((0u64, 0.0), |(b, s), r| (b + r.bytes, s + r.seconds));
+        bytes as f64 * 8.0 / seconds.max(1e-9) / 1e6
+    }
+}
+
 /// The parts of a migration's downtime, in milliseconds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DowntimeParts {

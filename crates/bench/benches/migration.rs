@@ -6,7 +6,11 @@
 //! the two processes stamp them with the host clock (tern's summary; QEMU's STOP and RESUME
 //! events). Prints the table and records it in `benchmarks/migration.md` and `.json`.
 //!
-//! `TERN_BENCH_QEMU=off` leaves QEMU out; `TERN_BENCH_RATES=0,256` runs some rates only.
+//! Then, tern alone: what encryption costs, the pre-copy rate in clear and over TLS on the
+//! shaped link and on the unshaped one.
+//!
+//! `TERN_BENCH_QEMU=off` leaves QEMU out; `TERN_BENCH_RATES=0,256` runs some rates only
+//! (`TERN_BENCH_RATES=none`: none); `TERN_BENCH_ENCRYPTION=off` leaves the encryption part out.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -20,7 +24,7 @@ use tern_bench::guest::{self, Workload};
 use tern_bench::machine_info::MachineInfo;
 use tern_bench::qemu::{self, Qemu};
 use tern_testkit::{
-    relocation_toml, run_in_netns, KvmLock, Member, NetLab, TernHost, LAB_HOSTS_ALLOW,
+    relocation_toml_with, run_in_netns, KvmLock, Member, NetLab, TernHost, LAB_HOSTS_ALLOW,
 };
 
 const MEM_MIB: u64 = 1024;
@@ -127,9 +131,17 @@ fn run() -> anyhow::Result<()> {
             results.push(f);
         }
     }
+    let mut encryption = Vec::new();
+    if std::env::var("TERN_BENCH_ENCRYPTION").as_deref() != Ok("off") {
+        let shaped = format!("{LINK_MBIT} Mbit/s (shaped)");
+        encryption.push(encryption_cost(&lab, &tern, &shaped).context("encryption, shaped")?);
+        unshape(&lab)?;
+        encryption.push(encryption_cost(&lab, &tern, "unshaped").context("encryption, unshaped")?);
+    }
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let info = MachineInfo::collect(&repo);
-    let md = report(&results, link_bps, &info, qemu.as_ref());
+    let mut md = report(&results, link_bps, &info, qemu.as_ref());
+    md += &encryption_report(&encryption);
     println!("\n{md}");
     if std::env::var_os("TERN_BENCH_RATES").is_none() {
         std::fs::write(repo.join("benchmarks/migration.md"), &md)?;
@@ -137,6 +149,7 @@ fn run() -> anyhow::Result<()> {
             "link_mbit_shaped": LINK_MBIT,
             "link_mbit_measured": link_bps * 8.0 / 1e6,
             "results": results,
+            "encryption": encryption,
         });
         std::fs::write(
             repo.join("benchmarks/migration.json"),
@@ -204,15 +217,26 @@ fn measure_link(lab: &NetLab) -> anyhow::Result<f64> {
 }
 
 fn tern_once(lab: &NetLab, tern: &std::path::Path, w: &Workload) -> anyhow::Result<Figures> {
+    tern_migration(lab, tern, w, "").map(|(figures, _)| figures)
+}
+
+/// One live migration by tern with `relocation` lines in both hosts' `[relocation]` table;
+/// the figures and tern's summary.
+fn tern_migration(
+    lab: &NetLab,
+    tern: &std::path::Path,
+    w: &Workload,
+    relocation: &str,
+) -> anyhow::Result<(Figures, serde_json::Value)> {
     let h1 = lab.start_host(
         tern,
         Member::Host1,
-        &relocation_toml(Member::Host1, &[LAB_HOSTS_ALLOW]),
+        &relocation_toml_with(Member::Host1, &[LAB_HOSTS_ALLOW], relocation),
     )?;
     let h2 = lab.start_host(
         tern,
         Member::Host2,
-        &relocation_toml(Member::Host2, &[LAB_HOSTS_ALLOW]),
+        &relocation_toml_with(Member::Host2, &[LAB_HOSTS_ALLOW], relocation),
     )?;
     h1.trust_each_other(&h2)?;
     let cfg = h1.guest_config("bench", w.mem_mib, w.vcpus, &w.cmdline())?;
@@ -229,7 +253,7 @@ fn tern_once(lab: &NetLab, tern: &std::path::Path, w: &Workload) -> anyhow::Resu
         .unwrap_or(0);
     let checks_clean = checks_clean_tern(&h2, last_seq)?;
     h2.run(&["destroy", "bench"])?;
-    Ok(Figures {
+    let figures = Figures {
         tool: "tern".into(),
         write_mibps: (w.write_mibps != u64::MAX).then_some(w.write_mibps),
         downtime_ms: (ns("resumed_unix_ns") - ns("paused_unix_ns")) / 1e6,
@@ -238,7 +262,73 @@ fn tern_once(lab: &NetLab, tern: &std::path::Path, w: &Workload) -> anyhow::Resu
         rounds: s["rounds"].as_array().map_or(0, |r| r.len() as u64),
         throttle_percent: s["max_throttle_percent"].as_u64().unwrap_or(0),
         checks_clean,
-    })
+    };
+    Ok((figures, s))
+}
+
+/// What encryption costs: the pre-copy rate of a guest that writes nothing, in clear and
+/// over TLS, on one link.
+#[derive(Clone, Debug, Serialize)]
+struct EncryptionCost {
+    link: String,
+    plaintext_mbit: f64,
+    tls_mbit: f64,
+    runs_each: usize,
+}
+
+impl EncryptionCost {
+    fn ratio(&self) -> f64 {
+        self.tls_mbit / self.plaintext_mbit.max(1e-9)
+    }
+}
+
+/// Runs of each kind, alternated so that a drift of the machine hits both alike.
+const ENCRYPTION_RUNS: usize = 3;
+
+/// Measures [`EncryptionCost`] on the lab's link as it is now.
+fn encryption_cost(
+    lab: &NetLab,
+    tern: &std::path::Path,
+    link: &str,
+) -> anyhow::Result<EncryptionCost> {
+    let w = workload(0);
+    let (mut plain, mut tls) = (Vec::new(), Vec::new());
+    for _ in 0..ENCRYPTION_RUNS {
+        for (lines, rates) in [("insecure = true", &mut plain), ("", &mut tls)] {
+            let (figures, summary) = tern_migration(lab, tern, &w, lines)?;
+            if !figures.checks_clean {
+                bail!("the guest's checks failed after a migration ({lines:?})");
+            }
+            let summary: tern_api::MigrationSummary =
+                serde_json::from_value(summary).context("tern's summary")?;
+            rates.push(summary.precopy_rate_mbit());
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let cost = EncryptionCost {
+        link: link.into(),
+        plaintext_mbit: mean(&plain),
+        tls_mbit: mean(&tls),
+        runs_each: ENCRYPTION_RUNS,
+    };
+    println!(
+        "encryption, {link}: plaintext {:.0} Mbit/s {plain:.0?}, TLS {:.0} Mbit/s {tls:.0?}: {:.1}%",
+        cost.plaintext_mbit,
+        cost.tls_mbit,
+        cost.ratio() * 100.0
+    );
+    Ok(cost)
+}
+
+/// Removes the shaping of [`shape`].
+fn unshape(lab: &NetLab) -> anyhow::Result<()> {
+    for m in Member::HOSTS {
+        let out = lab.exec(m, "tc", &["qdisc", "del", "dev", "eth0", "root"])?;
+        if !out.status.success() {
+            bail!("tc: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
 }
 
 fn wait_filled_tern(h: &TernHost, w: &Workload) -> anyhow::Result<()> {
@@ -400,6 +490,37 @@ fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&
             );
         }
     }
+    md
+}
+
+fn encryption_report(costs: &[EncryptionCost]) -> String {
+    let Some(first) = costs.first() else {
+        return String::new();
+    };
+    let mut md = format!(
+        "\n## Encryption cost\n\n\
+         The same guest writing nothing ({WSS_MIB} MiB in use) live-migrated by tern in clear\n\
+         (`insecure = true` on both hosts) and over TLS 1.3 (the default), {} runs of each,\n\
+         alternated; the rate is guest data per second over the pre-copy rounds. The second link\n\
+         is the lab's veth path with the shaping removed: there the CPU, not the link, sets the pace.\n\n\
+         | link | plaintext | TLS | TLS / plaintext |\n|---|---:|---:|---:|\n",
+        first.runs_each
+    );
+    for c in costs {
+        md += &format!(
+            "| {} | {:.0} Mbit/s | {:.0} Mbit/s | {:.1}% |\n",
+            c.link,
+            c.plaintext_mbit,
+            c.tls_mbit,
+            c.ratio() * 100.0
+        );
+    }
+    md += &format!(
+        "\n- encrypted throughput on the {} link: {:.1}% of plaintext, target at least 90%: {}\n",
+        first.link,
+        first.ratio() * 100.0,
+        verdict(first.ratio() >= 0.9)
+    );
     md
 }
 

@@ -35,14 +35,6 @@ fn create_net_guest(host: &Host, name: &str, params: &str) {
     host.wait_heartbeat(name, 3, Duration::from_secs(30));
 }
 
-/// The last heartbeat `host` has from `name`.
-fn last_beat(host: &Host, name: &str) -> Heartbeat {
-    host.heartbeats(name)
-        .pop()
-        .map(|(_, h)| h)
-        .unwrap_or_else(|| panic!("no heartbeat from {name}:\n{}", host.console(name)))
-}
-
 /// Asserts the guest runs on `to` only, carried on from heartbeat `last_seq` (no reboot, no
 /// lost state), and completed a clean pass over its memory and registers there.
 fn assert_arrived(from: &Host, to: &Host, name: &str, last_seq: u64, took: Duration) {
@@ -62,15 +54,7 @@ fn assert_arrived(from: &Host, to: &Host, name: &str, last_seq: u64, took: Durat
         "heartbeats on the destination start at {earliest}, the source was at {last_seq}"
     );
     let after = to.wait_heartbeat(name, first.seq + 1, Duration::from_secs(10));
-    let checked = wait_for(Duration::from_secs(10), || {
-        last_beat(to, name).passes > after.passes
-    });
-    assert!(checked, "no full memory check after arrival");
-    let now = last_beat(to, name);
-    assert_eq!(now.mem_errors, 0, "memory errors after arrival");
-    assert_eq!(now.reg_errors, 0, "register errors after arrival");
-    assert!(now.reg_checks > after.reg_checks);
-    to.assert_no_failures(name);
+    to.assert_checks_clean(name, &after);
 }
 
 /// Asserts the guest still runs on `host` after a failed migration and checks itself clean.
@@ -81,20 +65,14 @@ fn assert_still_runs(host: &Host, name: &str) {
         "{name} is {state} on the source after a failed migration\n{}",
         host.daemon_log()
     );
-    let before = last_beat(host, name);
+    let before = host.last_beat(name);
     host.wait_heartbeat(name, before.seq + 3, Duration::from_secs(10));
-    let checked = wait_for(Duration::from_secs(10), || {
-        last_beat(host, name).passes > before.passes
-    });
-    assert!(checked, "no full memory check after the failed migration");
-    let now = last_beat(host, name);
-    assert_eq!((now.mem_errors, now.reg_errors), (0, 0));
-    host.assert_no_failures(name);
+    host.assert_checks_clean(name, &before);
 }
 
 /// Moves `name` from `from` to `to` (at `address`) and checks its arrival.
 fn move_guest(from: &Host, to: &Host, address: &str, name: &str, args: &[&str]) -> Value {
-    let before = last_beat(from, name);
+    let before = from.last_beat(name);
     let started = Instant::now();
     let summary = from.migrate(name, address, args);
     assert_arrived(from, to, name, before.seq, started.elapsed());
@@ -159,20 +137,11 @@ fn clients_barely_notice_a_live_migration() {
     );
 }
 
-/// The sum of bytes and seconds of the pre-copy rounds: the rate the link was driven at.
+/// The rate the pre-copy rounds drove the link at.
 fn precopy_rate_mbit(summary: &Value) -> f64 {
-    let rounds = summary["rounds"].as_array().expect("rounds");
-    let (bytes, secs) =
-        rounds
-            .iter()
-            .filter(|r| r["stop_and_copy"] == false)
-            .fold((0.0, 0.0), |(b, s), r| {
-                (
-                    b + r["bytes"].as_f64().unwrap_or(0.0),
-                    s + r["seconds"].as_f64().unwrap_or(0.0),
-                )
-            });
-    bytes * 8.0 / secs.max(1e-9) / 1e6
+    serde_json::from_value::<tern_api::MigrationSummary>(summary.clone())
+        .expect("a migration summary")
+        .precopy_rate_mbit()
 }
 
 #[test]

@@ -12,14 +12,6 @@ use common::*;
 
 const BUSY_GUEST: &str = "heartbeat_ms=100 wss_mib=256 write_mibps=64 verify_ms=1000";
 
-/// The last heartbeat of a guest (before it stops).
-fn last_beat(host: &Host, name: &str) -> Heartbeat {
-    host.heartbeats(name)
-        .pop()
-        .expect("at least one heartbeat")
-        .1
-}
-
 fn save(host: &Host, name: &str, file: &Path) -> serde_json::Value {
     let out = host.ok(&["save", name, file.to_str().expect("path"), "--json"]);
     serde_json::from_str(&out).expect("save --json")
@@ -61,7 +53,7 @@ fn assert_continues(host: &Host, name: &str, before: &Heartbeat, exact: bool) {
     let mut last = after;
     assert!(
         wait_for(Duration::from_secs(20), || {
-            last = last_beat(host, name);
+            last = host.last_beat(name);
             last.passes >= first.passes + 2
         }),
         "no full verification pass after restore: {last:?}"
@@ -85,7 +77,7 @@ fn round_trips(copy: bool) {
         if exact {
             host.ok(&["pause", "rt"]);
         }
-        let before = last_beat(&host, "rt");
+        let before = host.last_beat("rt");
         let summary = save(&host, "rt", &file);
         assert!(
             host.list().is_empty(),
@@ -157,7 +149,7 @@ fn keep_running_saves_a_checkpoint_and_the_guest_goes_on() {
     let file = host.dir.join("k.tern");
     let summary = save_keep(&host, "k", &file);
     assert_eq!(summary["kept_running"], true);
-    let at_save = last_beat(&host, "k");
+    let at_save = host.last_beat("k");
     host.wait_heartbeat("k", at_save.seq + 10, Duration::from_secs(20));
     host.assert_no_failures("k");
     // The checkpoint is the guest as it was at the save: roll back to it.

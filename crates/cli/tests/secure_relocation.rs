@@ -16,8 +16,9 @@ use common::*;
 use tern_testkit::{Member, LAB_HOSTS_ALLOW};
 
 /// A guest without network (so that only migration traffic crosses the link), writing
-/// 16 MiB/s over 64 MiB and checking all of it twice a second.
-const WORKLOAD: &str = "heartbeat_ms=100 wss_mib=64 write_mibps=16 verify_ms=500 disk_mib=0";
+/// 8 MiB/s over 32 MiB and checking all of it every second: light enough to keep up (and so
+/// to sleep, when it checks its registers) on a loaded machine.
+const WORKLOAD: &str = "heartbeat_ms=100 wss_mib=32 write_mibps=8 verify_ms=1000 disk_mib=0";
 
 fn host1() -> String {
     Member::Host1.ip().to_string()
@@ -32,13 +33,6 @@ fn create_guest(host: &Host, name: &str) {
     host.wait_heartbeat(name, 3, Duration::from_secs(30));
 }
 
-fn last_beat(host: &Host, name: &str) -> Heartbeat {
-    host.heartbeats(name)
-        .pop()
-        .map(|(_, h)| h)
-        .unwrap_or_else(|| panic!("no heartbeat from {name}:\n{}", host.console(name)))
-}
-
 /// Asserts `name` runs on `host`, carried on from `after` (no reboot), and checks itself clean.
 fn assert_runs_clean(host: &Host, name: &str, after: u64) {
     let state = host.state(name).expect("listed");
@@ -47,17 +41,7 @@ fn assert_runs_clean(host: &Host, name: &str, after: u64) {
         "{name} is {state}"
     );
     let first = host.wait_heartbeat(name, after + 1, Duration::from_secs(15));
-    let checked = wait_for(Duration::from_secs(15), || {
-        last_beat(host, name).passes > first.passes
-    });
-    assert!(
-        checked,
-        "no full memory check on {}",
-        host.state_dir.display()
-    );
-    let now = last_beat(host, name);
-    assert_eq!((now.mem_errors, now.reg_errors), (0, 0));
-    host.assert_no_failures(name);
+    host.assert_checks_clean(name, &first);
 }
 
 /// Moves `name` and checks it arrived whole.
@@ -68,7 +52,7 @@ fn move_guest(
     name: &str,
     args: &[&str],
 ) -> serde_json::Value {
-    let before = last_beat(from, name).seq;
+    let before = from.last_beat(name).seq;
     let summary = from.migrate(name, address, args);
     assert!(!from.has(name), "{name} is still listed on the source");
     assert_runs_clean(to, name, before);
@@ -92,7 +76,7 @@ fn assert_refused(pair: &Pair, name: &str, source_says: &[&str], destination_log
         pair.h2.daemon_log()
     );
     assert!(pair.h1.has(name));
-    assert_runs_clean(&pair.h1, name, last_beat(&pair.h1, name).seq);
+    assert_runs_clean(&pair.h1, name, pair.h1.last_beat(name).seq);
     pair.h2.assert_empty(&pair.lab, Member::Host2);
     println!("refused: {}", err.trim());
     err
@@ -209,7 +193,7 @@ fn trusted_hosts_migrate_over_tls_and_the_wire_shows_no_guest_memory() {
     let back = move_guest(&pair.h2, &pair.h1, &host1(), "s", &["--live"]);
     let flows = capture.stop();
     let captured: usize = flows.iter().map(Vec::len).sum();
-    assert!(captured > 8 << 20, "captured only {captured} bytes");
+    assert!(captured > 4 << 20, "captured only {captured} bytes");
     assert_eq!(
         occurrences(&flows, &patterns),
         0,
@@ -289,7 +273,7 @@ fn untrusted_impersonated_and_plaintext_peers_are_refused() {
     assert!(impostor.list().expect("list").is_empty());
     drop(impostor);
     pair.h2.start_daemon();
-    assert_runs_clean(&pair.h1, "u", last_beat(&pair.h1, "u").seq);
+    assert_runs_clean(&pair.h1, "u", pair.h1.last_beat("u").seq);
 
     // Plaintext to a TLS host, then TLS to a plaintext host.
     pair.h1.reconfigure(Member::Host1, "", "insecure = true");
@@ -424,7 +408,7 @@ fn a_pool_ca_vouches_for_valid_certificates_only() {
         "{}",
         pair.h2.daemon_log()
     );
-    assert_runs_clean(&pair.h1, "p", last_beat(&pair.h1, "p").seq);
+    assert_runs_clean(&pair.h1, "p", pair.h1.last_beat("p").seq);
     pair.h2.assert_empty(&pair.lab, Member::Host2);
 }
 
@@ -620,7 +604,7 @@ fn a_flood_of_idle_connections_stays_bounded() {
     );
 
     // Once the flood is over, a migration goes through.
-    let before = last_beat(&pair.h1, "d").seq;
+    let before = pair.h1.last_beat("d").seq;
     pair.h1.migrate("d", &host2(), &["--live"]);
     assert_runs_clean(&pair.h2, "d", before);
 }

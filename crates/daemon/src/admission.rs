@@ -30,7 +30,7 @@ use std::path::{Component, Path, PathBuf};
 
 use kvm_bindings::kvm_cpuid_entry2;
 use tern_config::{DiskBackend, DiskSpec, DomainConfig, RelocationConfig, VifSpec};
-use tern_migration::{CpuidEntry, Offer, PROTOCOL_VERSION};
+use tern_migration::{Offer, PROTOCOL_VERSION};
 
 /// Guest RAM an incoming guest may have, MiB: what tern-config accepts in a guest config.
 pub const MEMORY_MIB: RangeInclusive<u64> = 16..=1_048_576;
@@ -520,7 +520,7 @@ fn check_cpu(policy: &IncomingPolicy, offer: &Offer, host: &dyn HostProbe) -> Re
         add(w.leaf, w.subleaf, w.regs);
     }
     for entries in &offer.vcpu_cpuid {
-        let entries: Vec<kvm_cpuid_entry2> = entries.iter().map(kvm_entry).collect();
+        let entries: Vec<kvm_cpuid_entry2> = entries.iter().map(tern_vmm::cpuid::to_kvm).collect();
         for (leaf, subleaf, regs) in tern_machine::cpuid::feature_words(&entries) {
             add(leaf, subleaf, regs);
         }
@@ -534,19 +534,6 @@ fn check_cpu(policy: &IncomingPolicy, offer: &Offer, host: &dyn HostProbe) -> Re
         Ok(())
     } else {
         Err(Refusal::MissingCpuFeatures(missing))
-    }
-}
-
-fn kvm_entry(e: &CpuidEntry) -> kvm_cpuid_entry2 {
-    kvm_cpuid_entry2 {
-        function: e.function,
-        index: e.index,
-        flags: e.flags,
-        eax: e.eax,
-        ebx: e.ebx,
-        ecx: e.ecx,
-        edx: e.edx,
-        ..Default::default()
     }
 }
 
@@ -900,6 +887,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
     use tern_config::{Action, MacAddr};
+    use tern_migration::CpuidEntry;
     use tern_snapshot::{CpuFeatureWord, Info};
 
     /// Leaf 7 EBX bit 16.

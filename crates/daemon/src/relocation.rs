@@ -12,7 +12,7 @@
 use std::ffi::CStr;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,9 @@ use crate::guest_process::INCOMING_FD;
 use crate::peer_log::PeerLog;
 use crate::registry::{Launch, Registry};
 use crate::trust::HostTrust;
+
+/// Where failures not tied to a peer are counted.
+const UNKNOWN_PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 
 /// A connection waiting for a handshake slot, and when it arrived.
 type Arrival = (TcpStream, SocketAddr, Instant);
@@ -66,32 +69,7 @@ pub fn start(
     }
     std::thread::Builder::new()
         .name("relocation".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                let stream = match stream {
-                    Ok(s) => s,
-                    Err(e) => {
-                        log::warn!("relocation server: accept failed: {e}");
-                        // Out of descriptors, say: let some close before trying again.
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
-                    }
-                };
-                let Ok(peer) = stream.peer_addr() else {
-                    continue;
-                };
-                if let Err(TrySendError::Full((stream, peer, _))) =
-                    queue.try_send((stream, peer, Instant::now()))
-                {
-                    server.failures.failed(
-                        peer.ip(),
-                        "turned away (all handshake slots busy)",
-                        "turned away: all handshake slots are busy ([relocation] max_handshakes)",
-                    );
-                    drop(stream);
-                }
-            }
-        })?;
+        .spawn(move || server.accept_loop(&listener, &queue))?;
     Ok(())
 }
 
@@ -125,6 +103,39 @@ fn announce(config: &RelocationConfig, address: &str, trust: &HostTrust) {
 }
 
 impl Server {
+    /// Takes connections as they come and queues them for a handshake slot; with every slot
+    /// busy and the queue full, closes them at once.
+    fn accept_loop(&self, listener: &TcpListener, queue: &SyncSender<Arrival>) {
+        for stream in listener.incoming() {
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of descriptors, say: let some close before trying again.
+                    self.failures.failed(
+                        UNKNOWN_PEER,
+                        "accept failed",
+                        &format!("accept failed: {e}"),
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let Ok(peer) = stream.peer_addr() else {
+                continue;
+            };
+            if let Err(TrySendError::Full((stream, peer, _))) =
+                queue.try_send((stream, peer, Instant::now()))
+            {
+                self.failures.failed(
+                    peer.ip(),
+                    "turned away (all handshake slots busy)",
+                    "turned away: all handshake slots are busy ([relocation] max_handshakes)",
+                );
+                drop(stream);
+            }
+        }
+    }
+
     /// A handshake slot: serves one waiting connection after another.
     fn handshakes(&self, arrivals: &Mutex<Receiver<Arrival>>) {
         loop {

@@ -135,7 +135,22 @@ impl Snapshottable for AcpiPm {
     }
 
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        self.state = decode_state(&self.snapshot_id(), bytes)?;
+        let state: AcpiPmState = decode_state(&self.snapshot_id(), bytes)?;
+        // Only the power button ever sets a status bit, and SLP_EN is never kept.
+        let reason = if state.status & !PWRBTN != 0 {
+            Some(format!("PM1 status {:#06x}", state.status))
+        } else if state.control & SLP_EN != 0 {
+            Some(format!("PM1 control {:#06x} with SLP_EN", state.control))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(StateError::Apply {
+                id: self.snapshot_id(),
+                reason,
+            });
+        }
+        self.state = state;
         self.state.control |= SCI_EN;
         Ok(())
     }
@@ -206,5 +221,25 @@ mod tests {
         let (mut other, _rx2) = self::pm();
         other.restore(&bytes).unwrap();
         assert_eq!(other.state, pm.state);
+    }
+
+    #[test]
+    fn states_it_never_holds_are_refused() {
+        let (mut pm, _rx) = pm();
+        for state in [
+            AcpiPmState {
+                status: 1,
+                enable: 0,
+                control: SCI_EN,
+            },
+            AcpiPmState {
+                status: 0,
+                enable: 0,
+                control: SCI_EN | SLP_EN,
+            },
+        ] {
+            let bytes = encode_state("acpi-pm", &state).unwrap();
+            assert!(pm.restore(&bytes).is_err(), "{state:?}");
+        }
     }
 }

@@ -46,7 +46,14 @@ impl Snapshottable for PvPanic {
         Ok(Vec::new())
     }
 
-    fn restore(&mut self, _bytes: &[u8]) -> Result<(), StateError> {
-        Ok(())
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        if bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(StateError::Decode {
+                id: self.snapshot_id(),
+                reason: format!("expected no state, found {} bytes", bytes.len()),
+            })
+        }
     }
 }

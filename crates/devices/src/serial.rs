@@ -69,6 +69,29 @@ impl From<&SerialDeviceState> for SerialState {
 
 /// Size of the UART's receive FIFO as emulated by vm-superio.
 const MAX_INPUT_FIFO: usize = 64;
+/// IER bits the UART keeps (vm-superio masks the rest away).
+const IER_VALID: u8 = 0x0f;
+/// LSR bits the UART ever sets: data ready, transmitter holding register empty, idle.
+const LSR_VALID: u8 = 0x61;
+/// IIR values the UART can hold: no interrupt, THR empty, data available, or both.
+const IIR_VALID: [u8; 4] = [0x01, 0x02, 0x04, 0x06];
+
+/// Refuses register values the UART could not have produced.
+fn check_registers(state: &SerialDeviceState) -> Result<(), String> {
+    if state.in_buffer.len() > MAX_INPUT_FIFO {
+        return Err(format!("receive FIFO of {} bytes", state.in_buffer.len()));
+    }
+    if state.interrupt_enable & !IER_VALID != 0 {
+        return Err(format!("IER {:#04x}", state.interrupt_enable));
+    }
+    if !IIR_VALID.contains(&state.interrupt_identification) {
+        return Err(format!("IIR {:#04x}", state.interrupt_identification));
+    }
+    if state.line_status & !LSR_VALID != 0 {
+        return Err(format!("LSR {:#04x}", state.line_status));
+    }
+    Ok(())
+}
 
 impl SerialDevice {
     /// A UART that raises `irq` and writes the guest's output to `out`.
@@ -98,12 +121,7 @@ impl SerialDevice {
             id: "serial0".into(),
             reason,
         };
-        if state.in_buffer.len() > MAX_INPUT_FIFO {
-            return Err(apply_error(format!(
-                "receive FIFO of {} bytes",
-                state.in_buffer.len()
-            )));
-        }
+        check_registers(state).map_err(apply_error)?;
         // vm-superio builds a UART from a state only by value: move the interrupt line and the
         // output into the new one, leaving a sink behind for the instant in between.
         let irq = self.uart.interrupt_evt().try_clone();
@@ -197,5 +215,35 @@ mod tests {
         };
         let bytes = encode_state("serial0", &bad).unwrap();
         assert!(dev.restore(&bytes).is_err());
+    }
+
+    #[test]
+    fn registers_it_never_holds_are_refused() {
+        let mut dev = SerialDevice::new(IrqLine::new(4).unwrap(), Box::new(std::io::sink()));
+        let good = dev.state();
+        let bad = [
+            SerialDeviceState {
+                interrupt_enable: 0x10,
+                ..good.clone()
+            },
+            SerialDeviceState {
+                interrupt_identification: 0,
+                ..good.clone()
+            },
+            SerialDeviceState {
+                interrupt_identification: 0xc1,
+                ..good.clone()
+            },
+            SerialDeviceState {
+                line_status: 0x80,
+                ..good.clone()
+            },
+        ];
+        for state in bad {
+            let bytes = encode_state("serial0", &state).unwrap();
+            assert!(dev.restore(&bytes).is_err(), "{state:?}");
+        }
+        let bytes = encode_state("serial0", &good).unwrap();
+        dev.restore(&bytes).unwrap();
     }
 }

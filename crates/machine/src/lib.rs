@@ -63,6 +63,9 @@ pub enum MachineError {
     Device(String),
     #[error("the machine is not in a state that allows this ({0})")]
     BadState(&'static str),
+    /// Saved VM or vCPU state this machine could not have produced.
+    #[error("the saved machine state is not acceptable: {0}")]
+    SavedState(String),
     #[error("vCPU {0} did not stop within {1:?}")]
     PauseTimeout(u32, Duration),
 }
@@ -516,8 +519,9 @@ impl Machine {
         Ok(())
     }
 
-    /// Restores every vCPU from captured states (one per vCPU, in index order); the machine
-    /// must be paused.
+    /// Restores every vCPU from captured states (one per vCPU, each put back into the vCPU its
+    /// `index` names; see [`vcpu::order_states`] for what is refused); the machine must be
+    /// paused.
     pub fn restore_vcpus(&self, states: Vec<VcpuState>) -> Result<(), MachineError> {
         if !self.paused {
             return Err(MachineError::BadState(
@@ -525,6 +529,8 @@ impl Machine {
             ));
         }
         let handles = self.handles()?;
+        let states =
+            vcpu::order_states(states, &self.vcpu_cpuids).map_err(MachineError::SavedState)?;
         if states.len() != handles.len() {
             return Err(MachineError::BadState(
                 "vCPU count differs from the saved state",

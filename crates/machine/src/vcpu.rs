@@ -71,6 +71,54 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
+/// Checks saved vCPU states against the vCPUs of a machine, created with `cpuids` (one per
+/// vCPU), and returns them in vCPU order: there must be one state per vCPU, each naming a
+/// vCPU that exists (`index`) and no vCPU twice, each with the CPUID that vCPU was created
+/// with and a LAPIC page of the right size. (What depends on the host, such as the XSAVE
+/// size, is checked when a state is put back.)
+pub fn order_states(
+    states: Vec<VcpuState>,
+    cpuids: &[Vec<kvm_cpuid_entry2>],
+) -> Result<Vec<VcpuState>, String> {
+    if states.len() != cpuids.len() {
+        return Err(format!(
+            "{} vCPU states for {} vCPUs",
+            states.len(),
+            cpuids.len()
+        ));
+    }
+    let mut slots: Vec<Option<VcpuState>> = cpuids.iter().map(|_| None).collect();
+    for state in states {
+        let i = state.index;
+        let slot = slots
+            .get_mut(i as usize)
+            .ok_or_else(|| format!("a state for vCPU {i}, of {}", cpuids.len()))?;
+        if slot.is_some() {
+            return Err(format!("two states for vCPU {i}"));
+        }
+        if !same_cpuid(&state.cpuid, &cpuids[i as usize]) {
+            return Err(format!(
+                "the state of vCPU {i} has another CPUID than the vCPU"
+            ));
+        }
+        if state.lapic.len() != std::mem::size_of::<kvm_lapic_state>() {
+            return Err(format!(
+                "the LAPIC page of vCPU {i} is {} bytes",
+                state.lapic.len()
+            ));
+        }
+        *slot = Some(state);
+    }
+    // Every slot is filled: as many states as vCPUs, none twice.
+    Ok(slots.into_iter().flatten().collect())
+}
+
+/// Whether two CPUID tables are the same, entry by entry (padding aside).
+fn same_cpuid(a: &[kvm_cpuid_entry2], b: &[kvm_cpuid_entry2]) -> bool {
+    let key = |e: &kvm_cpuid_entry2| (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx);
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| key(x) == key(y))
+}
+
 /// A created, configured vCPU that has not started running.
 pub struct Vcpu {
     index: u32,
@@ -756,4 +804,66 @@ fn internal_error(run: &kvm_run) -> String {
         internal.suberror,
         data.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpuid(n: u32) -> Vec<kvm_cpuid_entry2> {
+        vec![kvm_cpuid_entry2 {
+            function: 1,
+            eax: n,
+            ..Default::default()
+        }]
+    }
+
+    fn state(index: u32, cpuid: Vec<kvm_cpuid_entry2>) -> VcpuState {
+        VcpuState {
+            index,
+            cpuid,
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: vec![],
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            lapic: vec![0; std::mem::size_of::<kvm_lapic_state>()],
+            mp_state: Default::default(),
+            events: Default::default(),
+            msrs: vec![],
+            tsc_khz: None,
+        }
+    }
+
+    #[test]
+    fn states_are_put_in_vcpu_order() {
+        let cpuids = [cpuid(0), cpuid(1), cpuid(2)];
+        let states = vec![state(2, cpuid(2)), state(0, cpuid(0)), state(1, cpuid(1))];
+        let ordered = order_states(states, &cpuids).unwrap();
+        let indices: Vec<u32> = ordered.iter().map(|s| s.index).collect();
+        assert_eq!(indices, [0, 1, 2]);
+    }
+
+    #[test]
+    fn states_it_could_not_have_saved_are_refused() {
+        let cpuids = [cpuid(0), cpuid(1)];
+        let mut short_lapic = state(1, cpuid(1));
+        short_lapic.lapic.pop();
+        for (states, expected) in [
+            (vec![state(0, cpuid(0))], "1 vCPU states for 2"),
+            (vec![state(0, cpuid(0)), state(0, cpuid(0))], "two states"),
+            (vec![state(0, cpuid(0)), state(2, cpuid(1))], "vCPU 2, of 2"),
+            (vec![state(0, cpuid(0)), state(u32::MAX, cpuid(1))], "of 2"),
+            (
+                vec![state(0, cpuid(0)), state(1, cpuid(0))],
+                "another CPUID",
+            ),
+            (vec![state(0, cpuid(0)), short_lapic], "LAPIC page"),
+        ] {
+            match order_states(states, &cpuids) {
+                Err(e) => assert!(e.contains(expected), "{e}"),
+                Ok(_) => panic!("accepted, expected {expected}"),
+            }
+        }
+    }
 }

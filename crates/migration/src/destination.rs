@@ -18,6 +18,16 @@ use crate::STALL_TIMEOUT;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
+/// Most pages in one PAGES record a destination accepts (64 MiB). The source sends 256 pages
+/// (1 MiB) a record; the margin leaves room for a later source, and the limit bounds what a
+/// peer can make the destination buffer before it writes a record's pages.
+pub const MAX_RECORD_PAGES: u64 = 16 << 10;
+/// Most bytes of MACHINE, VCPU and DEVICE bodies a destination keeps (a guest's real state is
+/// a few hundred KiB).
+pub const MAX_STATE_BYTES: usize = 64 << 20;
+/// Most DEVICE records in a stream.
+pub const MAX_DEVICES: usize = 256;
+
 /// Everything a stream carried besides the pages, which are in guest memory already.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Received {
@@ -35,9 +45,29 @@ impl<T: Transport> Read for Channel<T> {
     }
 }
 
+/// Where a stream is in the order the protocol gives its records: INFO, CONFIG, then rounds of
+/// PAGES, ZEROS and MARK, then MACHINE, the VCPUs, the DEVICEs and END. (NOTE and unknown
+/// optional records may come anywhere; the reader skips the latter.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Info,
+    Config,
+    Pages,
+    Vcpus,
+    Devices,
+}
+
 /// Reads the record stream that follows an accepted offer into guest memory `regions`, until
 /// END. Acknowledges every MARK once the pages before it are in. `keep_going` is asked between
 /// records; an error from it ends the transfer.
+///
+/// The peer is not trusted: besides the reader's checks (checksums, lengths, the format's
+/// limits), pages must lie in `regions` and come in records of at most [`MAX_RECORD_PAGES`],
+/// records must come in the protocol's order (each of INFO, CONFIG and MACHINE once, one VCPU
+/// per offered vCPU, each device once, MARKs increasing), INFO and CONFIG must describe the
+/// offered guest, and the state kept is bounded by [`MAX_STATE_BYTES`] and [`MAX_DEVICES`].
+/// The bodies of MACHINE, VCPU and DEVICE records stay opaque here: the machine and its
+/// devices check them when they load them.
 pub fn receive<T: Transport>(
     ch: &mut Channel<T>,
     regions: &[RamRegion],
@@ -48,20 +78,34 @@ pub fn receive<T: Transport>(
         .set_read_timeout(Some(STALL_TIMEOUT))
         .map_err(|e| MigrationError::io("set a timeout", e))?;
     let mut reader = StreamReader::new(&mut *ch).map_err(MigrationError::from_stream)?;
+    reader.limit_pages(
+        regions
+            .iter()
+            .map(|r| r.first_pfn..r.first_pfn.saturating_add(r.pages))
+            .collect(),
+        MAX_RECORD_PAGES,
+    );
+    let vcpus = offer.vcpu_cpuid.len();
     let mut got = Received::default();
-    let mut info_seen = false;
+    let mut phase = Phase::Info;
+    let mut last_mark: Option<u64> = None;
+    let mut state_bytes = 0usize;
     while let Some(item) = reader.next().map_err(MigrationError::from_stream)? {
         keep_going().map_err(MigrationError::Cancelled)?;
         match item {
             StreamItem::Pages { runs, data } => {
+                expect(phase, Phase::Pages, RecordType::PAGES)?;
                 let mut off = 0usize;
                 for run in &runs {
                     let len = run.pages as usize * PAGE_SIZE;
                     let dst = host_range(regions, run.first_pfn, u64::from(run.pages))
                         .ok_or_else(|| outside(run.first_pfn))?;
-                    let src = data.get(off..off + len).ok_or_else(|| {
-                        MigrationError::Protocol("a PAGES record is short of data".into())
-                    })?;
+                    let src = off
+                        .checked_add(len)
+                        .and_then(|end| data.get(off..end))
+                        .ok_or_else(|| {
+                            MigrationError::Protocol("a PAGES record is short of data".into())
+                        })?;
                     // SAFETY: dst..dst+len lies in guest RAM (checked), which no vCPU runs on yet.
                     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, len) };
                     off += len;
@@ -70,6 +114,7 @@ pub fn receive<T: Transport>(
                 reader.recycle(data);
             }
             StreamItem::Zeros { runs } => {
+                expect(phase, Phase::Pages, RecordType::ZEROS)?;
                 for run in &runs {
                     let dst = host_range(regions, run.first_pfn, u64::from(run.pages))
                         .ok_or_else(|| outside(run.first_pfn))?;
@@ -86,36 +131,123 @@ pub fn receive<T: Transport>(
             }
             StreamItem::Record { ty, body } => match ty {
                 RecordType::INFO => {
+                    expect(phase, Phase::Info, ty)?;
                     check_info(&body, offer)?;
-                    info_seen = true;
+                    phase = Phase::Config;
+                }
+                RecordType::CONFIG => {
+                    expect(phase, Phase::Config, ty)?;
+                    check_config(&body, offer)?;
+                    phase = Phase::Pages;
                 }
                 RecordType::MARK => {
-                    let seq = u64::from_le_bytes(body.try_into().unwrap_or_default());
+                    expect(phase, Phase::Pages, ty)?;
+                    let seq = u64::from_le_bytes(body.as_slice().try_into().map_err(|_| {
+                        MigrationError::Protocol("a MARK record is not 8 bytes long".into())
+                    })?);
+                    if last_mark.is_some_and(|last| seq <= last) {
+                        return Err(MigrationError::Protocol(format!(
+                            "MARK {seq} comes after MARK {}",
+                            last_mark.unwrap_or_default()
+                        )));
+                    }
+                    last_mark = Some(seq);
                     reader.get_mut().send(&ToSource::Marked { seq })?;
                 }
-                RecordType::MACHINE => got.machine = body,
-                RecordType::VCPU => got.vcpus.push(body),
+                RecordType::MACHINE => {
+                    expect(phase, Phase::Pages, ty)?;
+                    keep_state(&mut state_bytes, &body)?;
+                    got.machine = body;
+                    phase = Phase::Vcpus;
+                }
+                RecordType::VCPU => {
+                    expect(phase, Phase::Vcpus, ty)?;
+                    if got.vcpus.len() >= vcpus {
+                        return Err(MigrationError::Protocol(format!(
+                            "the stream has more VCPU records than the guest's {vcpus} vCPUs"
+                        )));
+                    }
+                    keep_state(&mut state_bytes, &body)?;
+                    got.vcpus.push(body);
+                }
                 RecordType::DEVICE => {
+                    if phase == Phase::Vcpus && got.vcpus.len() == vcpus {
+                        phase = Phase::Devices;
+                    }
+                    expect(phase, Phase::Devices, ty)?;
                     let (id, state) = split_device(&body).map_err(MigrationError::Stream)?;
+                    if got.devices.iter().any(|(known, _)| known == id) {
+                        return Err(MigrationError::Protocol(format!(
+                            "the stream has two DEVICE records for {id:?}"
+                        )));
+                    }
+                    if got.devices.len() >= MAX_DEVICES {
+                        return Err(MigrationError::Protocol(format!(
+                            "the stream has more than {MAX_DEVICES} DEVICE records"
+                        )));
+                    }
+                    keep_state(&mut state_bytes, state)?;
                     got.devices.push((id.to_string(), state.to_vec()));
                 }
+                // NOTE: a comment, allowed anywhere.
                 _ => {}
             },
         }
     }
-    if !info_seen {
-        return Err(MigrationError::Protocol(
-            "the stream has no INFO record".into(),
-        ));
-    }
-    if got.machine.is_empty() || got.vcpus.len() != offer.vcpu_cpuid.len() {
-        return Err(MigrationError::Protocol(format!(
-            "the stream ended without the machine state ({} of {} vCPUs)",
-            got.vcpus.len(),
-            offer.vcpu_cpuid.len()
-        )));
+    let complete = match phase {
+        Phase::Vcpus => got.vcpus.len() == vcpus,
+        Phase::Devices => true,
+        Phase::Info | Phase::Config | Phase::Pages => false,
+    };
+    if !complete {
+        let what = match phase {
+            Phase::Info => "the stream has no INFO record".to_string(),
+            Phase::Config => "the stream has no CONFIG record".to_string(),
+            Phase::Pages => "the stream ended without the machine state".to_string(),
+            Phase::Vcpus | Phase::Devices => format!(
+                "the stream ended with {} of the guest's {vcpus} VCPU records",
+                got.vcpus.len()
+            ),
+        };
+        return Err(MigrationError::Protocol(what));
     }
     Ok(got)
+}
+
+/// A record of type `ty` may come only in phase `wanted`.
+fn expect(phase: Phase, wanted: Phase, ty: RecordType) -> Result<(), MigrationError> {
+    if phase == wanted {
+        return Ok(());
+    }
+    let why = match phase {
+        Phase::Info => "before INFO, which comes first",
+        Phase::Config => "before CONFIG, which follows INFO",
+        Phase::Pages => match ty {
+            RecordType::INFO | RecordType::CONFIG => "twice",
+            _ => "before the MACHINE record",
+        },
+        Phase::Vcpus => match ty {
+            RecordType::DEVICE => "before all VCPU records",
+            RecordType::MACHINE => "twice",
+            _ => "after the machine state",
+        },
+        Phase::Devices => "after the DEVICE records",
+    };
+    Err(MigrationError::Protocol(format!(
+        "the stream has a {ty} record {why}"
+    )))
+}
+
+/// Counts `body` against [`MAX_STATE_BYTES`].
+fn keep_state(total: &mut usize, body: &[u8]) -> Result<(), MigrationError> {
+    *total = total.saturating_add(body.len());
+    if *total > MAX_STATE_BYTES {
+        return Err(MigrationError::Protocol(format!(
+            "the stream's machine state is larger than {} MiB",
+            MAX_STATE_BYTES >> 20
+        )));
+    }
+    Ok(())
 }
 
 fn outside(pfn: u64) -> MigrationError {
@@ -133,6 +265,18 @@ fn check_info(body: &[u8], offer: &Offer) -> Result<(), MigrationError> {
     {
         return Err(MigrationError::Protocol(
             "the stream describes another guest than the one offered".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The stream's CONFIG must be the offered config.
+fn check_config(body: &[u8], offer: &Offer) -> Result<(), MigrationError> {
+    let config: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| MigrationError::Protocol(format!("the CONFIG record is malformed: {e}")))?;
+    if config != offer.config {
+        return Err(MigrationError::Protocol(
+            "the stream's CONFIG differs from the offered config".into(),
         ));
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! [`Read`], verifying each record completely before handing it out.
 
 use std::io::{self, Read};
+use std::ops::Range;
 
 use crate::error::{Fault, SnapshotError};
 use crate::format::{
@@ -53,6 +54,44 @@ pub struct StreamReader<R> {
     /// A page-data buffer handed back with [`StreamReader::recycle`], reused for the next
     /// PAGES record.
     spare: Option<Vec<u8>>,
+    /// What the caller accepts of PAGES and ZEROS records, beyond the format's limits.
+    pages: Option<PageLimits>,
+}
+
+/// Limits a reader applies to PAGES and ZEROS records on top of the format's own, set with
+/// [`StreamReader::limit_pages`]: a migration destination knows its guest's memory, so a run
+/// outside it, or a record larger than any source sends, is refused before its data is read
+/// (and before anything is allocated for it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PageLimits {
+    /// Every run must lie within one of these pfn ranges.
+    ranges: Vec<Range<u64>>,
+    /// Most pages in one PAGES record.
+    max_record_pages: u64,
+}
+
+impl PageLimits {
+    fn check(&self, runs: &[PageRun], total_pages: u64) -> Result<(), Fault> {
+        if total_pages > self.max_record_pages {
+            return Err(Fault::TooLarge(format!(
+                "holds {total_pages} pages; this reader takes at most {} per record",
+                self.max_record_pages
+            )));
+        }
+        for (i, run) in runs.iter().enumerate() {
+            let inside = self
+                .ranges
+                .iter()
+                .any(|r| run.first_pfn >= r.start && run.end_pfn() <= r.end);
+            if !inside {
+                return Err(Fault::Corrupt(format!(
+                    "page run {i} (pfn {:#x}, {} pages) is outside the guest's memory",
+                    run.first_pfn, run.pages
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<R: Read> StreamReader<R> {
@@ -68,7 +107,20 @@ impl<R: Read> StreamReader<R> {
             count: 0,
             state: State::Reading,
             spare: None,
+            pages: None,
         })
+    }
+
+    /// Refuses PAGES and ZEROS records with a run outside `ranges` (pfn ranges; a run must lie
+    /// within one of them) and PAGES records of more than `max_record_pages` pages, before
+    /// their data is read. A migration destination passes its guest's RAM, so that a hostile
+    /// peer can neither aim pages outside it nor make the reader buffer more than one
+    /// reasonable record.
+    pub fn limit_pages(&mut self, ranges: Vec<Range<u64>>, max_record_pages: u64) {
+        self.pages = Some(PageLimits {
+            ranges,
+            max_record_pages,
+        });
     }
 
     pub fn header(&self) -> Header {
@@ -142,6 +194,11 @@ impl<R: Read> StreamReader<R> {
                 RecordType::ZEROS => {
                     let body = self.plain_body(&h, &loc)?;
                     let runs = parse_zeros(&body).map_err(|f| f.at(&loc))?;
+                    if let Some(limits) = &self.pages {
+                        // A ZEROS record allocates nothing per page: only where its runs are
+                        // matters.
+                        limits.check(&runs, 0).map_err(|f| f.at(&loc))?;
+                    }
                     Some(StreamItem::Zeros { runs })
                 }
                 t if t.is_known() => Some(StreamItem::Record {
@@ -200,6 +257,11 @@ impl<R: Read> StreamReader<R> {
         let body_offset = self.offset;
         let desc = self.read_descriptor(h, loc)?;
         let d = parse_descriptor(&desc, h.length).map_err(|f| f.at(loc))?;
+        if let Some(limits) = &self.pages {
+            limits
+                .check(&d.runs, d.total_pages)
+                .map_err(|f| f.at(loc))?;
+        }
         let data_offset = body_offset + d.data_offset;
         if self.header.aligned && data_offset % PAGE_SIZE as u64 != 0 {
             return Err(Fault::Corrupt(
@@ -308,4 +370,70 @@ fn fill<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, SnapshotError> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SnapshotWriter;
+
+    fn stream_with(runs: &[PageRun], zeros: &[PageRun]) -> Vec<u8> {
+        let data: Vec<Vec<u8>> = runs
+            .iter()
+            .map(|r| vec![0x5a; r.pages as usize * PAGE_SIZE])
+            .collect();
+        let slices: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
+        let mut w = SnapshotWriter::new(Vec::new(), false).unwrap();
+        w.pages(runs, &slices, 4).unwrap();
+        w.zeros(zeros).unwrap();
+        w.finish().unwrap()
+    }
+
+    fn read_limited(bytes: &[u8]) -> Result<usize, SnapshotError> {
+        let mut r = StreamReader::new(bytes)?;
+        r.limit_pages(vec![0x100..0x200, 0x1000..0x1010], 64);
+        let mut items = 0;
+        while r.next()?.is_some() {
+            items += 1;
+        }
+        Ok(items)
+    }
+
+    fn run(first_pfn: u64, pages: u32) -> PageRun {
+        PageRun { first_pfn, pages }
+    }
+
+    #[test]
+    fn page_limits_pass_runs_inside_the_ranges() {
+        let b = stream_with(&[run(0x100, 3), run(0x1ff, 1), run(0x1000, 16)], &[]);
+        assert_eq!(read_limited(&b).unwrap(), 1);
+        let b = stream_with(&[run(0x100, 1)], &[run(0x100, 0x100), run(0x1000, 16)]);
+        assert_eq!(read_limited(&b).unwrap(), 2);
+    }
+
+    #[test]
+    fn page_limits_refuse_runs_outside_and_large_records() {
+        for (runs, zeros) in [
+            (vec![run(0xff, 1)], vec![]),
+            (vec![run(0x1ff, 2)], vec![]),
+            (vec![run(0x200, 1)], vec![]),
+            (vec![run(0x1f0, 0x20)], vec![]),
+            (vec![run(0x100, 1)], vec![run(0x800, 1)]),
+            (vec![run(0x100, 1)], vec![run(0x1000, 17)]),
+            (vec![run(0x100, 1)], vec![run((1 << 52) - 1, 1)]),
+        ] {
+            let b = stream_with(&runs, &zeros);
+            match read_limited(&b) {
+                Err(SnapshotError::Corrupt { what, .. }) => {
+                    assert!(what.contains("outside the guest's memory"), "{what}")
+                }
+                other => panic!("{runs:?} {zeros:?}: {other:?}"),
+            }
+        }
+        let b = stream_with(&[run(0x100, 65)], &[]);
+        assert!(matches!(
+            read_limited(&b),
+            Err(SnapshotError::TooLarge { .. })
+        ));
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod console;
 pub mod console_log;
+pub mod cpuid;
 pub mod devices;
 pub mod direct_io;
 pub mod logging;

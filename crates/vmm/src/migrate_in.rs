@@ -15,14 +15,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use kvm_bindings::kvm_cpuid_entry2;
 use tern_api::vmm::VmmEvent;
 use tern_devices::serial::ConsoleOut;
+use tern_devices::state::decode_state;
 use tern_machine::{Machine, VcpuState, VmState};
 use tern_migration::destination::{self, Received};
 use tern_migration::link::{self, Link, LinkSecurity, Security};
 use tern_migration::transport::{tune_tcp, Channel};
-use tern_migration::{CpuidEntry, MigrationError, Offer, RamRegion, HANDOVER_TIMEOUT};
+use tern_migration::{MigrationError, Offer, RamRegion, HANDOVER_TIMEOUT};
 
 use crate::record::{DomainRecord, IncomingState};
 use crate::{MainEvent, Vmm};
@@ -60,7 +60,7 @@ pub(crate) fn prepare(
     let cpuids = offer
         .vcpu_cpuid
         .iter()
-        .map(|entries| entries.iter().map(kvm_entry).collect())
+        .map(|entries| entries.iter().map(crate::cpuid::to_kvm).collect())
         .collect();
     let virtio = crate::devices::build(record)?;
     let mut machine = Machine::new_blank(record.config.memory_mib, cpuids, console, virtio)?;
@@ -95,19 +95,6 @@ fn inherited_socket(fd: i32) -> anyhow::Result<TcpStream> {
     // SAFETY: setting FD_CLOEXEC on a descriptor we own.
     unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     Ok(stream)
-}
-
-fn kvm_entry(e: &CpuidEntry) -> kvm_cpuid_entry2 {
-    kvm_cpuid_entry2 {
-        function: e.function,
-        index: e.index,
-        flags: e.flags,
-        eax: e.eax,
-        ebx: e.ebx,
-        ecx: e.ecx,
-        edx: e.edx,
-        ..Default::default()
-    }
 }
 
 /// Receives the guest, waits for `Go` and runs it; or gives up and ends this process.
@@ -249,15 +236,17 @@ pub(crate) fn regions(machine: &Machine) -> Vec<RamRegion> {
         .collect()
 }
 
-/// Loads the received VM, vCPU and device state into the paused machine.
+/// Loads the received VM, vCPU and device state into the paused machine. The bodies come from
+/// the peer: each must decode completely (no trailing bytes), and the machine and its devices
+/// refuse what they could not have produced (a vCPU named twice or out of range, another
+/// CPUID, a device state out of range, see `Machine::restore_vcpus` and the devices' restore).
 fn load(machine: &Machine, received: &Received) -> anyhow::Result<()> {
-    let vm: VmState = postcard::from_bytes(&received.machine)
-        .map_err(|e| anyhow::anyhow!("malformed MACHINE record: {e}"))?;
+    let vm: VmState = decode_state("MACHINE", &received.machine)?;
     let vcpus: Vec<VcpuState> = received
         .vcpus
         .iter()
-        .map(|b| postcard::from_bytes(b).map_err(|e| anyhow::anyhow!("malformed VCPU record: {e}")))
-        .collect::<anyhow::Result<_>>()?;
+        .map(|b| decode_state("VCPU", b))
+        .collect::<Result<_, _>>()?;
     machine.restore_vm_state(&vm)?;
     machine.restore_vcpus(vcpus)?;
     machine.restore_devices(&received.devices)?;

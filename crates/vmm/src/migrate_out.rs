@@ -21,8 +21,7 @@ use tern_migration::link::{self, LinkSecurity, Security};
 use tern_migration::source::{send, Observer, Plan, SendError, SourceVm, StateRecords};
 use tern_migration::transport::tune_tcp;
 use tern_migration::{
-    CpuidEntry, Limits, Offer, Outcome, RamRegion, ToDestination, ToSource, OFFER_TIMEOUT,
-    PROTOCOL_VERSION,
+    Limits, Offer, Outcome, RamRegion, ToDestination, ToSource, OFFER_TIMEOUT, PROTOCOL_VERSION,
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -190,7 +189,7 @@ fn plan(vmm: &Vmm, request: &Request) -> anyhow::Result<Plan> {
         vcpu_cpuid: machine
             .vcpu_cpuids()
             .iter()
-            .map(|entries| entries.iter().map(cpuid_entry).collect())
+            .map(|entries| entries.iter().map(crate::cpuid::from_kvm).collect())
             .collect(),
     };
     let limits = Limits {
@@ -205,18 +204,6 @@ fn plan(vmm: &Vmm, request: &Request) -> anyhow::Result<Plan> {
         live: request.options.live,
         limits,
     })
-}
-
-fn cpuid_entry(e: &kvm_bindings::kvm_cpuid_entry2) -> CpuidEntry {
-    CpuidEntry {
-        function: e.function,
-        index: e.index,
-        flags: e.flags,
-        eax: e.eax,
-        ebx: e.ebx,
-        ecx: e.ecx,
-        edx: e.edx,
-    }
 }
 
 /// The engine's view of this process's machine.

@@ -52,8 +52,8 @@ pub fn prepare(
     let vcpus: Vec<VcpuState> = index
         .all(RecordType::VCPU)
         .map(|r| {
-            postcard::from_bytes(&r.body)
-                .map_err(|e| anyhow::anyhow!("cannot restore {shown}: malformed vCPU state: {e}"))
+            tern_devices::state::decode_state("VCPU", &r.body)
+                .map_err(|e| anyhow::anyhow!("cannot restore {shown}: {e}"))
         })
         .collect::<anyhow::Result<_>>()?;
     if vcpus.is_empty() || vcpus.len() != vm.vcpus as usize {
@@ -119,12 +119,8 @@ fn decode_one<T: serde::de::DeserializeOwned>(
     let record = index
         .record(ty)
         .with_context(|| format!("cannot restore {shown}: it has no {} record", ty.name()))?;
-    postcard::from_bytes(&record.body).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot restore {shown}: malformed {} record: {e}",
-            ty.name()
-        )
-    })
+    tern_devices::state::decode_state(ty.name(), &record.body)
+        .map_err(|e| anyhow::anyhow!("cannot restore {shown}: {e}"))
 }
 
 /// Refuses a checkpoint whose guest was started with CPU features this host lacks.

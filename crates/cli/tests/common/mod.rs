@@ -192,6 +192,32 @@ impl Host {
         self.inner.guest_pid(name).expect("guest pid")
     }
 
+    /// The guest's last heartbeat so far.
+    pub fn last_beat(&self, name: &str) -> Heartbeat {
+        self.heartbeats(name)
+            .pop()
+            .map(|(_, h)| h)
+            .unwrap_or_else(|| panic!("no heartbeat from {name}:\n{}", self.console(name)))
+    }
+
+    /// Waits until the guest completed a full memory pass and a register check after
+    /// heartbeat `since` (a loaded machine may slow it down, so this waits rather than
+    /// expects), then asserts it found no error and reported no failure.
+    pub fn assert_checks_clean(&self, name: &str, since: &Heartbeat) {
+        let checked = wait_for(Duration::from_secs(20), || {
+            let now = self.last_beat(name);
+            now.passes > since.passes && now.reg_checks > since.reg_checks
+        });
+        let now = self.last_beat(name);
+        assert!(
+            checked,
+            "{name} did not check its memory and registers again: {since:?} then {now:?}"
+        );
+        assert_eq!(now.mem_errors, 0, "memory errors");
+        assert_eq!(now.reg_errors, 0, "register errors");
+        self.assert_no_failures(name);
+    }
+
     /// Asserts the guest never reported a failed check or a fault.
     pub fn assert_no_failures(&self, name: &str) {
         let console = self.console(name);

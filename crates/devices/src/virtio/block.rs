@@ -13,7 +13,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{Work, Worker};
 use super::{
-    lock_queue, read_config_bytes, Activation, Interrupt, SharedQueue, VirtioDevice, TYPE_BLOCK,
+    lock_queue, next_chain, read_config_bytes, Activation, Interrupt, SharedQueue, VirtioDevice,
+    TYPE_BLOCK,
 };
 use crate::state::{decode_state, encode_state, StateError};
 use crate::GuestMem;
@@ -247,7 +248,7 @@ impl BlockWork {
     fn serve_queue(&mut self) {
         let mut served = false;
         let mut q = lock_queue(&self.queue);
-        while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
+        while let Some(chain) = next_chain(&mut q, &self.mem) {
             let head = chain.head_index();
             let written = match (chain.clone().reader(&self.mem), chain.writer(&self.mem)) {
                 (Ok(reader), Ok(writer)) => self.requests.serve(reader, writer),

@@ -8,7 +8,10 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue_state::SavedQueue;
-use super::{lock_queue, Activation, Interrupt, SharedQueue, VirtioDevice, F_VERSION_1};
+use super::{
+    lock_queue, Activation, Interrupt, SharedQueue, VirtioDevice, F_VERSION_1, INT_CONFIG,
+    INT_USED_RING,
+};
 use crate::bus::BusDevice;
 use crate::irq::IrqLine;
 use crate::state::{decode_state, encode_state, Pausable, Snapshottable, StateError};
@@ -164,7 +167,9 @@ impl MmioTransport {
             0x14 => self.features_select = value,
             0x20 => self.write_driver_features(value),
             0x24 => self.driver_features_select = value,
-            0x30 => self.queue_select = value,
+            // Any selector past the last queue selects none; keep one such value, so that a
+            // saved state names either a queue or "none".
+            0x30 => self.queue_select = value.min(self.queues.len() as u32),
             0x38 => self.with_queue(|q| q.set_size(value as u16)),
             0x44 => self.with_queue(|q| q.set_ready(value == 1)),
             NOTIFY_OFFSET => {
@@ -282,29 +287,87 @@ impl MmioTransport {
         })
     }
 
+    /// Checks a saved state against this transport and builds its queues, without changing
+    /// anything: the state must be one this transport could have produced (queues of this
+    /// device, sizes and rings a driver could set, no more buffers in flight than a queue
+    /// holds, a selector naming a queue or none, interrupt bits the transport sets, features
+    /// it offered) and, if the device was running, rings inside guest memory.
+    fn check_state(&self, state: &MmioState) -> Result<Vec<Queue>, String> {
+        let max = self.device.queue_max_sizes();
+        if state.queues.len() != max.len()
+            || state.queues.iter().zip(max).any(|(q, &m)| q.max_size != m)
+        {
+            return Err("the saved queues do not match this device".into());
+        }
+        if state.queue_select > max.len() as u32 {
+            return Err(format!(
+                "queue selector {} is out of range (the device has {} queues)",
+                state.queue_select,
+                max.len()
+            ));
+        }
+        let stray = state.interrupt_status & !(INT_USED_RING | INT_CONFIG);
+        if stray != 0 {
+            return Err(format!("unknown interrupt status bits {stray:#x}"));
+        }
+        if state.status & STATUS_FEATURES_OK != 0 {
+            let offered = self.offered_features();
+            let extra = state.acked_features & !offered;
+            if extra != 0 {
+                return Err(format!(
+                    "acknowledged features {extra:#x} were never offered"
+                ));
+            }
+            if state.acked_features & F_VERSION_1 == 0 {
+                return Err("FEATURES_OK without VERSION_1".into());
+            }
+        }
+        let running =
+            state.status & STATUS_DRIVER_OK != 0 && state.status & STATUS_NEEDS_RESET == 0;
+        if running && state.status & STATUS_FEATURES_OK == 0 {
+            return Err("DRIVER_OK without FEATURES_OK".into());
+        }
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (i, saved) in state.queues.iter().enumerate() {
+            let q = saved.to_queue().map_err(|e| format!("queue {i}: {e}"))?;
+            if saved.event_idx {
+                // The transport never offers VIRTIO_RING_F_EVENT_IDX.
+                return Err(format!("queue {i} uses event indices, never offered"));
+            }
+            let in_flight = saved.next_avail.wrapping_sub(saved.next_used);
+            if in_flight > saved.size {
+                return Err(format!(
+                    "queue {i} of {} entries has {in_flight} buffers in flight",
+                    saved.size
+                ));
+            }
+            if running && q.ready() && !q.is_valid(&self.mem) {
+                return Err(format!(
+                    "queue {i}'s rings (descriptors {:#x}, available {:#x}, used {:#x}, {} entries) are not inside guest memory",
+                    saved.desc_table, saved.avail_ring, saved.used_ring, saved.size
+                ));
+            }
+            queues.push(q);
+        }
+        Ok(queues)
+    }
+
     fn set_state(&mut self, state: MmioState) -> Result<(), StateError> {
         let id = self.device.id();
         let apply = |reason: String| StateError::Apply {
             id: id.clone(),
             reason,
         };
-        let max: Vec<u16> = self.device.queue_max_sizes().to_vec();
-        if state.queues.len() != max.len()
-            || state.queues.iter().zip(&max).any(|(q, &m)| q.max_size != m)
-        {
-            return Err(apply("the saved queues do not match this device".into()));
-        }
+        let queues = self.check_state(&state).map_err(apply)?;
         if self.activated {
             self.device.reset();
             self.activated = false;
         }
-        self.queues = state
-            .queues
-            .iter()
-            .map(|q| q.to_queue().map(|q| Arc::new(Mutex::new(q))))
-            .collect::<Result<_, _>>()
-            .map_err(apply)?;
         self.device.set_state(&state.device)?;
+        self.queues = queues
+            .into_iter()
+            .map(|q| Arc::new(Mutex::new(q)))
+            .collect();
         self.status = state.status;
         self.features_select = state.features_select;
         self.driver_features_select = state.driver_features_select;

@@ -15,7 +15,7 @@ pub mod worker;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::irq::IrqLine;
@@ -76,6 +76,24 @@ pub type SharedQueue = Arc<Mutex<Queue>>;
 /// Locks a queue even if a holder panicked.
 pub fn lock_queue(q: &SharedQueue) -> std::sync::MutexGuard<'_, Queue> {
     q.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The next buffer the driver made available on `q`, except one whose head index is outside
+/// the queue: that one could never be returned, so the queue stops in front of it (until the
+/// driver resets the device) rather than keep a buffer in flight for ever. A device so never
+/// has more buffers in flight than its queue holds, which a restore checks.
+pub fn next_chain<'m>(q: &mut Queue, mem: &'m GuestMem) -> Option<DescriptorChain<&'m GuestMem>> {
+    let chain = q.pop_descriptor_chain(mem)?;
+    if chain.head_index() >= q.size() {
+        q.go_to_previous_position();
+        log::warn!(
+            "virtio: the driver made descriptor {} available on a queue of {}; the queue stops",
+            chain.head_index(),
+            q.size()
+        );
+        return None;
+    }
+    Some(chain)
 }
 
 /// What a device gets when the driver has set it up.

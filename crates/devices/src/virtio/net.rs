@@ -10,7 +10,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{Work, Worker};
 use super::{
-    lock_queue, read_config_bytes, Activation, Interrupt, SharedQueue, VirtioDevice, TYPE_NET,
+    lock_queue, next_chain, read_config_bytes, Activation, Interrupt, SharedQueue, VirtioDevice,
+    TYPE_NET,
 };
 use crate::state::{decode_state, encode_state, StateError};
 use crate::GuestMem;
@@ -186,10 +187,15 @@ impl NetWork {
         let mut sent = false;
         let mut q = lock_queue(&self.tx);
         // While draining, the driver need not kick us for every frame (each kick is a VM exit);
-        // after re-enabling notifications, look once more for frames queued in between.
+        // after re-enabling notifications, look once more for frames queued in between. Only
+        // while that finds frames: a ring the driver broke (an available index too far ahead,
+        // a head outside the queue) always looks non-empty yet yields nothing, and must not
+        // keep this thread spinning.
         loop {
             let _ = q.disable_notification(&self.mem);
-            while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
+            let mut progressed = false;
+            while let Some(chain) = next_chain(&mut q, &self.mem) {
+                progressed = true;
                 let head = chain.head_index();
                 let len = match chain.reader(&self.mem) {
                     Ok(mut reader) => read_up_to(&mut reader, &mut self.outgoing),
@@ -205,7 +211,8 @@ impl NetWork {
                 }
                 sent = true;
             }
-            if !q.enable_notification(&self.mem).unwrap_or(false) {
+            let more = q.enable_notification(&self.mem).unwrap_or(false);
+            if !more || !progressed {
                 break;
             }
         }
@@ -236,7 +243,7 @@ impl NetWork {
                 }
             }
             let mut q = lock_queue(&self.rx);
-            let Some(chain) = q.pop_descriptor_chain(&self.mem) else {
+            let Some(chain) = next_chain(&mut q, &self.mem) else {
                 break; // no buffer: keep the frame until the guest adds one
             };
             let head = chain.head_index();
