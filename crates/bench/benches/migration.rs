@@ -434,7 +434,8 @@ fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&
          downtime limit, no bandwidth cap, auto-converge. Downtime runs from the pause on the\n\
          source to the resume on the destination, as both processes stamp them with the host\n\
          clock. *Link time* is bytes sent divided by the measured link rate. After each move the\n\
-         guest completes a full verification pass of its memory and registers on the destination.\n\n\
+         guest completes a full verification pass of its memory and registers on the destination.\n\
+         tern migrates over TLS 1.3 (its default); QEMU in clear (a `tcp:` URI, its default).\n\n\
          QEMU: {}\n\n\
          | write rate | tool | downtime | total time | sent | total / link time | rounds | throttle | guest checks |\n\
          |---:|---|---:|---:|---:|---:|---:|---:|---|\n",
