@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{handshake, spawn_accept, tcp_pair, within, Host};
+use common::{handshake, spawn_accept, tcp_pair, trusting_pair, within, Host};
 use tern_tls::{peer_speaks_tls, pinned, Role, TlsError, TlsStream, Trust};
 
 fn read_exactly(s: &mut impl Read, n: usize) -> Vec<u8> {
@@ -117,14 +117,7 @@ fn half_close_and_timeouts_restored() {
 
 #[test]
 fn read_timeout_surfaces_and_loses_nothing() {
-    let a = Host::new("a");
-    let b = Host::new("b");
-    let (client, server) = handshake(
-        a.client(pinned(b.identity.fingerprint())),
-        b.server(pinned(a.identity.fingerprint())),
-        "127.0.0.1",
-    );
-    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    let (mut client, mut server) = trusting_pair();
     server
         .tcp()
         .set_read_timeout(Some(Duration::from_millis(100)))
@@ -428,14 +421,7 @@ fn peer_closing_mid_handshake_is_reported() {
 
 #[test]
 fn write_timeout_keeps_the_rest_pending() {
-    let a = Host::new("a");
-    let b = Host::new("b");
-    let (client, server) = handshake(
-        a.client(pinned(b.identity.fingerprint())),
-        b.server(pinned(a.identity.fingerprint())),
-        "127.0.0.1",
-    );
-    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    let (mut client, mut server) = trusting_pair();
     client
         .tcp()
         .set_write_timeout(Some(Duration::from_millis(100)))

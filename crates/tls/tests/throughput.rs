@@ -6,8 +6,7 @@ use std::io::{IoSlice, Read, Write};
 use std::thread;
 use std::time::Instant;
 
-use common::{handshake, Host};
-use tern_tls::pinned;
+use common::trusting_pair;
 
 const TOTAL: usize = 256 << 20;
 const PAGE: usize = 4096;
@@ -15,14 +14,7 @@ const PAGES_PER_WRITE: usize = 64;
 
 #[test]
 fn bulk_transfer_through_write_vectored() {
-    let a = Host::new("a");
-    let b = Host::new("b");
-    let (client, server) = handshake(
-        a.client(pinned(b.identity.fingerprint())),
-        b.server(pinned(a.identity.fingerprint())),
-        "127.0.0.1",
-    );
-    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    let (mut client, mut server) = trusting_pair();
     let reader = thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0usize;

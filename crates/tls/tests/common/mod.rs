@@ -144,3 +144,15 @@ pub fn handshake(
     let client = TlsStream::connect(c, client, server_name, deadline);
     (client, server.join().unwrap())
 }
+
+/// Two hosts that trust each other's keys, in session: (client, server).
+pub fn trusting_pair() -> (TlsStream, TlsStream) {
+    let a = Host::new("a");
+    let b = Host::new("b");
+    let (client, server) = handshake(
+        a.client(tern_tls::pinned(b.identity.fingerprint())),
+        b.server(tern_tls::pinned(a.identity.fingerprint())),
+        "127.0.0.1",
+    );
+    (client.unwrap(), server.unwrap())
+}
