@@ -182,6 +182,9 @@ fn one_line(s: &str) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let socket = cli.socket.as_path();
+    if !matches!(cli.command, Command::Daemon { .. } | Command::Vmm { .. }) {
+        stop_quietly_on_closed_output();
+    }
     match cli.command {
         Command::Daemon { config } => {
             let config = tern_config::load_daemon_config(&config)?;
@@ -285,6 +288,16 @@ fn trust(socket: &Path, command: TrustCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A command whose output is cut short (`tern list | head -1`) ends there, as Unix tools do,
+/// instead of failing on the write. Not for the daemon and the guest process: for them a
+/// closed socket is an error to handle, not a reason to die.
+fn stop_quietly_on_closed_output() {
+    // SAFETY: restoring the default disposition of SIGPIPE has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn create(socket: &Path, file: &Path, paused: bool, json: bool) -> anyhow::Result<()> {

@@ -301,3 +301,39 @@ fn missing_daemon_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// Output cut short by the reader (`tern list | head -1`) ends the command quietly: no panic,
+/// no error, and the shell sees the reader's success.
+#[test]
+fn a_closed_output_pipe_is_not_an_error() {
+    let host = Host::start_unlocked();
+    host.ok(&["trust", "add", &format!("sha256:{}", "ab".repeat(32))]);
+    let tern = format!(
+        "{} --socket {}",
+        tern_bin().display(),
+        host.socket.display()
+    );
+    let shell = |script: String| {
+        std::process::Command::new("bash")
+            .args(["-c", &script])
+            .output()
+            .expect("bash")
+    };
+    for command in ["list", "list --json", "trust list", "fingerprint"] {
+        // `true` exits without reading: tern's first write finds the pipe closed.
+        let out = shell(format!("{tern} {command} | true"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "tern {command} | true: {stderr}"
+        );
+        let out = shell(format!("{tern} {command} | head -1"));
+        assert!(out.status.success(), "tern {command} | head -1: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -449,3 +449,22 @@ fn unknown_hosts_and_other_versions_are_refused() {
     );
     pair.h2.assert_empty(&pair.lab, Member::Host2);
 }
+
+#[test]
+fn of_two_migrations_at_once_exactly_one_starts() {
+    let pair = Pair::start();
+    create_net_guest(&pair.h1, "t", SLOW_WORKLOAD);
+    let before = pair.h1.last_beat("t");
+    let started = Instant::now();
+    let first = spawn_migrate(&pair.h1, "t", &host2(), SLOW);
+    incoming_pid(&pair.h2);
+    let second = pair.h1.fails(&["migrate", "t", &host2(), "--live"]);
+    assert!(second.contains("'t' is already migrating"), "{second}");
+    let out = first.wait_with_output().expect("tern migrate");
+    assert!(
+        out.status.success(),
+        "the first migration failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_arrived(&pair.h1, &pair.h2, "t", before.seq, started.elapsed());
+}

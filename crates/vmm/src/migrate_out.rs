@@ -90,10 +90,16 @@ fn migrate(
     request: &Request,
     daemon: &mut UnixStream,
 ) -> VmmReply {
-    if let Err(message) = vmm.not_migrating() {
-        return VmmReply::Error { message };
+    // One check-and-set, so that of two requests at once exactly one starts.
+    if vmm
+        .migrating
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return VmmReply::Error {
+            message: format!("'{}' is already migrating", vmm.record.config.name),
+        };
     }
-    vmm.migrating.store(true, Ordering::Release);
     vmm.set_note(Some(format!("migrating to {}", request.destination)));
     let result = plan(vmm, request).map(|plan| {
         let source = MachineSource { vmm };
