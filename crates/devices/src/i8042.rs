@@ -58,14 +58,7 @@ impl Snapshottable for I8042 {
     }
 
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        if bytes.is_empty() {
-            Ok(())
-        } else {
-            Err(StateError::Decode {
-                id: self.snapshot_id(),
-                reason: format!("expected no state, found {} bytes", bytes.len()),
-            })
-        }
+        crate::state::expect_no_state(&self.snapshot_id(), bytes)
     }
 }
 

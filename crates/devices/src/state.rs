@@ -46,6 +46,17 @@ pub fn encode_state<T: Serialize>(id: &str, state: &T) -> Result<Vec<u8>, StateE
 }
 
 /// Decodes a state struct; trailing bytes are an error (the record length is authoritative).
+/// The restore of a device that holds no state: anything but an empty body is not its own.
+pub fn expect_no_state(id: &str, bytes: &[u8]) -> Result<(), StateError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    Err(StateError::Decode {
+        id: id.to_string(),
+        reason: format!("expected no state, found {} bytes", bytes.len()),
+    })
+}
+
 pub fn decode_state<T: DeserializeOwned>(id: &str, bytes: &[u8]) -> Result<T, StateError> {
     let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| StateError::Decode {
         id: id.to_string(),
