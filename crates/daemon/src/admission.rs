@@ -78,9 +78,12 @@ pub enum Refusal {
     #[error("this host speaks relocation protocol version {ours}, the source version {theirs}")]
     ProtocolVersion { ours: u32, theirs: u32 },
     #[error(
-        "this host reads migration stream format version {ours}, the source sends version {theirs}"
+        "this host (tern {ours}) reads migration stream format versions {oldest} to {newest}, the source (tern {source_tern}) sends version {theirs}",
+        ours = env!("CARGO_PKG_VERSION"),
+        oldest = tern_snapshot::OLDEST_FORMAT_VERSION,
+        newest = tern_snapshot::FORMAT_VERSION
     )]
-    StreamFormat { ours: u32, theirs: u32 },
+    StreamFormat { theirs: u32, source_tern: String },
     #[error("the offer's migration ID is not a UUID")]
     MigrationId,
     /// The offer apart from the guest's config: its description or the vCPUs' CPUID.
@@ -273,10 +276,13 @@ fn check_versions(offer: &Offer) -> Result<(), Refusal> {
             theirs: offer.protocol,
         });
     }
-    if offer.stream_format != tern_snapshot::FORMAT_VERSION {
+    // A source of the previous release sends the previous format: upgrading a host means
+    // migrating its guests away and back.
+    let readable = tern_snapshot::OLDEST_FORMAT_VERSION..=tern_snapshot::FORMAT_VERSION;
+    if !readable.contains(&offer.stream_format) {
         return Err(Refusal::StreamFormat {
-            ours: tern_snapshot::FORMAT_VERSION,
             theirs: offer.stream_format,
+            source_tern: shown(&offer.info.tern_version),
         });
     }
     Ok(())
@@ -1093,10 +1099,15 @@ mod tests {
         assert_eq!(
             e,
             format!(
-                "this host reads migration stream format version {}, the source sends version 999",
-                tern_snapshot::FORMAT_VERSION
+                "this host (tern {}) reads migration stream format versions 1 to {}, the source (tern {}) sends version 999",
+                env!("CARGO_PKG_VERSION"),
+                tern_snapshot::FORMAT_VERSION,
+                o.info.tern_version
             )
         );
+        // The previous release's format is accepted.
+        o.stream_format = tern_snapshot::OLDEST_FORMAT_VERSION;
+        f.admit(&o).expect("a stream of the previous format");
         o.stream_format = tern_snapshot::FORMAT_VERSION;
         for bad in ["", "../../etc/passwd", "from-the-future", &"a".repeat(65)] {
             o.migration_id = bad.into();

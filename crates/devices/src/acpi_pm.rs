@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::bus::BusDevice;
 use crate::events::{GuestEvent, GuestEventSender};
 use crate::irq::IrqLine;
-use crate::state::{decode_state, encode_state, Snapshottable, StateError};
+use crate::state::{
+    decode_state, encode_state, SavedState, Snapshottable, StateError, VersionedState,
+};
 
 /// PM1 status/enable bit of the power button.
 pub const PWRBTN: u16 = 1 << 8;
@@ -33,6 +35,11 @@ pub struct AcpiPmState {
     pub status: u16,
     pub enable: u16,
     pub control: u16,
+}
+
+impl VersionedState for AcpiPmState {
+    const KIND: &'static str = "ACPI power management";
+    const VERSION: u16 = 1;
 }
 
 /// The PM1a register blocks.
@@ -134,8 +141,8 @@ impl Snapshottable for AcpiPm {
         encode_state(&self.snapshot_id(), &self.state)
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        let state: AcpiPmState = decode_state(&self.snapshot_id(), bytes)?;
+    fn restore(&mut self, saved: SavedState<'_>) -> Result<(), StateError> {
+        let state: AcpiPmState = decode_state(&self.snapshot_id(), saved)?;
         // Only the power button ever sets a status bit, and SLP_EN is never kept.
         let reason = if state.status & !PWRBTN != 0 {
             Some(format!("PM1 status {:#06x}", state.status))
@@ -219,7 +226,7 @@ mod tests {
         pm.press_power_button();
         let bytes = pm.snapshot().unwrap();
         let (mut other, _rx2) = self::pm();
-        other.restore(&bytes).unwrap();
+        other.restore(SavedState::current(&bytes)).unwrap();
         assert_eq!(other.state, pm.state);
     }
 
@@ -239,7 +246,10 @@ mod tests {
             },
         ] {
             let bytes = encode_state("acpi-pm", &state).unwrap();
-            assert!(pm.restore(&bytes).is_err(), "{state:?}");
+            assert!(
+                pm.restore(SavedState::current(&bytes)).is_err(),
+                "{state:?}"
+            );
         }
     }
 }

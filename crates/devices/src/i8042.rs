@@ -4,7 +4,7 @@ use vm_superio::I8042Device;
 
 use crate::bus::BusDevice;
 use crate::events::{GuestEvent, GuestEventSender};
-use crate::state::{Snapshottable, StateError};
+use crate::state::{SavedState, Snapshottable, StateError};
 
 /// Turns the i8042 "pulse reset line" command into a [`GuestEvent::Reset`].
 #[derive(Debug)]
@@ -57,8 +57,8 @@ impl Snapshottable for I8042 {
         Ok(Vec::new())
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        crate::state::expect_no_state(&self.snapshot_id(), bytes)
+    fn restore(&mut self, saved: SavedState<'_>) -> Result<(), StateError> {
+        crate::state::expect_no_state(&self.snapshot_id(), saved)
     }
 }
 

@@ -20,4 +20,4 @@ pub use bus::{Bus, BusDevice, BusError};
 /// it (device DMA), which KVM's dirty log cannot see: live migration needs both.
 pub type GuestMem = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 pub use events::{GuestEvent, GuestEventSender};
-pub use state::{Pausable, Snapshottable, StateError};
+pub use state::{Pausable, SavedState, Snapshottable, StateError, VersionedState};

@@ -2,7 +2,7 @@
 
 use crate::bus::BusDevice;
 use crate::events::{GuestEvent, GuestEventSender};
-use crate::state::{Snapshottable, StateError};
+use crate::state::{SavedState, Snapshottable, StateError};
 
 /// Bit the guest writes when it panicked.
 pub const PANICKED: u8 = 1;
@@ -46,7 +46,7 @@ impl Snapshottable for PvPanic {
         Ok(Vec::new())
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        crate::state::expect_no_state(&self.snapshot_id(), bytes)
+    fn restore(&mut self, saved: SavedState<'_>) -> Result<(), StateError> {
+        crate::state::expect_no_state(&self.snapshot_id(), saved)
     }
 }

@@ -8,7 +8,9 @@ use vm_superio::Serial;
 
 use crate::bus::BusDevice;
 use crate::irq::IrqLine;
-use crate::state::{decode_state, encode_state, Snapshottable, StateError};
+use crate::state::{
+    decode_state, encode_state, SavedState, Snapshottable, StateError, VersionedState,
+};
 
 /// Where the guest's console output goes.
 pub type ConsoleOut = Box<dyn Write + Send>;
@@ -31,6 +33,11 @@ pub struct SerialDeviceState {
     pub modem_status: u8,
     pub scratch: u8,
     pub in_buffer: Vec<u8>,
+}
+
+impl VersionedState for SerialDeviceState {
+    const KIND: &'static str = "serial port";
+    const VERSION: u16 = 1;
 }
 
 impl From<SerialState> for SerialDeviceState {
@@ -160,8 +167,8 @@ impl Snapshottable for SerialDevice {
         encode_state(&self.snapshot_id(), &self.state())
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        let state: SerialDeviceState = decode_state(&self.snapshot_id(), bytes)?;
+    fn restore(&mut self, saved: SavedState<'_>) -> Result<(), StateError> {
+        let state: SerialDeviceState = decode_state(&self.snapshot_id(), saved)?;
         self.set_state(&state)
     }
 }
@@ -196,7 +203,7 @@ mod tests {
 
         let out2 = Shared::default();
         let mut other = SerialDevice::new(IrqLine::new(4).unwrap(), Box::new(out2.clone()));
-        other.restore(&saved).unwrap();
+        other.restore(SavedState::current(&saved)).unwrap();
         let mut b = [0u8];
         other.read(7, &mut b);
         assert_eq!(b[0], 0x5a);
@@ -214,7 +221,7 @@ mod tests {
             ..Default::default()
         };
         let bytes = encode_state("serial0", &bad).unwrap();
-        assert!(dev.restore(&bytes).is_err());
+        assert!(dev.restore(SavedState::current(&bytes)).is_err());
     }
 
     #[test]
@@ -241,9 +248,12 @@ mod tests {
         ];
         for state in bad {
             let bytes = encode_state("serial0", &state).unwrap();
-            assert!(dev.restore(&bytes).is_err(), "{state:?}");
+            assert!(
+                dev.restore(SavedState::current(&bytes)).is_err(),
+                "{state:?}"
+            );
         }
         let bytes = encode_state("serial0", &good).unwrap();
-        dev.restore(&bytes).unwrap();
+        dev.restore(SavedState::current(&bytes)).unwrap();
     }
 }

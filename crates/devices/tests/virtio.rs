@@ -13,7 +13,7 @@ use tern_devices::virtio::mmio::{
 };
 use tern_devices::virtio::net::{NetBackend, VirtioNet};
 use tern_devices::virtio::F_VERSION_1;
-use tern_devices::{BusDevice, GuestMem, Pausable, Snapshottable};
+use tern_devices::{BusDevice, GuestMem, Pausable, SavedState, Snapshottable};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 const MEM: usize = 1 << 20;
@@ -264,7 +264,7 @@ fn net_state_survives_a_snapshot_into_a_new_device() {
     drop(t);
 
     let (mut t2, peer2) = net_transport(&mem, MAC);
-    t2.restore(&saved).unwrap();
+    t2.restore(SavedState::current(&saved)).unwrap();
     assert_ne!(r32(&mut t2, 0x70) & STATUS_DRIVER_OK, 0);
     t2.resume();
     tx.add(&mem, &[(0x30000, 112, false)]);
@@ -275,7 +275,7 @@ fn net_state_survives_a_snapshot_into_a_new_device() {
 
     // A different MAC is a different card: refused.
     let (mut t3, _p) = net_transport(&mem, [2, 0, 0, 0, 0, 1]);
-    assert!(t3.restore(&saved).is_err());
+    assert!(t3.restore(SavedState::current(&saved)).is_err());
 }
 
 #[test]

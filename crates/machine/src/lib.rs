@@ -9,6 +9,7 @@ pub mod boot;
 pub mod cpuid;
 pub mod layout;
 pub mod memory;
+pub mod state;
 pub mod throttle;
 pub mod uffd;
 pub mod vcpu;
@@ -33,6 +34,7 @@ use tern_devices::virtio::VirtioDevice;
 use tern_devices::{Bus, GuestEvent, GuestEventSender, Pausable, Snapshottable};
 
 pub use memory::GuestRam;
+pub use state::{DeviceState, MachineState, StateRecords};
 pub use vcpu::{VcpuHandle, VcpuState};
 pub use vm_state::VmState;
 
@@ -460,7 +462,7 @@ impl Machine {
 impl Machine {
     /// Captures the VM-wide state (interrupt controllers, PIT, clock); the machine must be
     /// paused.
-    pub fn capture_vm_state(&self) -> Result<VmState, MachineError> {
+    pub(crate) fn capture_vm_state(&self) -> Result<VmState, MachineError> {
         if !self.paused {
             return Err(MachineError::BadState(
                 "VM state can only be captured while paused",
@@ -470,7 +472,7 @@ impl Machine {
     }
 
     /// Restores interrupt controllers, PIT and clock; the machine must be paused.
-    pub fn restore_vm_state(&self, state: &VmState) -> Result<(), MachineError> {
+    pub(crate) fn restore_vm_state(&self, state: &VmState) -> Result<(), MachineError> {
         if !self.paused {
             return Err(MachineError::BadState(
                 "VM state can only be restored while paused",
@@ -485,8 +487,8 @@ impl Machine {
         vm_state::restore_clock(&self.vm, state.clock_ns)
     }
 
-    /// Captures every device's state as (id, bytes).
-    pub fn capture_devices(&self) -> Result<Vec<(String, Vec<u8>)>, MachineError> {
+    /// Captures every device's state.
+    pub(crate) fn capture_devices(&self) -> Result<Vec<DeviceState>, MachineError> {
         self.devices
             .stateful()
             .iter()
@@ -495,7 +497,10 @@ impl Machine {
                 let bytes = d
                     .snapshot()
                     .map_err(|e| MachineError::Device(e.to_string()))?;
-                Ok((d.snapshot_id(), bytes))
+                Ok(DeviceState {
+                    id: d.snapshot_id(),
+                    bytes,
+                })
             })
             .collect()
     }
@@ -503,9 +508,13 @@ impl Machine {
     /// Restores device states captured by [`Machine::capture_devices`]. A state for a device
     /// this machine does not have is an error; a device without saved state keeps its reset
     /// state.
-    pub fn restore_devices(&self, states: &[(String, Vec<u8>)]) -> Result<(), MachineError> {
+    pub(crate) fn restore_devices(
+        &self,
+        states: &[DeviceState],
+        encoding: tern_devices::state::StateEncoding,
+    ) -> Result<(), MachineError> {
         let devices = self.devices.stateful();
-        for (id, bytes) in states {
+        for DeviceState { id, bytes } in states {
             let device = devices
                 .iter()
                 .find(|d| lock(d).snapshot_id() == *id)
@@ -513,7 +522,7 @@ impl Machine {
                     MachineError::Device(format!("no device '{id}' to restore state into"))
                 })?;
             lock(device)
-                .restore(bytes)
+                .restore(tern_devices::SavedState::new(encoding, bytes))
                 .map_err(|e| MachineError::Device(e.to_string()))?;
         }
         Ok(())

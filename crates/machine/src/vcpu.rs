@@ -71,6 +71,11 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
+impl tern_devices::VersionedState for VcpuState {
+    const KIND: &'static str = "vCPU";
+    const VERSION: u16 = 1;
+}
+
 /// Checks saved vCPU states against the vCPUs of a machine, created with `cpuids` (one per
 /// vCPU), and returns them in vCPU order: there must be one state per vCPU, each naming a
 /// vCPU that exists (`index`) and no vCPU twice, each with the CPUID that vCPU was created

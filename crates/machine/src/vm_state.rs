@@ -24,6 +24,11 @@ pub struct VmState {
     pub clock_ns: u64,
 }
 
+impl tern_devices::VersionedState for VmState {
+    const KIND: &'static str = "VM";
+    const VERSION: u16 = 1;
+}
+
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
     move |source| MachineError::Kvm { what, source }
 }

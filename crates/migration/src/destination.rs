@@ -31,6 +31,8 @@ pub const MAX_DEVICES: usize = 256;
 /// Everything a stream carried besides the pages, which are in guest memory already.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Received {
+    /// The stream's format version (it says how the state records are encoded).
+    pub format: u32,
     pub machine: Vec<u8>,
     pub vcpus: Vec<Vec<u8>>,
     pub devices: Vec<(String, Vec<u8>)>,
@@ -85,8 +87,18 @@ pub fn receive<T: Transport>(
             .collect(),
         MAX_RECORD_PAGES,
     );
+    let format = reader.header().version;
+    if format != offer.stream_format {
+        return Err(MigrationError::Protocol(format!(
+            "the stream has format version {format}, the offer said {}",
+            offer.stream_format
+        )));
+    }
     let vcpus = offer.vcpu_cpuid.len();
-    let mut got = Received::default();
+    let mut got = Received {
+        format,
+        ..Received::default()
+    };
     let mut phase = Phase::Info;
     let mut last_mark: Option<u64> = None;
     let mut state_bytes = 0usize;

@@ -39,7 +39,7 @@ use tern_devices::i8042::I8042;
 use tern_devices::irq::IrqLine;
 use tern_devices::pvpanic::PvPanic;
 use tern_devices::serial::{SerialDevice, SerialDeviceState};
-use tern_devices::state::{decode_state, encode_state};
+use tern_devices::state::{decode_state, encode_state, SavedState};
 use tern_devices::virtio::block::{BlockBackend, BlockState, VirtioBlock};
 use tern_devices::virtio::mmio::{
     MmioState, MmioTransport, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
@@ -625,7 +625,10 @@ struct Expected {
 /// VCPU per vCPU and DEVICEs with distinct ids. `None` if the records break them.
 fn judge(recs: &[Rec]) -> Option<Expected> {
     let mut memory = vec![vec![0u8; PAGE]; SLOTS];
-    let mut received = Received::default();
+    let mut received = Received {
+        format: FORMAT_VERSION,
+        ..Received::default()
+    };
     let mut marks: Vec<u64> = Vec::new();
     let mut it = recs
         .iter()
@@ -1130,7 +1133,7 @@ fn byte_change() -> impl Strategy<Value = ByteChange> {
         interesting().prop_map(ByteChange::EndCount),
         forged().prop_map(ByteChange::AfterEnd),
         (
-            prop_oneof![Just(0u32), Just(2), Just(u32::MAX), any::<u32>()],
+            prop_oneof![Just(0u32), Just(1), Just(3), Just(u32::MAX), any::<u32>()],
             prop_oneof![Just(0u32), Just(1), Just(2), any::<u32>()],
         )
             .prop_map(|(version, flags)| ByteChange::Header { version, flags }),
@@ -1171,8 +1174,12 @@ fn apply_bytes(stream: &Stream, change: &ByteChange) -> Option<Vec<u8>> {
             b.extend(go);
         }
         ByteChange::Header { version, flags } => {
-            // Version 1 with only ALIGNED set is a valid header (harmless in a stream).
-            let flags = if *version == 1 { flags | 2 } else { *flags };
+            // This format with only ALIGNED set is a valid header (harmless in a stream).
+            let flags = if *version == FORMAT_VERSION {
+                flags | 2
+            } else {
+                *flags
+            };
             b[8..12].copy_from_slice(&version.to_le_bytes());
             b[16..20].copy_from_slice(&flags.to_le_bytes());
             let crc = crc32c::crc32c(&b[..28]);
@@ -1561,12 +1568,24 @@ fn each_listed_attack_is_refused_with_a_clear_error() {
             apply_bytes(
                 &clean,
                 &ByteChange::Header {
-                    version: 2,
+                    version: 3,
                     flags: 0,
                 },
             )
             .unwrap(),
-            "newer tern (format version 2",
+            "format version 3, newer than tern",
+        ),
+        (
+            "a header of the previous version, after an offer of this one",
+            apply_bytes(
+                &clean,
+                &ByteChange::Header {
+                    version: 1,
+                    flags: 0,
+                },
+            )
+            .unwrap(),
+            "the stream has format version 1, the offer said 2",
         ),
     ];
     let mut truncated = clean.bytes(None);
@@ -1971,10 +1990,10 @@ fn transport_state_is_sane(s: &MmioState, kind: Virtio, offered: u64) -> bool {
         Virtio::Block => &[256],
     };
     let device_ok = match kind {
-        Virtio::Net => decode_state::<NetState>("net0", &s.device).is_ok_and(|d| d.mac == MAC),
-        Virtio::Block => {
-            decode_state::<BlockState>("blk0", &s.device).is_ok_and(|d| d.size == DISK_BYTES as u64)
-        }
+        Virtio::Net => decode_state::<NetState>("net0", SavedState::current(&s.device))
+            .is_ok_and(|d| d.mac == MAC),
+        Virtio::Block => decode_state::<BlockState>("blk0", SavedState::current(&s.device))
+            .is_ok_and(|d| d.size == DISK_BYTES as u64),
     };
     let running = s.status & STATUS_DRIVER_OK != 0 && s.status & STATUS_NEEDS_RESET == 0;
     let features_ok = s.status & STATUS_FEATURES_OK == 0
@@ -2176,7 +2195,7 @@ proptest! {
         let kind = if net { Virtio::Net } else { Virtio::Block };
         let mem = device_memory();
         let saved = driven_state(kind, &mem, rings);
-        let mut state: MmioState = decode_state("x", &saved).unwrap();
+        let mut state: MmioState = decode_state("x", SavedState::current(&saved)).unwrap();
         for c in &changes {
             change_state(&mut state, c);
         }
@@ -2190,12 +2209,12 @@ proptest! {
 
         let mut t = transport(kind, &mem);
         let offered = offered_features(&mut t);
-        let expect_ok = decode_state::<MmioState>("x", &encoded)
+        let expect_ok = decode_state::<MmioState>("x", SavedState::current(&encoded))
             .is_ok_and(|s| transport_state_is_sane(&s, kind, offered));
-        let result = t.restore(&encoded);
+        let result = t.restore(SavedState::current(&encoded));
         prop_assert_eq!(result.is_ok(), expect_ok, "{:?}", result);
         if result.is_ok() {
-            let back: MmioState = decode_state("x", &t.snapshot().unwrap()).unwrap();
+            let back: MmioState = decode_state("x", SavedState::current(&t.snapshot().unwrap())).unwrap();
             prop_assert!(transport_state_is_sane(&back, kind, offered));
         }
         // A device that spins on what the guest left in its rings never pauses: watch it.
@@ -2242,14 +2261,14 @@ proptest! {
             let n = bytes.len();
             bytes[at.index(n)] ^= xor;
         }
-        let expect = decode_state::<SerialDeviceState>("serial0", &bytes).is_ok_and(|s| {
+        let expect = decode_state::<SerialDeviceState>("serial0", SavedState::current(&bytes)).is_ok_and(|s| {
             s.in_buffer.len() <= 64
                 && s.interrupt_enable & !0x0f == 0
                 && [1, 2, 4, 6].contains(&s.interrupt_identification)
                 && s.line_status & !0x61 == 0
         });
         let mut uart = SerialDevice::new(IrqLine::new(4).unwrap(), Box::new(io::sink()));
-        prop_assert_eq!(uart.restore(&bytes).is_ok(), expect);
+        prop_assert_eq!(uart.restore(SavedState::current(&bytes)).is_ok(), expect);
         for &(off, v) in &pokes {
             uart.write(u64::from(off), &[v]);
             let mut b = [0u8];
@@ -2263,17 +2282,17 @@ proptest! {
             let n = bytes.len();
             bytes[at.index(n)] ^= xor;
         }
-        let expect = decode_state::<AcpiPmState>("acpi-pm", &bytes)
+        let expect = decode_state::<AcpiPmState>("acpi-pm", SavedState::current(&bytes))
             .is_ok_and(|s| s.status & !PWRBTN == 0 && s.control & SLP_EN == 0);
         let (events, _rx) = GuestEventSender::channel();
         let mut acpi = AcpiPm::new(IrqLine::new(9).unwrap(), events.clone());
-        prop_assert_eq!(acpi.restore(&bytes).is_ok(), expect);
+        prop_assert_eq!(acpi.restore(SavedState::current(&bytes)).is_ok(), expect);
         acpi.press_power_button();
 
         let mut kbd = I8042::new(events.clone());
-        prop_assert_eq!(kbd.restore(&raw).is_ok(), raw.is_empty());
+        prop_assert_eq!(kbd.restore(SavedState::current(&raw)).is_ok(), raw.is_empty());
         let mut panic_dev = PvPanic::new(events);
-        prop_assert_eq!(panic_dev.restore(&raw).is_ok(), raw.is_empty());
+        prop_assert_eq!(panic_dev.restore(SavedState::current(&raw)).is_ok(), raw.is_empty());
         prop_assert_eq!(PANICS.load(Ordering::SeqCst), before, "a panic");
     }
 
@@ -2295,7 +2314,7 @@ proptest! {
                 let n = bytes.len();
                 bytes[at.index(n)] ^= xor;
             }
-            match decode_state::<VcpuState>("VCPU", &bytes) {
+            match decode_state::<VcpuState>("VCPU", SavedState::current(&bytes)) {
                 Ok(s) => states.push(s),
                 Err(_) => return Ok(()),
             }

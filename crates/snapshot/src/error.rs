@@ -14,11 +14,15 @@ pub enum SnapshotError {
     /// The data does not start with tern's magic: some other kind of file.
     #[error("it is not a tern checkpoint")]
     NotTern,
-    /// A tern checkpoint in a format version this reader does not know.
+    /// A tern checkpoint in a format version this reader does not read.
     #[error(
-        "it was written by a newer tern (format version {found}; this tern reads version {supported})"
+        "it has format version {found}, {relation} than tern {ours} reads (versions {oldest} to {newest})",
+        relation = if *found > crate::FORMAT_VERSION { "newer" } else { "older" },
+        ours = env!("CARGO_PKG_VERSION"),
+        oldest = crate::OLDEST_FORMAT_VERSION,
+        newest = crate::FORMAT_VERSION
     )]
-    NewerVersion { found: u32, supported: u32 },
+    UnsupportedVersion { found: u32 },
     /// The data ends inside a structure, or before the END record.
     #[error("it is truncated: {what}")]
     Truncated { offset: u64, what: String },
@@ -46,9 +50,9 @@ impl SnapshotError {
             | SnapshotError::Corrupt { offset, .. }
             | SnapshotError::TooLarge { offset, .. }
             | SnapshotError::UnknownMandatory { offset, .. } => Some(*offset),
-            SnapshotError::NotTern | SnapshotError::NewerVersion { .. } | SnapshotError::Io(_) => {
-                None
-            }
+            SnapshotError::NotTern
+            | SnapshotError::UnsupportedVersion { .. }
+            | SnapshotError::Io(_) => None,
         }
     }
 

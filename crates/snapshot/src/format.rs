@@ -7,8 +7,12 @@ use crate::error::{Fault, SnapshotError};
 
 /// The first 8 bytes of every checkpoint file and migration stream.
 pub const MAGIC: [u8; 8] = *b"TERNSNAP";
-/// The format version this crate writes, and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this crate writes, and the newest it reads. Version 2 (tern 0.2) has
+/// the records of version 1; its VCPU, MACHINE and DEVICE bodies are versioned records
+/// (`tern_devices::state`) instead of positional ones.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this crate reads (tern 0.1's checkpoints and streams).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Length of the file/stream header.
 pub const HEADER_LEN: usize = 32;
 /// Length of every record header.
@@ -160,11 +164,8 @@ impl Header {
             return Err(header_truncated());
         }
         let version = le_u32(b, 8);
-        if version > FORMAT_VERSION {
-            return Err(SnapshotError::NewerVersion {
-                found: version,
-                supported: FORMAT_VERSION,
-            });
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
+            return Err(SnapshotError::UnsupportedVersion { found: version });
         }
         if b.len() < HEADER_LEN {
             return Err(header_truncated());
@@ -178,9 +179,6 @@ impl Header {
     /// The checks on a header whose checksum is good.
     fn check_fields(b: &[u8], version: u32) -> Result<Header, SnapshotError> {
         let bad = |what: String| Err(SnapshotError::corrupt(0, what));
-        if version == 0 {
-            return bad("the header has format version 0".into());
-        }
         let header_len = le_u32(b, 12);
         if header_len != HEADER_LEN as u32 {
             return bad(format!(
@@ -459,11 +457,9 @@ mod tests {
             aligned: false,
         }
         .encode();
-        b[8] = 2;
+        b[8] = 3;
         match Header::decode(&b[..12]) {
-            Err(SnapshotError::NewerVersion { found, supported }) => {
-                assert_eq!((found, supported), (2, 1))
-            }
+            Err(SnapshotError::UnsupportedVersion { found }) => assert_eq!(found, 3),
             other => panic!("{other:?}"),
         }
     }

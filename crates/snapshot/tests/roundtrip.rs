@@ -28,7 +28,7 @@ fn latest_pages(pages: &[PagesSpec]) -> HashMap<u64, Vec<u8>> {
 
 /// Checks everything an index says against what was written.
 fn check_index(index: &SnapshotIndex, src: &File, expected: &Expected, aligned: bool) {
-    assert_eq!(index.header.version, 1);
+    assert_eq!(index.header.version, tern_snapshot::FORMAT_VERSION);
     assert_eq!(index.header.aligned, aligned);
     assert_eq!(index.info().unwrap(), sample_info());
     assert_eq!(index.record(RecordType::CONFIG).unwrap().body, CONFIG);
@@ -399,27 +399,37 @@ fn unknown_mandatory_records_are_refused() {
 }
 
 #[test]
-fn newer_versions_are_refused_clearly() {
-    let mut b = header(2, true);
+fn unsupported_versions_are_refused_naming_both() {
+    let ours = env!("CARGO_PKG_VERSION");
+    let mut b = header(3, true);
     b[20] = 0xff; // a header layout this tern does not know
-    b.extend(b"whatever version 2 has");
+    b.extend(b"whatever version 3 has");
     for err in [read_index(&b).unwrap_err(), read_stream(&b).unwrap_err()] {
         assert!(matches!(
             err,
-            SnapshotError::NewerVersion {
-                found: 2,
-                supported: 1
-            }
+            SnapshotError::UnsupportedVersion { found: 3 }
         ));
         assert_eq!(
             err.to_string(),
-            "it was written by a newer tern (format version 2; this tern reads version 1)"
+            format!("it has format version 3, newer than tern {ours} reads (versions 1 to 2)")
         );
     }
-    // Version 0 never existed.
+    // Version 0 never existed: older than anything this tern reads.
     let mut b = header(0, false);
     b.extend(raw_end(0));
-    assert!(matches!(read_index(&b), Err(SnapshotError::Corrupt { .. })));
+    let err = read_index(&b).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("it has format version 0, older than tern {ours} reads (versions 1 to 2)")
+    );
+}
+
+#[test]
+fn tern_0_1_format_is_still_read() {
+    let mut b = header(1, false);
+    b.extend(raw_end(0));
+    let index = read_index(&b).expect("a version-1 file");
+    assert_eq!(index.header.version, 1);
 }
 
 #[test]

@@ -16,6 +16,7 @@ mod nbd;
 mod netlab;
 mod netns;
 mod ping;
+pub mod release;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

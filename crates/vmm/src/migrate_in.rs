@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tern_api::vmm::VmmEvent;
 use tern_devices::serial::ConsoleOut;
-use tern_devices::state::decode_state;
-use tern_machine::{Machine, VcpuState, VmState};
+use tern_devices::state::StateEncoding;
+use tern_machine::{Machine, MachineState};
 use tern_migration::destination::{self, Received};
 use tern_migration::link::{self, Link, LinkSecurity, Security};
 use tern_migration::transport::{tune_tcp, Channel};
@@ -236,19 +236,18 @@ pub(crate) fn regions(machine: &Machine) -> Vec<RamRegion> {
         .collect()
 }
 
-/// Loads the received VM, vCPU and device state into the paused machine. The bodies come from
-/// the peer: each must decode completely (no trailing bytes), and the machine and its devices
-/// refuse what they could not have produced (a vCPU named twice or out of range, another
-/// CPUID, a device state out of range, see `Machine::restore_vcpus` and the devices' restore).
+/// Loads the received machine state into the paused machine. The bodies come from the peer:
+/// `MachineState` decodes them completely and the machine and its devices refuse what they
+/// could not have produced (see `Machine::restore_state`).
 fn load(machine: &Machine, received: &Received) -> anyhow::Result<()> {
-    let vm: VmState = decode_state("MACHINE", &received.machine)?;
-    let vcpus: Vec<VcpuState> = received
-        .vcpus
-        .iter()
-        .map(|b| decode_state("VCPU", b))
-        .collect::<Result<_, _>>()?;
-    machine.restore_vm_state(&vm)?;
-    machine.restore_vcpus(vcpus)?;
-    machine.restore_devices(&received.devices)?;
+    let encoding = StateEncoding::of_format(received.format)
+        .with_context(|| format!("stream format {} is not supported", received.format))?;
+    let state = MachineState::decode(
+        encoding,
+        &received.machine,
+        &received.vcpus,
+        received.devices.clone(),
+    )?;
+    machine.restore_state(state)?;
     Ok(())
 }

@@ -259,17 +259,12 @@ impl SourceVm for MachineSource<'_> {
     }
 
     fn capture(&self) -> Result<StateRecords, String> {
-        let machine = self.vmm.machine();
-        let vm = machine.capture_vm_state().map_err(msg)?;
-        let vcpus = machine.capture_vcpus().map_err(msg)?;
-        let devices = machine.capture_devices().map_err(msg)?;
+        let state = self.vmm.machine().save_state().map_err(msg)?;
+        let records = state.encode().map_err(msg)?;
         Ok(StateRecords {
-            machine: postcard::to_allocvec(&vm).map_err(msg)?,
-            vcpus: vcpus
-                .iter()
-                .map(|v| postcard::to_allocvec(v).map_err(msg))
-                .collect::<Result<_, _>>()?,
-            devices,
+            machine: records.machine,
+            vcpus: records.vcpus,
+            devices: records.devices,
         })
     }
 }

@@ -14,9 +14,10 @@ use std::thread::JoinHandle;
 
 use anyhow::{bail, Context};
 use tern_devices::serial::ConsoleOut;
+use tern_devices::state::StateEncoding;
 use tern_machine::memory::RamSlot;
 use tern_machine::uffd::Uffd;
-use tern_machine::{Machine, VcpuState, VmState};
+use tern_machine::{Machine, MachineState};
 use tern_snapshot::{PagesIndex, RecordType, SnapshotIndex};
 
 use crate::direct_io::{self, AlignedBuf};
@@ -48,35 +49,10 @@ pub fn prepare(
         .with_context(|| format!("cannot restore {shown}"))?;
     check_cpu_features(&info.cpu_features)?;
 
-    let vm: VmState = decode_one(&index, RecordType::MACHINE, &shown)?;
-    let vcpus: Vec<VcpuState> = index
-        .all(RecordType::VCPU)
-        .map(|r| {
-            tern_devices::state::decode_state("VCPU", &r.body)
-                .map_err(|e| anyhow::anyhow!("cannot restore {shown}: {e}"))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    if vcpus.is_empty() || vcpus.len() != vm.vcpus as usize {
-        bail!(
-            "cannot restore {shown}: it holds {} vCPU states for {} vCPUs",
-            vcpus.len(),
-            vm.vcpus
-        );
-    }
-    if vm.memory_bytes != record.config.memory_mib << 20 {
-        bail!("cannot restore {shown}: its memory size does not match its config");
-    }
-    let devices: Vec<(String, Vec<u8>)> = index
-        .devices()
-        .with_context(|| format!("cannot restore {shown}"))?
-        .into_iter()
-        .map(|(id, bytes)| (id, bytes.to_vec()))
-        .collect();
-
-    let cpuids = vcpus.iter().map(|v| v.cpuid.clone()).collect();
+    let state = read_state(&index).with_context(|| format!("cannot restore {shown}"))?;
     let indexed = t.elapsed();
     let virtio = crate::devices::build(record)?;
-    let mut machine = Machine::new_blank(record.config.memory_mib, cpuids, console, virtio)?;
+    let mut machine = Machine::for_state(&state, record.config.memory_mib, console, virtio)?;
     let built = t.elapsed();
     let pages: u64 = index.pages.iter().map(|p| p.total_pages).sum();
     let source = BlockSource::open(file, &spec.path, index.header.aligned);
@@ -94,12 +70,13 @@ pub fn prepare(
     };
     machine.start(true)?;
     let started = t.elapsed();
-    machine.restore_vm_state(&vm)?;
-    let vm_restored = t.elapsed();
-    machine.restore_vcpus(vcpus)?;
-    let vcpus_restored = t.elapsed();
-    machine.restore_devices(&devices)?;
-    log::info!("restore: vcpu threads by {started:?}, vm state by {vm_restored:?}, vcpus by {vcpus_restored:?}");
+    machine
+        .restore_state(state)
+        .with_context(|| format!("cannot restore {shown}"))?;
+    log::info!(
+        "restore: vcpu threads by {started:?}, state restored by {:?}",
+        t.elapsed()
+    );
     log::info!(
         "restore: checkpoint indexed in {indexed:?}, machine built by {built:?}, state restored by {:?}",
         t.elapsed()
@@ -111,16 +88,25 @@ pub fn prepare(
     })
 }
 
-fn decode_one<T: serde::de::DeserializeOwned>(
-    index: &SnapshotIndex,
-    ty: RecordType,
-    shown: &str,
-) -> anyhow::Result<T> {
-    let record = index
-        .record(ty)
-        .with_context(|| format!("cannot restore {shown}: it has no {} record", ty.name()))?;
-    tern_devices::state::decode_state(ty.name(), &record.body)
-        .map_err(|e| anyhow::anyhow!("cannot restore {shown}: {e}"))
+/// The machine state a checkpoint holds, decoded the way its format version says.
+fn read_state(index: &SnapshotIndex) -> anyhow::Result<MachineState> {
+    let encoding = StateEncoding::of_format(index.header.version)
+        .with_context(|| format!("format version {} is not supported", index.header.version))?;
+    let machine = index
+        .record(RecordType::MACHINE)
+        .context("it has no MACHINE record")?;
+    let vcpus = index.all(RecordType::VCPU).map(|r| r.body.as_slice());
+    let devices = index
+        .devices()?
+        .into_iter()
+        .map(|(id, bytes)| (id, bytes.to_vec()))
+        .collect();
+    Ok(MachineState::decode(
+        encoding,
+        &machine.body,
+        vcpus,
+        devices,
+    )?)
 }
 
 /// Refuses a checkpoint whose guest was started with CPU features this host lacks.

@@ -113,9 +113,7 @@ fn write_to(
 ) -> anyhow::Result<Written> {
     let mut phases = SavePhases::default();
     let t = Instant::now();
-    let vm = machine.capture_vm_state()?;
-    let vcpus = machine.capture_vcpus()?;
-    let devices = machine.capture_devices()?;
+    let state = machine.save_state()?.encode()?;
     phases.capture = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let (runs, crcs) = stored_pages(machine)?;
@@ -131,12 +129,12 @@ fn write_to(
     let mut config = record.config.clone();
     config.uuid = record.uuid.parse().ok();
     w.record(RecordType::CONFIG, &serde_json::to_vec(&config)?)?;
-    w.record(RecordType::MACHINE, &postcard::to_allocvec(&vm)?)?;
-    for v in &vcpus {
-        w.record(RecordType::VCPU, &postcard::to_allocvec(v)?)?;
+    w.record(RecordType::MACHINE, &state.machine)?;
+    for v in &state.vcpus {
+        w.record(RecordType::VCPU, v)?;
     }
-    for (id, state) in &devices {
-        w.device(id, state)?;
+    for (id, bytes) in &state.devices {
+        w.device(id, bytes)?;
     }
     let mut done = 0u64;
     for chunk in split_runs(&runs, RECORD_PAGES) {

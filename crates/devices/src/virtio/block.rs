@@ -16,7 +16,7 @@ use super::{
     lock_queue, next_chain, read_config_bytes, Activation, Interrupt, SharedQueue, VirtioDevice,
     TYPE_BLOCK,
 };
-use crate::state::{decode_state, encode_state, StateError};
+use crate::state::{decode_state, encode_state, SavedState, StateError, VersionedState};
 use crate::GuestMem;
 
 /// Feature: the disk is read-only.
@@ -99,6 +99,11 @@ impl BlockBackend for FileBackend {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
     pub size: u64,
+}
+
+impl VersionedState for BlockState {
+    const KIND: &'static str = "virtio-blk";
+    const VERSION: u16 = 1;
 }
 
 /// A virtio block device.
@@ -212,8 +217,8 @@ impl VirtioDevice for VirtioBlock {
         encode_state(&self.id, &BlockState { size: self.size })
     }
 
-    fn set_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        let state: BlockState = decode_state(&self.id, bytes)?;
+    fn set_state(&mut self, saved: SavedState<'_>) -> Result<(), StateError> {
+        let state: BlockState = decode_state(&self.id, saved)?;
         if state.size != self.size {
             return Err(StateError::Apply {
                 id: self.id.clone(),

@@ -14,7 +14,10 @@ use super::{
 };
 use crate::bus::BusDevice;
 use crate::irq::IrqLine;
-use crate::state::{decode_state, encode_state, Pausable, Snapshottable, StateError};
+use crate::state::{
+    decode_state, encode_state, Pausable, SavedState, Snapshottable, StateEncoding, StateError,
+    VersionedState,
+};
 use crate::GuestMem;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -62,6 +65,11 @@ pub struct MmioState {
     pub interrupt_status: u32,
     pub queues: Vec<SavedQueue>,
     pub device: Vec<u8>,
+}
+
+impl VersionedState for MmioState {
+    const KIND: &'static str = "virtio transport";
+    const VERSION: u16 = 1;
 }
 
 fn new_queues(device: &dyn VirtioDevice) -> Result<Vec<SharedQueue>, String> {
@@ -352,7 +360,7 @@ impl MmioTransport {
         Ok(queues)
     }
 
-    fn set_state(&mut self, state: MmioState) -> Result<(), StateError> {
+    fn set_state(&mut self, state: MmioState, encoding: StateEncoding) -> Result<(), StateError> {
         let id = self.device.id();
         let apply = |reason: String| StateError::Apply {
             id: id.clone(),
@@ -363,7 +371,9 @@ impl MmioTransport {
             self.device.reset();
             self.activated = false;
         }
-        self.device.set_state(&state.device)?;
+        // The device's own state is nested inside, encoded the same way.
+        self.device
+            .set_state(SavedState::new(encoding, &state.device))?;
         self.queues = queues
             .into_iter()
             .map(|q| Arc::new(Mutex::new(q)))
@@ -443,8 +453,8 @@ impl Snapshottable for MmioTransport {
         encode_state(&self.snapshot_id(), &self.state()?)
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        let state: MmioState = decode_state(&self.snapshot_id(), bytes)?;
-        self.set_state(state)
+    fn restore(&mut self, saved: SavedState<'_>) -> Result<(), StateError> {
+        let state: MmioState = decode_state(&self.snapshot_id(), saved)?;
+        self.set_state(state, saved.encoding)
     }
 }

@@ -19,7 +19,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::irq::IrqLine;
-use crate::state::StateError;
+use crate::state::{SavedState, StateError};
 use crate::GuestMem;
 
 /// Device ID of a network card.
@@ -135,7 +135,7 @@ pub trait VirtioDevice: Send {
     /// Device-specific state for a checkpoint (queues are saved by the transport).
     fn state(&self) -> Result<Vec<u8>, StateError>;
     /// Puts back device-specific state (before [`VirtioDevice::activate`]).
-    fn set_state(&mut self, bytes: &[u8]) -> Result<(), StateError>;
+    fn set_state(&mut self, saved: SavedState<'_>) -> Result<(), StateError>;
     /// Called once the machine runs again after a restore or an incoming migration.
     fn restored(&mut self) {}
 }

@@ -13,7 +13,7 @@ use super::{
     lock_queue, next_chain, read_config_bytes, Activation, Interrupt, SharedQueue, VirtioDevice,
     TYPE_NET,
 };
-use crate::state::{decode_state, encode_state, StateError};
+use crate::state::{decode_state, encode_state, SavedState, StateError, VersionedState};
 use crate::GuestMem;
 
 /// Feature: the device has a MAC address in its configuration space.
@@ -40,6 +40,11 @@ pub type Announcer = Box<dyn Fn([u8; 6]) + Send>;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetState {
     pub mac: [u8; 6],
+}
+
+impl VersionedState for NetState {
+    const KIND: &'static str = "virtio-net";
+    const VERSION: u16 = 1;
 }
 
 /// A virtio network card.
@@ -143,8 +148,8 @@ impl VirtioDevice for VirtioNet {
         encode_state(&self.id, &NetState { mac: self.mac })
     }
 
-    fn set_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        let state: NetState = decode_state(&self.id, bytes)?;
+    fn set_state(&mut self, saved: SavedState<'_>) -> Result<(), StateError> {
+        let state: NetState = decode_state(&self.id, saved)?;
         if state.mac != self.mac {
             return Err(StateError::Apply {
                 id: self.id.clone(),
