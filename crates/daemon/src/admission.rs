@@ -1,5 +1,21 @@
-//! Admission of guests migrating in: every reason this host refuses an offer before a guest
-//! process is started for it.
+//! Admission: every reason this host refuses a guest before a guest process is started for
+//! it, whether the guest migrates in, is restored from a checkpoint or is created.
+//!
+//! For every guest, wherever it comes from ([`admit_on_host`], [`admit_beside`]): free memory
+//! for it and its process, its bridges and disks present, its name and UUID not taken by a
+//! domain here, and the host's `guest_memory_mib` not exceeded. A created guest must also have
+//! a readable kernel ([`admit_create`]); a restored one a UUID in its checkpoint
+//! ([`admit_checkpoint`]). The conflicts need the registry's table of domains: the registry
+//! passes it in ([`Resident`]) with the table locked, so that two starts cannot both pass.
+//!
+//! One check comes later, in the guest process: restoring a checkpoint refuses it if this
+//! host's CPU lacks features the guest was started with (`tern_vmm::restore`), as that needs
+//! the checkpoint's machine state, which only the guest process reads.
+//!
+//! A migrating guest's connection is refused before a byte is read if its peer is not in
+//! `hosts_allow` ([`admit_peer`]); its offer is refused as below ([`admit_offer`]), and if its
+//! migration ID was seen here before ([`admit_new_migration`]). Keys and handshake slots are
+//! the relocation server's to check (`crate::relocation`), before any offer.
 //!
 //! The offer comes from another host, so every field of it is untrusted input, checked here
 //! against this host's own config, never the source's: the versions spoken, the migration ID,
@@ -17,9 +33,6 @@
 //! A refusal is one line for the source's terminal. It names what the guest asked for, but a
 //! path outside this host's storage is refused the same way whether or not it exists here, so
 //! that a peer cannot probe this host's file system.
-//!
-//! What needs the registry's list of domains (name and UUID taken, memory left) is checked by
-//! the registry when it starts the guest.
 
 use std::collections::HashSet;
 use std::io;
@@ -28,6 +41,7 @@ use std::ops::RangeInclusive;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Component, Path, PathBuf};
 
+use anyhow::{anyhow, bail, Context};
 use kvm_bindings::kvm_cpuid_entry2;
 use tern_config::{DiskBackend, DiskSpec, DomainConfig, RelocationConfig, VifSpec};
 use tern_migration::{Offer, PROTOCOL_VERSION};
@@ -62,6 +76,8 @@ const CPUID_ENTRIES_MAX: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 const FEATURE_WORDS_MAX: usize = 64;
 /// How much of an untrusted string a refusal shows.
 const SHOWN_MAX: usize = 160;
+/// Memory a guest process needs beyond the guest's RAM (page tables, buffers, the process).
+const OVERHEAD_MIB: u64 = 64;
 
 /// Everything an incoming guest is checked against on this host.
 pub struct IncomingPolicy<'a> {
@@ -186,6 +202,8 @@ pub trait HostProbe {
     fn offered_cpu_features(&self, hidden: &[String]) -> Result<Vec<(u32, u32, [u32; 4])>, String>;
     /// Whether `name` is a bridge of this host.
     fn bridge_exists(&self, name: &str) -> bool;
+    /// Host memory available for new guests, MiB, if the host says.
+    fn available_memory_mib(&self) -> Option<u64>;
 }
 
 /// This host, through KVM and the network stack of the daemon's namespace.
@@ -198,6 +216,13 @@ impl HostProbe for ThisHost {
 
     fn bridge_exists(&self, name: &str) -> bool {
         tern_net::bridge_exists(name)
+    }
+
+    fn available_memory_mib(&self) -> Option<u64> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024)
     }
 }
 
@@ -267,6 +292,173 @@ pub fn policy_warnings(relocation: &RelocationConfig) -> Vec<String> {
         }
     }
     warnings
+}
+
+/// A domain already on this host, as the checks of a new one see it.
+pub struct Resident<'a> {
+    pub id: u32,
+    pub name: &'a str,
+    pub uuid: &'a str,
+    pub memory_mib: u64,
+    /// Whether it still holds its memory (its process is starting or runs).
+    pub holds_memory: bool,
+}
+
+/// Decides whether a guest config from the CLI may be created: it boots from its kernel, so
+/// the kernel (and ramdisk) must be readable now rather than fail in the guest process.
+pub fn admit_create(config: &DomainConfig) -> anyhow::Result<()> {
+    check_local_boot_files(config)
+}
+
+/// Decides whether the guest config read from checkpoint `path` may be restored: the UUID is
+/// what makes it the same guest, so a checkpoint must carry one.
+pub fn admit_checkpoint(path: &Path, config: &DomainConfig) -> anyhow::Result<()> {
+    if config.uuid.is_none() {
+        bail!(
+            "cannot restore {}: its guest config has no UUID",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Decides whether this host has room for a guest about to start here (created, restored or
+/// arriving): free memory for it and its process, and its bridges and disks.
+pub fn admit_on_host(config: &DomainConfig) -> anyhow::Result<()> {
+    admit_on_host_with(config, &ThisHost)
+}
+
+/// [`admit_on_host`] with the host's memory and bridges as `host` says.
+pub fn admit_on_host_with(config: &DomainConfig, host: &dyn HostProbe) -> anyhow::Result<()> {
+    check_free_memory(config.memory_mib, host.available_memory_mib())?;
+    check_local_devices(config, host)
+}
+
+/// Decides whether a guest with `uuid` may join the domains already here: its UUID and name
+/// unused, and all guests together within `guest_memory_mib` (MiB) if the host sets it.
+pub fn admit_beside(
+    config: &DomainConfig,
+    uuid: &str,
+    residents: &[Resident],
+    guest_memory_mib: Option<u64>,
+) -> anyhow::Result<()> {
+    if let Some(d) = residents.iter().find(|d| d.uuid == uuid) {
+        bail!(
+            "a domain with UUID {uuid} is already running on this host ('{}')",
+            d.name
+        );
+    }
+    if let Some(d) = residents.iter().find(|d| d.name == config.name) {
+        bail!(
+            "a domain named '{}' already exists on this host (ID {})",
+            config.name,
+            d.id
+        );
+    }
+    check_memory_policy(config.memory_mib, residents, guest_memory_mib)
+}
+
+/// Decides whether a peer may connect at all: `hosts_allow` lets it in by address, or by the
+/// name `confirmed_name` gives (asked only if the address alone is not enough, as it may
+/// need DNS). The reason is one line, for the peer and the log.
+pub fn admit_peer(
+    config: &RelocationConfig,
+    ip: IpAddr,
+    confirmed_name: impl FnOnce() -> Option<String>,
+) -> Result<(), String> {
+    let addr = ip.to_string();
+    if config.allows(&addr, None) {
+        return Ok(());
+    }
+    let name = confirmed_name();
+    if config.allows(&addr, name.as_deref()) {
+        return Ok(());
+    }
+    Err(format!(
+        "this host does not accept migrations from {addr}{} (it is not in the relocation server's hosts_allow)",
+        name.map(|n| format!(" ({n})")).unwrap_or_default()
+    ))
+}
+
+/// Decides whether migration `migration_id` is new here: a replayed or repeated offer would
+/// reuse its record in `state_file`.
+pub fn admit_new_migration(migration_id: &str, state_file: &Path) -> anyhow::Result<()> {
+    if state_file.exists() {
+        bail!("migration {migration_id} was seen here before");
+    }
+    Ok(())
+}
+
+fn check_local_boot_files(config: &DomainConfig) -> anyhow::Result<()> {
+    let kernel = config
+        .kernel
+        .as_ref()
+        .ok_or_else(|| anyhow!("the config of '{}' names no kernel", config.name))?;
+    std::fs::File::open(kernel)
+        .with_context(|| format!("cannot read kernel {}", kernel.display()))?;
+    if let Some(ramdisk) = &config.ramdisk {
+        std::fs::File::open(ramdisk)
+            .with_context(|| format!("cannot read ramdisk {}", ramdisk.display()))?;
+    }
+    Ok(())
+}
+
+/// Refuses a guest whose bridges or disks are not there, before anything is created for it.
+fn check_local_devices(config: &DomainConfig, host: &dyn HostProbe) -> anyhow::Result<()> {
+    for (i, vif) in config.vifs.iter().enumerate() {
+        let bridge = vif.bridge.as_deref().ok_or_else(|| {
+            anyhow!("network interface {i} names no bridge (vif = ['bridge=br0'])")
+        })?;
+        if !host.bridge_exists(bridge) {
+            bail!("network interface {i}: bridge {bridge} does not exist on this host");
+        }
+    }
+    for disk in &config.disks {
+        if let DiskBackend::File(path) | DiskBackend::Phy(path) = &disk.backend {
+            std::fs::metadata(path)
+                .with_context(|| format!("disk {}: cannot use {}", disk.vdev, path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a guest that would not fit in the host's free memory; a host that does not say
+/// how much it has free takes it.
+fn check_free_memory(memory_mib: u64, available: Option<u64>) -> anyhow::Result<()> {
+    let Some(available) = available else {
+        return Ok(());
+    };
+    let needed = memory_mib + OVERHEAD_MIB;
+    if needed > available {
+        bail!(
+            "not enough free memory on this host: the guest needs {memory_mib} MiB plus {OVERHEAD_MIB} MiB overhead, {available} MiB are available"
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a guest of `memory_mib` that would take the guests past `limit` (MiB), counting
+/// only those that still hold their memory.
+fn check_memory_policy(
+    memory_mib: u64,
+    residents: &[Resident],
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    let used: u64 = residents
+        .iter()
+        .filter(|d| d.holds_memory)
+        .map(|d| d.memory_mib)
+        .sum();
+    if used + memory_mib > limit {
+        bail!(
+            "not enough memory for guests on this host: the guest needs {memory_mib} MiB; {} of the {limit} MiB this host gives its guests are free",
+            limit.saturating_sub(used)
+        );
+    }
+    Ok(())
 }
 
 fn check_versions(offer: &Offer) -> Result<(), Refusal> {
@@ -904,6 +1096,7 @@ mod tests {
     struct FakeHost {
         features: Result<Vec<(u32, u32, [u32; 4])>, String>,
         bridges: Vec<&'static str>,
+        memory_mib: Option<u64>,
     }
 
     impl Default for FakeHost {
@@ -911,6 +1104,7 @@ mod tests {
             FakeHost {
                 features: Ok(vec![SSE2, AVX512F]),
                 bridges: vec!["br0", "br1"],
+                memory_mib: Some(4096),
             }
         }
     }
@@ -925,6 +1119,10 @@ mod tests {
 
         fn bridge_exists(&self, name: &str) -> bool {
             self.bridges.contains(&name)
+        }
+
+        fn available_memory_mib(&self) -> Option<u64> {
+            self.memory_mib
         }
     }
 
@@ -1692,5 +1890,170 @@ mod tests {
         assert!(w[2].contains("No such file or directory"), "{w:?}");
         assert!(w[3].contains("'storage' is not host:port"), "{w:?}");
         assert!(w[4].starts_with("[relocation] bridges: "), "{w:?}");
+    }
+
+    /// Residents `web` (ID 1, 256 MiB, running) and `old` (ID 2, 512 MiB, ended).
+    fn residents() -> Vec<Resident<'static>> {
+        vec![
+            Resident {
+                id: 1,
+                name: "web",
+                uuid: "cc0029f5-10a1-e6d0-3c92-19b0ea021f21",
+                memory_mib: 256,
+                holds_memory: true,
+            },
+            Resident {
+                id: 2,
+                name: "old",
+                uuid: "00000000-0000-0000-0000-000000000002",
+                memory_mib: 512,
+                holds_memory: false,
+            },
+        ]
+    }
+
+    #[test]
+    fn a_new_guest_needs_its_own_name_and_uuid() {
+        let f = Fixture::new();
+        let mut config = f.config();
+        let e = admit_beside(
+            &config,
+            "cc0029f5-10a1-e6d0-3c92-19b0ea021f21",
+            &residents(),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "a domain with UUID cc0029f5-10a1-e6d0-3c92-19b0ea021f21 is already running on this host ('web')"
+        );
+        let uuid = "11111111-1111-1111-1111-111111111111";
+        let e = admit_beside(&config, uuid, &residents(), None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "a domain named 'web' already exists on this host (ID 1)");
+        config.name = "db".into();
+        assert!(admit_beside(&config, uuid, &residents(), None).is_ok());
+    }
+
+    #[test]
+    fn guest_memory_counts_only_guests_that_hold_it() {
+        let f = Fixture::new();
+        let mut config = f.config();
+        config.name = "db".into();
+        let uuid = "11111111-1111-1111-1111-111111111111";
+        // 256 MiB used by web; old has ended.
+        assert!(admit_beside(&config, uuid, &residents(), Some(512)).is_ok());
+        let e = admit_beside(&config, uuid, &residents(), Some(500))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "not enough memory for guests on this host: the guest needs 256 MiB; 244 of the 500 MiB this host gives its guests are free"
+        );
+    }
+
+    #[test]
+    fn a_new_guest_needs_free_memory_and_its_devices() {
+        let f = Fixture::new();
+        let mut config = f.config();
+        assert!(admit_on_host_with(&config, &FakeHost::default()).is_ok());
+        let small = FakeHost {
+            memory_mib: Some(300),
+            ..FakeHost::default()
+        };
+        let e = admit_on_host_with(&config, &small).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "not enough free memory on this host: the guest needs 256 MiB plus 64 MiB overhead, 300 MiB are available"
+        );
+        let unknown = FakeHost {
+            memory_mib: None,
+            ..FakeHost::default()
+        };
+        assert!(admit_on_host_with(&config, &unknown).is_ok());
+        config.vifs[0].bridge = Some("br9".into());
+        let e = admit_on_host_with(&config, &FakeHost::default())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "network interface 0: bridge br9 does not exist on this host"
+        );
+        config.vifs[0].bridge = None;
+        let e = admit_on_host_with(&config, &FakeHost::default())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "network interface 0 names no bridge (vif = ['bridge=br0'])"
+        );
+        config.vifs.clear();
+        config.disks[0].backend = DiskBackend::File(f.dir.path().join("none.img"));
+        let e = admit_on_host_with(&config, &FakeHost::default()).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with(&format!(
+                "disk xvda: cannot use {}: ",
+                f.dir.path().join("none.img").display()
+            )),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn a_created_guest_needs_a_readable_kernel() {
+        let f = Fixture::new();
+        let mut config = f.config();
+        assert!(admit_create(&config).is_ok());
+        config.ramdisk = Some(f.dir.path().join("none"));
+        let e = format!("{:#}", admit_create(&config).unwrap_err());
+        assert!(e.starts_with("cannot read ramdisk "), "{e}");
+        config.kernel = None;
+        let e = admit_create(&config).unwrap_err().to_string();
+        assert_eq!(e, "the config of 'web' names no kernel");
+    }
+
+    #[test]
+    fn a_checkpoint_needs_a_uuid() {
+        let f = Fixture::new();
+        let mut config = f.config();
+        let path = Path::new("/var/lib/tern/web.chk");
+        assert!(admit_checkpoint(path, &config).is_ok());
+        config.uuid = None;
+        let e = admit_checkpoint(path, &config).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "cannot restore /var/lib/tern/web.chk: its guest config has no UUID"
+        );
+    }
+
+    #[test]
+    fn a_migration_id_is_taken_once() {
+        let f = Fixture::new();
+        let file = f.dir.path().join("m.json");
+        assert!(admit_new_migration("m", &file).is_ok());
+        std::fs::write(&file, b"{}").unwrap();
+        let e = admit_new_migration("m", &file).unwrap_err().to_string();
+        assert_eq!(e, "migration m was seen here before");
+    }
+
+    #[test]
+    fn peers_are_let_in_by_address_or_confirmed_name() {
+        let mut config = RelocationConfig::default();
+        let ip: IpAddr = "10.77.0.100".parse().unwrap();
+        assert!(admit_peer(&config, ip, || None).is_ok());
+        config.hosts_allow = tern_config::HostsAllow::new([r"^src\.lab$"]).unwrap();
+        assert!(admit_peer(&config, ip, || Some("src.lab".into())).is_ok());
+        let e = admit_peer(&config, ip, || Some("other.lab".into())).unwrap_err();
+        assert_eq!(
+            e,
+            "this host does not accept migrations from 10.77.0.100 (other.lab) (it is not in the relocation server's hosts_allow)"
+        );
+        let e = admit_peer(&config, ip, || None).unwrap_err();
+        assert_eq!(
+            e,
+            "this host does not accept migrations from 10.77.0.100 (it is not in the relocation server's hosts_allow)"
+        );
     }
 }

@@ -6,7 +6,8 @@ use anyhow::Context;
 use tern_config::DomainConfig;
 use tern_snapshot::{RecordType, SnapshotIndex};
 
-/// The guest config stored in a checkpoint, after checking the file's structure.
+/// The guest config stored in a checkpoint, after checking the file's structure; whether it
+/// may be restored is [`crate::admission`]'s to decide.
 pub fn read_config(path: &Path) -> anyhow::Result<DomainConfig> {
     let shown = path.display();
     let file =
@@ -17,8 +18,5 @@ pub fn read_config(path: &Path) -> anyhow::Result<DomainConfig> {
         .with_context(|| format!("cannot restore {shown}: it has no guest config"))?;
     let config: DomainConfig = serde_json::from_slice(&record.body)
         .with_context(|| format!("cannot restore {shown}: its guest config is malformed"))?;
-    if config.uuid.is_none() {
-        anyhow::bail!("cannot restore {shown}: its guest config has no UUID");
-    }
     Ok(config)
 }

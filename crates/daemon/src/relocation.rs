@@ -16,14 +16,14 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryS
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use tern_config::RelocationConfig;
 use tern_migration::link::{self, AcceptError, Link, LinkSecurity};
 use tern_migration::transport::tune_tcp;
 use tern_migration::{Channel, Offer, ToDestination, ToSource};
 use tern_vmm::record::{IncomingSpec, IncomingState};
 
-use crate::admission::{admit_offer, IncomingPolicy};
+use crate::admission::{admit_new_migration, admit_offer, admit_peer, IncomingPolicy};
 use crate::guest_process::INCOMING_FD;
 use crate::peer_log::PeerLog;
 use crate::registry::{Launch, Registry};
@@ -223,9 +223,7 @@ impl Server {
             config.memory_mib
         );
         let state_file = self.registry.migration_file(&offer.migration_id);
-        if state_file.exists() {
-            bail!("migration {} was seen here before", offer.migration_id);
-        }
+        admit_new_migration(&offer.migration_id, &state_file)?;
         IncomingState::Receiving.store(&state_file)?;
         // The stream's session must come from the key that made the offer.
         let security = match source_key {
@@ -253,21 +251,11 @@ impl Server {
     }
 }
 
-/// Whether `hosts_allow` lets `ip` in: by address, or by the name its address resolves to
-/// if that name resolves back to the address (a reverse name alone is the peer's to choose).
+/// Whether `hosts_allow` lets `ip` in (decided in [`crate::admission::admit_peer`]): by
+/// address, or by the name its address resolves to if that name resolves back to the address
+/// (a reverse name alone is the peer's to choose).
 fn check_peer(config: &RelocationConfig, ip: IpAddr) -> Result<(), String> {
-    let addr = ip.to_string();
-    if config.allows(&addr, None) {
-        return Ok(());
-    }
-    let name = confirmed_name(ip);
-    if config.allows(&addr, name.as_deref()) {
-        return Ok(());
-    }
-    Err(format!(
-        "this host does not accept migrations from {addr}{} (it is not in the relocation server's hosts_allow)",
-        name.map(|n| format!(" ({n})")).unwrap_or_default()
-    ))
+    admit_peer(config, ip, || confirmed_name(ip))
 }
 
 /// The name `ip` resolves to, if that name also resolves to `ip`.
@@ -338,72 +326,9 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (storage, len as libc::socklen_t)
 }
 
-/// The host part of `destination` as the user wrote it (a name or an address), which a
-/// destination's CA-signed certificate must be valid for.
-pub fn server_name(destination: &str) -> String {
-    if let Ok(addr) = destination.parse::<SocketAddr>() {
-        return addr.ip().to_string();
-    }
-    if destination.parse::<IpAddr>().is_ok() {
-        return destination.to_string();
-    }
-    match destination.rsplit_once(':') {
-        Some((host, _)) => host.trim_matches(|c| c == '[' || c == ']').to_string(),
-        None => destination.to_string(),
-    }
-}
-
-/// The address of the relocation server `destination` names: `host`, `host:port`, `a.b.c.d`,
-/// `[v6]:port`; the port is 8002 unless given.
-pub fn resolve(destination: &str) -> anyhow::Result<SocketAddr> {
-    const DEFAULT_PORT: u16 = 8002;
-    if let Ok(addr) = destination.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    if let Ok(ip) = destination.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, DEFAULT_PORT));
-    }
-    let (host, port) = match destination.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse::<u16>()
-                .ok()
-                .filter(|&p| p != 0)
-                .with_context(|| format!("bad port in '{destination}'"))?,
-        ),
-        None => (destination, DEFAULT_PORT),
-    };
-    if host.is_empty() {
-        bail!("no host in '{destination}'");
-    }
-    (host, port)
-        .to_socket_addrs()
-        .with_context(|| format!("cannot resolve '{host}'"))?
-        .next()
-        .with_context(|| format!("'{host}' has no address"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn destinations_resolve_with_the_default_port() {
-        assert_eq!(
-            resolve("10.0.0.2").unwrap(),
-            "10.0.0.2:8002".parse().unwrap()
-        );
-        assert_eq!(
-            resolve("10.0.0.2:9000").unwrap(),
-            "10.0.0.2:9000".parse().unwrap()
-        );
-        assert_eq!(resolve("[::1]:7").unwrap(), "[::1]:7".parse().unwrap());
-        assert_eq!(resolve("::1").unwrap(), "[::1]:8002".parse().unwrap());
-        assert_eq!(resolve("localhost:8100").unwrap().port(), 8100);
-        assert!(resolve("localhost:0").is_err());
-        assert!(resolve("localhost:x").is_err());
-        assert!(resolve(":80").is_err());
-    }
 
     #[test]
     fn peers_are_checked_by_address() {

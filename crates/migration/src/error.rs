@@ -5,8 +5,6 @@ use std::io;
 use tern_api::framing::FramingError;
 use tern_snapshot::SnapshotError;
 
-use crate::transport::is_timeout;
-
 /// Errors of either side of a migration. Each displays as one line that completes "the
 /// migration failed: …".
 #[derive(Debug, thiserror::Error)]
@@ -93,4 +91,13 @@ impl MigrationError {
             other => MigrationError::Stream(other),
         }
     }
+}
+
+/// Whether an I/O error is a socket timeout. Here, with the classification of I/O errors,
+/// so that the transport and the link use it without the error type depending on them.
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }

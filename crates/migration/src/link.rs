@@ -365,7 +365,7 @@ fn await_end_of_request(channel: &mut Channel<Link>, deadline: Instant) -> Resul
         Ok(_) => Err(AcceptError::Other(MigrationError::Protocol(
             "the source sent more than one message".into(),
         ))),
-        Err(e) if crate::transport::is_timeout(&e) => Err(AcceptError::Timeout),
+        Err(e) if crate::error::is_timeout(&e) => Err(AcceptError::Timeout),
         Err(e) => Err(AcceptError::Other(MigrationError::io(
             "read the end of the request",
             e,

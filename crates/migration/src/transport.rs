@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tern_api::framing::{read_message, write_message, FramingError};
 
-use crate::error::MigrationError;
+use crate::error::{is_timeout, MigrationError};
 
 /// A migration connection.
 pub trait Transport: Read + Write + Send {
@@ -294,14 +294,6 @@ impl<T: Transport> Write for Channel<T> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.get_mut().flush()
     }
-}
-
-/// Whether an I/O error is a socket timeout.
-pub fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
 }
 
 #[cfg(test)]
