@@ -233,12 +233,45 @@ fn restore_of_a_file_from_a_newer_format() {
     let host = Host::start();
     let file = checkpoint(&host, "n");
     let mut data = std::fs::read(&file).expect("read");
-    data[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let future = tern_snapshot::FORMAT_VERSION + 1;
+    data[8..12].copy_from_slice(&future.to_le_bytes());
     let newer = host.dir.join("newer.tern");
     std::fs::write(&newer, &data).expect("write");
     let err = restore_fails(&host, &newer, &[]);
     assert!(
-        err.contains("newer tern") && err.contains("version 2"),
+        err.contains(&format!(
+            "format version {future}, newer than tern {}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{err}"
+    );
+}
+
+/// A file of this format whose vCPU states a later build wrote (state version 9): refused,
+/// naming the state's version and the versions this tern reads.
+#[test]
+fn restore_of_a_file_with_newer_vcpu_states() {
+    let host = Host::start();
+    let file = checkpoint(&host, "s");
+    let newer = host.dir.join("newer-state.tern");
+    rewrite(&file, &newer, |ty, mut body| {
+        if ty == RecordType::VCPU {
+            // A versioned state record begins {"v": <version>: CBOR a2 61 76 <uint>.
+            assert_eq!(
+                body[..4],
+                [0xa2, 0x61, 0x76, 0x01],
+                "a version-1 state record"
+            );
+            body[3] = 0x09;
+        }
+        body
+    });
+    let err = restore_fails(&host, &newer, &[]);
+    assert!(
+        err.contains(&format!(
+            "vCPU state version 9 is newer than tern {} reads (versions 1 to 1)",
+            env!("CARGO_PKG_VERSION")
+        )),
         "{err}"
     );
 }

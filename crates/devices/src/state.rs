@@ -29,7 +29,7 @@ pub enum StateError {
     #[error("the saved state of {id} cannot be applied: {reason}")]
     Apply { id: String, reason: String },
     #[error(
-        "the saved state of {id} is {kind} state version {found}, {relation} than tern {ours} reads (versions {oldest} to {newest})",
+        "{id}: {kind} state version {found} is {relation} than tern {ours} reads (versions {oldest} to {newest})",
         ours = TERN_VERSION,
         relation = if found > newest { "newer" } else { "older" }
     )]
@@ -304,7 +304,7 @@ mod tests {
         let e = decode_state::<Sample>("x", SavedState::current(&newer)).unwrap_err();
         let message = e.to_string();
         assert!(
-            message.contains("sample state version 2, newer than tern"),
+            message.contains("x: sample state version 2 is newer than tern"),
             "{message}"
         );
         assert!(
@@ -314,7 +314,7 @@ mod tests {
 
         let older = encode_state("x", &sample()).unwrap();
         let e = decode_state::<SampleV3>("x", SavedState::current(&older)).unwrap_err();
-        assert!(e.to_string().contains("version 1, older than tern"), "{e}");
+        assert!(e.to_string().contains("version 1 is older than tern"), "{e}");
         assert!(e.to_string().contains("versions 2 to 3"), "{e}");
     }
 
