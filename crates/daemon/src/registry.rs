@@ -821,6 +821,8 @@ fn run_state(s: VmmRunState) -> DomainState {
         VmmRunState::Running => DomainState::Running,
         VmmRunState::Blocked => DomainState::Blocked,
         VmmRunState::Paused => DomainState::Paused,
+        VmmRunState::Saving => DomainState::Saving,
+        VmmRunState::Migrating => DomainState::Migrating,
     }
 }
 
