@@ -22,6 +22,9 @@ pub enum Request {
     },
     Unpause {
         domain: String,
+        /// Even when a migration's outcome is unresolved (the guest may then run on two hosts).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
     },
     Shutdown {
         domain: String,
@@ -77,6 +80,10 @@ pub struct MigrateOptions {
     pub resource_mbit: Option<u64>,
     /// The longest the guest may be paused at the end of a live migration, in milliseconds.
     pub max_downtime_ms: u64,
+    /// Migrate even a guest whose last migration's outcome is unresolved (it may then run on
+    /// two hosts).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 impl Default for MigrateOptions {
@@ -85,6 +92,7 @@ impl Default for MigrateOptions {
             live: false,
             resource_mbit: None,
             max_downtime_ms: DEFAULT_MAX_DOWNTIME_MS,
+            force: false,
         }
     }
 }
@@ -143,6 +151,10 @@ pub enum DomainState {
     Crashed,
     /// It is arriving from another host (a migration in progress).
     Incoming,
+    /// A checkpoint of it is being written.
+    Saving,
+    /// It is being sent to another host.
+    Migrating,
 }
 
 impl DomainState {
@@ -155,6 +167,8 @@ impl DomainState {
             DomainState::Shutdown => "shutdown",
             DomainState::Crashed => "crashed",
             DomainState::Incoming => "incoming",
+            DomainState::Saving => "saving",
+            DomainState::Migrating => "migrating",
         }
     }
 }
@@ -334,6 +348,35 @@ mod tests {
         assert_eq!(s, r#"{"op":"pause","domain":"g1"}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+    }
+
+    #[test]
+    fn force_is_optional() {
+        let old: Request = serde_json::from_str(r#"{"op":"unpause","domain":"g1"}"#).unwrap();
+        assert_eq!(
+            old,
+            Request::Unpause {
+                domain: "g1".into(),
+                force: false
+            }
+        );
+        let r = Request::Migrate {
+            domain: "g1".into(),
+            destination: "h2".into(),
+            options: MigrateOptions {
+                force: true,
+                ..MigrateOptions::default()
+            },
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(s.contains(r#""force":true"#), "{s}");
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        let old =
+            r#"{"op":"migrate","domain":"g1","destination":"h2","live":true,"max_downtime_ms":30}"#;
+        match serde_json::from_str::<Request>(old).unwrap() {
+            Request::Migrate { options, .. } => assert!(!options.force),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

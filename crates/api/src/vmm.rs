@@ -8,7 +8,12 @@ use serde::{Deserialize, Serialize};
 pub enum VmmRequest {
     Status,
     Pause,
-    Unpause,
+    /// Let the guest run again. `force`: even when a migration's outcome is unresolved (the
+    /// guest may then run on two hosts).
+    Unpause {
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
+    },
     /// Press the ACPI power button.
     PowerButton,
     /// Stop the guest and end the process.
@@ -81,6 +86,10 @@ pub enum VmmRunState {
     Running,
     Blocked,
     Paused,
+    /// A checkpoint is being written.
+    Saving,
+    /// The guest is being sent to another host.
+    Migrating,
 }
 
 /// Answer to [`VmmRequest::Status`].
@@ -150,4 +159,19 @@ pub enum VmmStartup {
     Failed {
         message: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpause_without_force_is_the_old_request() {
+        let old: VmmRequest = serde_json::from_str(r#"{"op":"unpause"}"#).unwrap();
+        assert_eq!(old, VmmRequest::Unpause { force: false });
+        let s = serde_json::to_string(&VmmRequest::Unpause { force: false }).unwrap();
+        assert_eq!(s, r#"{"op":"unpause"}"#);
+        let forced: VmmRequest = serde_json::from_str(r#"{"op":"unpause","force":true}"#).unwrap();
+        assert_eq!(forced, VmmRequest::Unpause { force: true });
+    }
 }

@@ -67,7 +67,14 @@ enum Command {
     /// Stop a guest's vCPUs.
     Pause { domain: String },
     /// Let a paused guest run again.
-    Unpause { domain: String },
+    Unpause {
+        domain: String,
+        /// Run it here even if its last migration's outcome is unresolved (the destination
+        /// may have it running): the guest may then run on two hosts if the destination also
+        /// runs it. Stops asking the destination.
+        #[arg(long)]
+        force: bool,
+    },
     /// Ask a guest to power off (ACPI power button).
     Shutdown {
         domain: String,
@@ -113,6 +120,11 @@ enum Command {
         /// Longest pause of a live migration, in milliseconds.
         #[arg(long, value_name = "MS", default_value_t = DEFAULT_MAX_DOWNTIME_MS)]
         max_downtime: u64,
+        /// Migrate it even if its last migration's outcome is unresolved (the earlier
+        /// destination may have it running): the guest may then run on two hosts if the
+        /// destination also runs it. It arrives paused.
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -207,8 +219,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause { domain } => {
             client::call(socket, &Request::Pause { domain })?;
         }
-        Command::Unpause { domain } => {
-            client::call(socket, &Request::Unpause { domain })?;
+        Command::Unpause { domain, force } => {
+            client::call(socket, &Request::Unpause { domain, force })?;
         }
         Command::Shutdown { domain, wait } => {
             client::call(socket, &Request::Shutdown { domain, wait })?;
@@ -234,12 +246,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             live,
             resource,
             max_downtime,
+            force,
             json,
         } => {
             let options = MigrateOptions {
                 live,
                 resource_mbit: resource,
                 max_downtime_ms: max_downtime,
+                force,
             };
             migrate::migrate(socket, &domain, &destination, options, json)?
         }

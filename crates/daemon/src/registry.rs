@@ -289,5 +289,7 @@ fn run_state(s: VmmRunState) -> DomainState {
         VmmRunState::Running => DomainState::Running,
         VmmRunState::Blocked => DomainState::Blocked,
         VmmRunState::Paused => DomainState::Paused,
+        VmmRunState::Saving => DomainState::Saving,
+        VmmRunState::Migrating => DomainState::Migrating,
     }
 }

@@ -100,9 +100,9 @@ fn handle(
             guest_process::request(&dir, &VmmRequest::Pause)?;
             serde_json::Value::Null
         }
-        Request::Unpause { domain } => {
+        Request::Unpause { domain, force } => {
             let (_, dir) = registry.find_live(&domain)?;
-            guest_process::request(&dir, &VmmRequest::Unpause)?;
+            guest_process::request(&dir, &VmmRequest::Unpause { force })?;
             serde_json::Value::Null
         }
         Request::Shutdown { domain, wait } => {

@@ -9,6 +9,7 @@ pub mod console_log;
 pub mod cpuid;
 pub mod devices;
 pub mod direct_io;
+mod lifecycle;
 pub mod logging;
 mod migrate_in;
 mod migrate_out;
@@ -19,20 +20,20 @@ pub mod save;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tern_api::vmm::{
-    ExitReason, VmmEvent, VmmReply, VmmRequest, VmmRunState, VmmStartup, VmmStatus,
-};
+use tern_api::vmm::{ExitReason, VmmEvent, VmmReply, VmmRequest, VmmStartup, VmmStatus};
 use tern_api::{read_message, write_message, RestoreSummary, SaveSummary};
+use tern_devices::serial::SerialDevice;
 use tern_devices::GuestEvent;
 use tern_machine::{Machine, MachineConfig};
 
 use console::ConsoleHub;
+use lifecycle::{Event, Lifecycle, State};
 use record::{write_atomically, DomainDir, DomainRecord};
 
 /// What ends the main loop.
@@ -49,7 +50,13 @@ enum MainEvent {
 /// Shared state of the guest process.
 pub(crate) struct Vmm {
     record: DomainRecord,
+    /// Held for as long as an operation needs the machine (a save: all of it). Requests that
+    /// must answer at once (status, console) do not take it.
     machine: Mutex<Machine>,
+    /// What the process is doing with the guest; every request goes through it first.
+    life: Lifecycle,
+    /// The UART, for console input without the machine's lock.
+    serial: Arc<Mutex<SerialDevice>>,
     console: Arc<ConsoleHub>,
     monitors: Mutex<Vec<UnixStream>>,
     /// Monitor connections open now: the daemon is there.
@@ -59,12 +66,8 @@ pub(crate) struct Vmm {
     main: Sender<MainEvent>,
     /// The vCPUs used a good part of a CPU over the last sample period.
     busy: AtomicBool,
-    /// A migration (in or out) is in progress: pause, save and another migration wait.
-    migrating: AtomicBool,
-    /// Destroy was asked for: a migration in progress gives up.
-    destroying: AtomicBool,
-    /// What `tern list` should say besides the state (a migration in progress or unresolved).
-    note: Mutex<Option<String>>,
+    /// Host CPU time of the vCPUs at the last sample (`status` answers without the machine).
+    cpu_time_ns: AtomicU64,
 }
 
 /// Share of one host CPU above which `tern list` calls a guest running rather than blocked.
@@ -76,54 +79,53 @@ impl Vmm {
         self.machine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set_note(&self, note: Option<String>) {
-        *self.note.lock().unwrap_or_else(|p| p.into_inner()) = note;
-    }
-
+    /// Answers from the controller and the last CPU sample: never waits for the machine.
     fn status(&self) -> VmmStatus {
-        let note = self.note.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let m = self.machine();
-        let state = if m.is_paused() {
-            VmmRunState::Paused
-        } else if self.busy.load(Ordering::Relaxed) {
-            VmmRunState::Running
-        } else {
-            VmmRunState::Blocked
-        };
+        let (state, note) = self.life.report(self.busy.load(Ordering::Relaxed));
         VmmStatus {
             state,
-            cpu_time_ns: m.cpu_time_ns(),
+            cpu_time_ns: self.cpu_time_ns.load(Ordering::Relaxed),
             pid: std::process::id(),
             note,
         }
     }
 
-    /// Refuses what cannot be done while a migration runs.
-    fn not_migrating(&self) -> Result<(), String> {
-        if self.migrating.load(Ordering::Acquire) {
-            return Err("a migration of this guest is in progress".into());
+    /// Makes the machine do what the state says, unless an operation under way owns it.
+    fn settle_machine(&self) -> Result<(), String> {
+        let mut machine = self.machine();
+        match self.life.wants_running() {
+            Some(true) if machine.is_paused() => machine.resume().map_err(|e| e.to_string()),
+            Some(false) if !machine.is_paused() => machine.pause().map_err(|e| e.to_string()),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn handle(&self, req: VmmRequest) -> VmmReply {
         let result = match req {
             VmmRequest::Status => return VmmReply::Status(self.status()),
             VmmRequest::Pause => self
-                .not_migrating()
-                .and_then(|()| self.machine().pause().map_err(|e| e.to_string())),
-            VmmRequest::Unpause => self.not_migrating().and_then(|()| {
-                self.machine().resume().map_err(|e| e.to_string())?;
-                // The user resolved an unresolved migration by running the guest here.
-                self.set_note(None);
-                Ok(())
-            }),
-            VmmRequest::PowerButton => {
-                self.machine().press_power_button();
-                Ok(())
+                .life
+                .apply(Event::Pause)
+                .and_then(|_| self.settle_machine()),
+            VmmRequest::Unpause { force } => {
+                self.life
+                    .apply(Event::Unpause { force })
+                    .and_then(|before| {
+                        if let State::Unresolved { destination, .. } = before {
+                            // The user decided: the guest runs here; its resolver stops asking.
+                            log::warn!(
+                                "the migration to {destination} is unresolved; resuming the guest here as forced"
+                            );
+                            end_migration_leftovers(&mut self.machine());
+                        }
+                        self.settle_machine()
+                    })
             }
+            VmmRequest::PowerButton => self.life.apply(Event::PowerButton).map(|_| {
+                self.machine().press_power_button();
+            }),
             VmmRequest::Destroy => {
-                self.destroying.store(true, Ordering::Release);
+                let _ = self.life.apply(Event::Destroy);
                 let _ = self.main.send(MainEvent::Destroy);
                 Ok(())
             }
@@ -148,35 +150,62 @@ impl Vmm {
         keep_running: bool,
         progress: impl FnMut(&tern_api::Progress),
     ) -> anyhow::Result<SaveSummary> {
-        self.not_migrating().map_err(anyhow::Error::msg)?;
-        let mut machine = self.machine();
-        let was_paused = machine.is_paused();
+        let before = self
+            .life
+            .apply(Event::Save { path: path.into() })
+            .map_err(anyhow::Error::msg)?;
+        // Whether the guest runs on afterwards: what it did before, not what the machine does
+        // now (a pause just accepted may not have reached it yet).
+        let resume = before == State::Running;
         let started = Instant::now();
-        if !was_paused {
-            machine.pause()?;
+        let mut machine = self.machine();
+        let result = if machine.is_paused() {
+            Ok(())
+        } else {
+            machine.pause().map_err(anyhow::Error::from)
         }
-        let result =
-            save::write_checkpoint(&machine, &self.record, Path::new(path), started, progress);
+        .and_then(|()| {
+            save::write_checkpoint(&machine, &self.record, Path::new(path), started, progress)
+        });
+        let resumed = |machine: &mut Machine| {
+            if resume && !self.life.ending() {
+                machine.resume()?;
+            }
+            anyhow::Ok(())
+        };
         match result {
             Ok(mut summary) if keep_running => {
-                if !was_paused {
-                    machine.resume()?;
-                }
+                let resumed = resumed(&mut machine);
+                let _ = self.life.apply(Event::Saved { keep_running: true });
+                resumed?;
                 summary.kept_running = true;
                 Ok(summary)
             }
             Ok(summary) => {
                 // The guest stays paused until the process ends: it now lives in the file.
+                let _ = self.life.apply(Event::Saved {
+                    keep_running: false,
+                });
                 let _ = self.main.send(MainEvent::Saved);
                 Ok(summary)
             }
             Err(e) => {
-                if !was_paused {
-                    machine.resume()?;
-                }
+                let resumed = resumed(&mut machine);
+                let _ = self.life.apply(Event::SaveFailed);
+                resumed?;
                 Err(e)
             }
         }
+    }
+}
+
+/// Ends what a migration that never completed left on: throttling and the dirty log.
+pub(crate) fn end_migration_leftovers(machine: &mut Machine) {
+    if let Err(e) = machine.set_throttle(0) {
+        log::error!("cannot end throttling: {e}");
+    }
+    if let Err(e) = machine.stop_dirty_log() {
+        log::debug!("dirty log: {e}");
     }
 }
 
@@ -317,19 +346,28 @@ fn start(dir: &DomainDir, started: Instant) -> anyhow::Result<Started> {
                 }
             }
         })?;
-    let migrating = incoming.is_some();
+    let initial = match &incoming {
+        Some(job) => State::Incoming {
+            source: job.source().to_string(),
+        },
+        None if machine.is_paused() => State::Paused,
+        None => State::Running,
+    };
+    let life = Lifecycle::new(&record.config.name, initial);
+    let serial = machine.devices().serial.clone();
+    let cpu_time_ns = AtomicU64::new(machine.cpu_time_ns());
     let vmm = Arc::new(Vmm {
         record,
         machine: Mutex::new(machine),
+        life,
+        serial,
         console,
         monitors: Mutex::new(Vec::new()),
         monitors_open: AtomicUsize::new(0),
         daemon_lost: AtomicBool::new(false),
         main,
         busy: AtomicBool::new(false),
-        migrating: AtomicBool::new(migrating),
-        destroying: AtomicBool::new(false),
-        note: Mutex::new(None),
+        cpu_time_ns,
     });
     Ok((vmm, listener, main_rx, restore, incoming))
 }
@@ -355,7 +393,9 @@ fn serve(
                     .spawn(move || serve_connection(&vmm, stream));
             }
         });
-    let reason = match events.recv() {
+    let event = events.recv();
+    let _ = vmm.life.apply(Event::GuestEnded);
+    let reason = match event {
         Ok(MainEvent::Destroy) | Err(_) => ExitReason::Destroyed,
         Ok(MainEvent::Saved) => ExitReason::Saved,
         Ok(MainEvent::Guest(GuestEvent::PowerOff)) => ExitReason::Poweroff,
@@ -370,11 +410,19 @@ fn serve(
     finish(&vmm, dir, reason)
 }
 
+/// Samples the vCPUs' CPU time for `status`. An operation holding the machine (a save) is not
+/// waited for: the sample is skipped, the last one stands.
 fn sample_cpu(vmm: &Vmm) {
-    let mut last = (Instant::now(), vmm.machine().cpu_time_ns());
+    let mut last = (Instant::now(), vmm.cpu_time_ns.load(Ordering::Relaxed));
     loop {
         std::thread::sleep(SAMPLE_PERIOD);
-        let now = (Instant::now(), vmm.machine().cpu_time_ns());
+        let cpu_ns = match vmm.machine.try_lock() {
+            Ok(machine) => machine.cpu_time_ns(),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().cpu_time_ns(),
+            Err(std::sync::TryLockError::WouldBlock) => continue,
+        };
+        vmm.cpu_time_ns.store(cpu_ns, Ordering::Relaxed);
+        let now = (Instant::now(), cpu_ns);
         let wall = now.0.duration_since(last.0).as_nanos() as f64;
         let used = now.1.saturating_sub(last.1) as f64;
         vmm.busy
@@ -476,7 +524,11 @@ fn feed_console(vmm: &Vmm, mut bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
-        let taken = vmm.machine().console_input(bytes);
+        let taken = vmm
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .enqueue_input(bytes);
         bytes = &bytes[taken..];
         if taken == 0 {
             std::thread::sleep(Duration::from_millis(1));

@@ -24,6 +24,7 @@ use tern_migration::link::{self, Link, LinkSecurity, Security};
 use tern_migration::transport::{tune_tcp, Channel};
 use tern_migration::{MigrationError, Offer, RamRegion, HANDOVER_TIMEOUT};
 
+use crate::lifecycle::{Event, State};
 use crate::record::{DomainRecord, IncomingState};
 use crate::{MainEvent, Vmm};
 
@@ -40,6 +41,13 @@ pub(crate) struct Incoming {
     offer: Offer,
     source: String,
     state_file: PathBuf,
+}
+
+impl Incoming {
+    /// The source host.
+    pub(crate) fn source(&self) -> &str {
+        &self.source
+    }
 }
 
 /// Takes the inherited connection and builds the machine the guest will arrive in.
@@ -100,7 +108,6 @@ fn inherited_socket(fd: i32) -> anyhow::Result<TcpStream> {
 /// Receives the guest, waits for `Go` and runs it; or gives up and ends this process.
 pub(crate) fn run(vmm: &Arc<Vmm>, mut job: Incoming) {
     let started = Instant::now();
-    vmm.set_note(Some(format!("arriving from {}", job.source)));
     match receive(vmm, &mut job) {
         Ok(resume) => commit(vmm, &mut job, resume),
         Err(e) => {
@@ -116,6 +123,7 @@ pub(crate) fn run(vmm: &Arc<Vmm>, mut job: Incoming) {
             if let Some(channel) = job.channel.as_mut() {
                 destination::abort(channel, &reason);
             }
+            let _ = vmm.life.apply(Event::IncomingAborted);
             let _ = vmm.main.send(MainEvent::IncomingAborted(reason));
         }
     }
@@ -166,12 +174,15 @@ fn commit(vmm: &Vmm, job: &mut Incoming, resume: bool) {
         log::error!("{reason}");
         let _ = IncomingState::Aborted.store(&job.state_file);
         destination::abort(ch, &reason);
+        let _ = vmm.life.apply(Event::IncomingAborted);
         let _ = vmm.main.send(MainEvent::IncomingAborted(reason));
         return;
     }
+    // Running (or paused, if it was paused on the source) unless destroyed meanwhile.
+    let _ = vmm.life.apply(Event::IncomingCommitted { resume });
     {
         let mut machine = vmm.machine();
-        if resume {
+        if vmm.life.state() == State::Running {
             if let Err(e) = machine.resume() {
                 log::error!("cannot run the arrived guest: {e}");
             }
@@ -180,8 +191,6 @@ fn commit(vmm: &Vmm, job: &mut Incoming, resume: bool) {
     }
     let resumed = Instant::now();
     let resumed_unix_ns = tern_migration::source::unix_ns();
-    vmm.migrating.store(false, Ordering::Release);
-    vmm.set_note(None);
     vmm.notify_monitors(&VmmEvent::Committed);
     if let Err(e) = destination::confirm_running(ch, go, resumed, resumed_unix_ns) {
         // The guest is ours either way; the source finds out by asking.
@@ -195,7 +204,7 @@ fn commit(vmm: &Vmm, job: &mut Incoming, resume: bool) {
 
 /// Whether the migration may go on: the daemon is still here and nobody destroyed the guest.
 fn still_wanted(vmm: &Vmm) -> Result<(), String> {
-    if vmm.destroying.load(Ordering::Acquire) {
+    if vmm.life.ending() {
         return Err("the arriving guest was destroyed on the destination".into());
     }
     if vmm.daemon_lost.load(Ordering::Acquire) {

@@ -10,7 +10,6 @@ use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use tern_migration::{
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::lifecycle::{Event, ResolverStep, State};
 use crate::{MainEvent, Vmm};
 
 /// A migration the daemon asked for.
@@ -37,18 +37,40 @@ pub(crate) struct Request {
     pub security: LinkSecurity,
 }
 
-/// Serves a Migrate request: takes the connection's descriptor, migrates, answers.
+/// Serves a Migrate request: moves to `MigratingOut` (one check-and-set, so that of two
+/// requests at once exactly one starts), takes the connection's descriptor, migrates, answers.
 pub(crate) fn serve(
     vmm: &Arc<Vmm>,
     reader: BufReader<UnixStream>,
     mut writer: UnixStream,
     request: Request,
 ) {
+    let start = Event::Migrate {
+        destination: request.destination.clone(),
+        force: request.options.force,
+    };
+    let before = match vmm.life.apply(start) {
+        Ok(before) => before,
+        Err(message) => {
+            let _ = write_message(&mut writer, &VmmReply::Error { message });
+            return;
+        }
+    };
+    if let State::Unresolved { destination, .. } = &before {
+        log::warn!(
+            "the migration to {destination} is unresolved; migrating to {} as forced",
+            request.destination
+        );
+        crate::end_migration_leftovers(&mut vmm.machine());
+    }
     let reply = match take_connection(&reader, &mut writer) {
         Ok(stream) => migrate(vmm, stream, &request, &mut writer),
-        Err(e) => VmmReply::Error {
-            message: format!("{e:#}"),
-        },
+        Err(e) => {
+            let _ = vmm.life.apply(Event::MigrationFailed);
+            VmmReply::Error {
+                message: format!("{e:#}"),
+            }
+        }
     };
     let _ = write_message(&mut writer, &reply);
     if matches!(reply, VmmReply::Migrated(_)) {
@@ -90,26 +112,14 @@ fn migrate(
     request: &Request,
     daemon: &mut UnixStream,
 ) -> VmmReply {
-    // One check-and-set, so that of two requests at once exactly one starts.
-    if vmm
-        .migrating
-        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        return VmmReply::Error {
-            message: format!("'{}' is already migrating", vmm.record.config.name),
-        };
-    }
-    vmm.set_note(Some(format!("migrating to {}", request.destination)));
     let result = plan(vmm, request).map(|plan| {
         let source = MachineSource { vmm };
         let mut observer = DaemonObserver { vmm, daemon };
         offer_and_send(&source, stream, request, &plan, &mut observer)
     });
-    vmm.migrating.store(false, Ordering::Release);
     match result {
         Err(e) => {
-            vmm.set_note(None);
+            let _ = vmm.life.apply(Event::MigrationFailed);
             error(format!("cannot migrate: {e:#}"))
         }
         Ok(Ok(summary)) => {
@@ -119,10 +129,11 @@ fn migrate(
                 summary.total_seconds,
                 summary.downtime_ms
             );
+            let _ = vmm.life.apply(Event::Migrated);
             VmmReply::Migrated(summary)
         }
         Ok(Err(SendError::Failed(e))) => {
-            vmm.set_note(None);
+            let _ = vmm.life.apply(Event::MigrationFailed);
             log::warn!("migration to {} failed: {e}", request.destination);
             error(format!(
                 "the migration failed: {e}; the guest keeps running here"
@@ -133,11 +144,12 @@ fn migrate(
                 "migration to {}: the destination did not confirm the handover: {e}",
                 request.destination
             );
-            vmm.set_note(Some(format!(
-                "migration to {} unresolved: paused here until that host says whether it runs the guest",
-                request.destination
-            )));
-            start_resolver(vmm, request);
+            let unresolved = Event::MigrationUnresolved {
+                migration_id: request.migration_id.clone(),
+            };
+            if let Ok(State::MigratingOut { .. }) = vmm.life.apply(unresolved) {
+                start_resolver(vmm, request);
+            }
             error(format!(
                 "the migration's outcome is unknown: {e}. The guest stays paused here and is \
                  never resumed on both hosts; tern asks {} until it knows (tern list shows it)",
@@ -278,15 +290,15 @@ struct DaemonObserver<'a> {
 
 impl Observer for DaemonObserver<'_> {
     fn progress(&mut self, progress: &MigrationProgress) {
-        self.vmm.set_note(Some(format!(
+        self.vmm.life.set_progress(format!(
             "migrating ({}, round {})",
             progress.phase, progress.round
-        )));
+        ));
         let _ = write_message(self.daemon, &VmmReply::MigrationProgress(progress.clone()));
     }
 
     fn keep_going(&mut self) -> Result<(), String> {
-        if self.vmm.destroying.load(Ordering::Acquire) {
+        if self.vmm.life.ending() {
             return Err("the guest is being destroyed".into());
         }
         if peer_closed(self.daemon) {
@@ -310,7 +322,7 @@ fn peer_closed(stream: &UnixStream) -> bool {
 
 /// After an unconfirmed handover: asks the destination what became of the migration until it
 /// knows, then ends here (it runs there) or resumes here (it does not). Stops asking if the
-/// user decides first (unpauses or destroys the guest).
+/// user decides first (forces an unpause or another migration, or destroys the guest).
 fn start_resolver(vmm: &Arc<Vmm>, request: &Request) {
     let vmm = vmm.clone();
     let destination = Destination {
@@ -345,30 +357,38 @@ fn resolve(vmm: &Vmm, destination: &Destination, migration_id: &str) {
     loop {
         std::thread::sleep(wait);
         wait = (wait * 2).min(Duration::from_secs(5));
-        if vmm.destroying.load(Ordering::Acquire) || !vmm.machine().is_paused() {
-            log::info!("migration {migration_id}: resolved by the user");
-            return;
+        match vmm.life.resolver_step(migration_id) {
+            ResolverStep::Ask => {}
+            ResolverStep::Wait => continue,
+            ResolverStep::Stop => {
+                log::info!("migration {migration_id}: resolved by the user");
+                return;
+            }
         }
+        let answer = |committed| Event::Resolved {
+            migration_id: migration_id.to_string(),
+            committed,
+        };
         match query(destination, migration_id) {
             Ok(Outcome::Committed) => {
+                if vmm.life.apply(answer(true)).is_err() {
+                    log::info!("migration {migration_id}: resolved by the user");
+                    return;
+                }
                 log::info!("migration {migration_id}: {destination} runs the guest; ending here");
-                vmm.set_note(None);
                 let _ = vmm.main.send(MainEvent::Migrated(destination.to_string()));
                 return;
             }
             Ok(Outcome::Aborted) => {
-                log::warn!("migration {migration_id}: {destination} does not run the guest; resuming it here");
-                let mut machine = vmm.machine();
-                if let Err(e) = machine
-                    .set_throttle(0)
-                    .and_then(|()| machine.stop_dirty_log())
-                {
-                    log::error!("cannot end throttling and dirty logging: {e}");
+                if vmm.life.apply(answer(false)).is_err() {
+                    log::info!("migration {migration_id}: resolved by the user");
+                    return;
                 }
-                if let Err(e) = machine.resume() {
+                log::warn!("migration {migration_id}: {destination} does not run the guest; resuming it here");
+                crate::end_migration_leftovers(&mut vmm.machine());
+                if let Err(e) = vmm.settle_machine() {
                     log::error!("cannot resume the guest: {e}");
                 }
-                vmm.set_note(None);
                 return;
             }
             Ok(Outcome::Pending) => {

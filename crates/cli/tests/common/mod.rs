@@ -45,6 +45,16 @@ impl Host {
         host
     }
 
+    /// Starts a daemon with `extra_toml` appended to its config, holding the KVM test lock.
+    pub fn start_with_toml(extra_toml: &str) -> Host {
+        let lock = KvmLock::acquire();
+        let inner = TernHost::start_with(&tern_bin(), &std::env::temp_dir(), None, extra_toml)
+            .expect("start a tern daemon");
+        let mut host = Host::wrap(inner);
+        host._lock = Some(lock);
+        host
+    }
+
     /// Starts a daemon without taking the lock (for a second host in the same test).
     pub fn start_unlocked() -> Host {
         Host::wrap(TernHost::start(&tern_bin()).expect("start a tern daemon"))
