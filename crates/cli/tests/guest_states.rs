@@ -329,7 +329,7 @@ fn serve(
         match tcp.read(&mut sink) {
             Ok(0) => break,
             Ok(_) => {}
-            Err(e) if tern_migration::transport::is_timeout(&e) => {}
+            Err(e) if tern_migration::error::is_timeout(&e) => {}
             Err(_) => break,
         }
     }
