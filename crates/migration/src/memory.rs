@@ -5,7 +5,9 @@
 //! `VolatileSlice`s of page runs in it: no raw host address, no `unsafe` here. Copies in and out
 //! of guest memory go through `VolatileSlice::copy_to`/`copy_from` (a `memcpy` for page-sized
 //! runs), which stay sound while vCPUs write the same pages (a page changed under the source's
-//! copy is dirty again and sent in a later round).
+//! copy is dirty again and sent in a later round). Writes with `copy_from` also set their pages
+//! in the mapping's dirty bitmap (the log of device writes), which a machine clears when it
+//! starts tracking for a migration.
 
 use std::ops::Range;
 use std::sync::Arc;
