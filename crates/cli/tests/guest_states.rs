@@ -304,12 +304,9 @@ fn serve(
     };
     ch.send(&ToSource::Accept { domain_id: 99 })?;
     let bytes = offer.info.memory_bytes as usize;
-    let mut memory = vec![0u8; bytes];
-    let regions = [RamRegion {
-        first_pfn: 0,
-        pages: bytes as u64 / 4096,
-        host_addr: memory.as_mut_ptr() as u64,
-    }];
+    let mapping = tern_migration::GuestRegion::from_range(vm_memory::GuestAddress(0), bytes, None)
+        .map_err(|e| tern_migration::MigrationError::Protocol(format!("guest memory: {e}")))?;
+    let regions = [RamRegion::new(std::sync::Arc::new(mapping))];
     destination::receive(&mut ch, &regions, &offer, &mut || Ok(()))?;
     let resume = destination::ready_and_wait_for_go(&mut ch, Duration::from_secs(30))?;
     goes.lock().unwrap().push(resume);
@@ -333,7 +330,7 @@ fn serve(
             Err(_) => break,
         }
     }
-    drop(memory);
+    drop(regions);
     Ok(())
 }
 

@@ -314,7 +314,10 @@ mod tests {
 
         let older = encode_state("x", &sample()).unwrap();
         let e = decode_state::<SampleV3>("x", SavedState::current(&older)).unwrap_err();
-        assert!(e.to_string().contains("version 1 is older than tern"), "{e}");
+        assert!(
+            e.to_string().contains("version 1 is older than tern"),
+            "{e}"
+        );
         assert!(e.to_string().contains("versions 2 to 3"), "{e}");
     }
 

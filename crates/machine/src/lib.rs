@@ -429,6 +429,12 @@ impl Machine {
         &self.ram
     }
 
+    /// Guest RAM as plain bytes, while the machine is paused (None otherwise). The view
+    /// borrows the machine, so the machine stays paused for as long as it is used.
+    pub fn paused_ram(&self) -> Option<memory::PausedRam<'_>> {
+        self.paused.then(|| memory::PausedRam::new(&self.ram))
+    }
+
     /// The devices.
     pub fn devices(&self) -> &Devices {
         &self.devices

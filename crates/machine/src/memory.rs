@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::sync::Arc;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
@@ -43,8 +44,12 @@ pub enum MemoryError {
     },
 }
 
+/// The mapping of one slot of guest RAM (vm-memory: bounds-checked `VolatileSlice`s of it,
+/// its dirty bitmap). Whoever holds an `Arc` of it keeps the mapping alive.
+pub type GuestRegion = GuestRegionMmap<AtomicBitmap>;
+
 /// One KVM memory slot: a contiguous guest-physical range backed by part of the RAM file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct RamSlot {
     /// KVM slot number.
     pub slot: u32,
@@ -54,8 +59,9 @@ pub struct RamSlot {
     pub size: u64,
     /// Offset of this range inside the backing file.
     pub file_offset: u64,
-    /// Host virtual address of the mapping.
-    pub host_addr: u64,
+    /// The mapping that holds this slot's pages: the only way to reach them (no raw host
+    /// addresses leave this module, except to KVM and userfaultfd).
+    pub mapping: Arc<GuestRegion>,
 }
 
 impl RamSlot {
@@ -164,6 +170,43 @@ impl GuestRam {
     }
 }
 
+/// Guest RAM of a paused machine, readable as plain bytes: what a checkpoint writes straight
+/// from guest memory to its file (direct I/O, no copy) and checksums. Only
+/// [`crate::Machine::paused_ram`] makes one, and it borrows the machine: while it lives the
+/// machine cannot be resumed (that takes `&mut Machine`).
+pub struct PausedRam<'a> {
+    ram: &'a GuestRam,
+}
+
+impl<'a> PausedRam<'a> {
+    /// Callers guarantee that nothing writes guest RAM while the view lives (see
+    /// [`crate::Machine::paused_ram`]).
+    pub(crate) fn new(ram: &'a GuestRam) -> Self {
+        PausedRam { ram }
+    }
+
+    /// The bytes of guest-physical `[gpa, gpa + len)`, if they lie inside one RAM slot.
+    pub fn bytes(&self, gpa: u64, len: usize) -> Option<&'a [u8]> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let region = self.ram.memory.find_region(GuestAddress(gpa))?;
+        let at = region.to_region_addr(GuestAddress(gpa))?;
+        // Bounds: vm-memory checks that `at + len` lies inside the region's mapping.
+        let slice = region.get_slice(at, len).ok()?;
+        // SAFETY: the one place where guest memory becomes a `&[u8]` (vm-memory only hands
+        // out `VolatileSlice`s, and the checkpoint writer needs byte slices to checksum and to
+        // write with O_DIRECT without copying 2 GB/s through a bounce buffer). It is sound:
+        // * the pointer and `len` come from a bounds-checked `VolatileSlice` of a mapping that
+        //   `self.ram` owns, and `'a` borrows that `GuestRam`, so the bytes stay mapped for the
+        //   whole lifetime of the returned slice;
+        // * nothing writes them meanwhile: a `PausedRam` exists only while the machine is
+        //   paused (every vCPU acknowledged the pause, so none is in KVM_RUN, and every device
+        //   worker is paused), and it borrows the machine, so `Machine::resume` (`&mut self`)
+        //   cannot run before the slice is gone. (A lazy restore still loading pages only
+        //   fills pages that were missing, before any read of them returns.)
+        Some(unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr(), len) })
+    }
+}
+
 fn set_slot(vm: &VmFd, slot: &RamSlot, dirty_log: bool) -> Result<(), MemoryError> {
     let region = kvm_userspace_memory_region {
         slot: slot.slot,
@@ -174,10 +217,10 @@ fn set_slot(vm: &VmFd, slot: &RamSlot, dirty_log: bool) -> Result<(), MemoryErro
         },
         guest_phys_addr: slot.guest_addr,
         memory_size: slot.size,
-        userspace_addr: slot.host_addr,
+        userspace_addr: slot.mapping.as_ptr() as u64,
     };
-    // SAFETY: the mapping at `host_addr` of `size` bytes lives as long as GuestRam, which the
-    // machine keeps for as long as the VM exists.
+    // SAFETY: the mapping of `size` bytes lives as long as GuestRam, which the machine keeps
+    // for as long as the VM exists.
     unsafe { vm.set_user_memory_region(region) }.map_err(|source| MemoryError::Slot {
         slot: slot.slot,
         source,
@@ -213,21 +256,22 @@ fn map_file(file: &File, size: u64, flags: i32) -> Result<(GuestMem, Vec<RamSlot
             .with_mmap_flags(flags)
             .build()
             .map_err(MemoryError::Mmap)?;
-        let host_addr = mapping.as_ptr() as u64;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(guest_addr))
-            .ok_or_else(|| MemoryError::Assemble("region overflows".into()))?;
-        regions.push(region);
+        let region = Arc::new(
+            GuestRegionMmap::new(mapping, GuestAddress(guest_addr))
+                .ok_or_else(|| MemoryError::Assemble("region overflows".into()))?,
+        );
+        regions.push(region.clone());
         slots.push(RamSlot {
             slot: index as u32,
             guest_addr,
             size: len,
             file_offset,
-            host_addr,
+            mapping: region,
         });
         file_offset += len;
     }
     let memory =
-        GuestMem::from_regions(regions).map_err(|e| MemoryError::Assemble(e.to_string()))?;
+        GuestMem::from_arc_regions(regions).map_err(|e| MemoryError::Assemble(e.to_string()))?;
     Ok((memory, slots))
 }
 

@@ -2,12 +2,16 @@
 //!
 //! Each vCPU thread owns its `VcpuFd`. The machine talks to it through a command channel; a
 //! command sent while the vCPU is inside `KVM_RUN` is noticed because the sender also "kicks"
-//! the thread: it sets `immediate_exit` in the shared `kvm_run` page and sends a signal, so
-//! `KVM_RUN` returns `EINTR` whether or not the thread had entered it yet.
+//! the thread: it sets `immediate_exit` in the vCPU's `kvm_run` page and sends a signal, so
+//! `KVM_RUN` returns `EINTR` whether or not the thread had entered it yet. The kicker writes
+//! through a mapping of that page of its own ([`RunPage`]), never through the thread's: the
+//! thread unmaps its mapping when it ends, the kicker's lives as long as the kicker.
 
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -423,8 +427,11 @@ impl Vcpu {
             tid: tid.clone(),
             kvm_run: 0,
         };
-        let kvm_run = runner.vcpu.fd.get_kvm_run() as *mut kvm_run as usize;
-        runner.kvm_run = kvm_run;
+        runner.kvm_run = runner.vcpu.fd.get_kvm_run() as *mut kvm_run as usize;
+        let run_page = RunPage::map(&runner.vcpu.fd).map_err(|e| VcpuError::Other {
+            index,
+            message: format!("cannot map kvm_run for kicks: {e}"),
+        })?;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || runner.run())
@@ -432,13 +439,16 @@ impl Vcpu {
                 index,
                 message: format!("cannot start thread: {e}"),
             })?;
+        let kick = Arc::new(Kick {
+            run_page,
+            thread: Mutex::new(Some(std::os::unix::thread::JoinHandleExt::as_pthread_t(
+                &thread,
+            ))),
+        });
         Ok(VcpuHandle {
             index,
             tx,
-            kick: Kick {
-                kvm_run,
-                thread: std::os::unix::thread::JoinHandleExt::as_pthread_t(&thread),
-            },
+            kick,
             thread: Some(thread),
             tid,
         })
@@ -501,22 +511,90 @@ enum Command {
     Exit,
 }
 
-/// Forces a vCPU out of `KVM_RUN`.
-#[derive(Clone, Copy)]
+/// The vCPU's `kvm_run` page, mapped once more for the kicker alone. The mapping holds its own
+/// reference to the vCPU's file (and so to the VM, whose vCPUs and their run pages live until
+/// the last reference goes), so it stays valid whatever the vCPU thread does: the thread's
+/// `VcpuFd` unmaps the thread's mapping when the thread ends, this one is unmapped when the
+/// last [`Kick`] is dropped.
+struct RunPage {
+    run: NonNull<kvm_run>,
+}
+
+// SAFETY: the page is only written through `set_immediate_exit`, one volatile byte store
+// (atomic on x86), from any thread; KVM and the vCPU thread read and write the same byte
+// through their own mappings, which is what `immediate_exit` is made for.
+unsafe impl Send for RunPage {}
+// SAFETY: as above: `&RunPage` only allows that byte store.
+unsafe impl Sync for RunPage {}
+
+impl RunPage {
+    /// Maps the first page of `fd`'s mmap area: `struct kvm_run`.
+    fn map(fd: &VcpuFd) -> std::io::Result<RunPage> {
+        const _: () = assert!(std::mem::size_of::<kvm_run>() <= 4096);
+        // SAFETY: a new shared mapping of one page of the vCPU file at offset 0 (the kvm_run
+        // page); it overlaps nothing of ours, and `Drop` unmaps exactly it.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                RUN_PAGE_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let run = NonNull::new(addr.cast::<kvm_run>())
+            .ok_or_else(|| std::io::Error::other("mmap returned a null address"))?;
+        Ok(RunPage { run })
+    }
+
+    fn set_immediate_exit(&self) {
+        // SAFETY: `run` points at this mapping of the kvm_run page, mapped until `self` is
+        // dropped; a byte store to `immediate_exit` is what KVM expects from other threads.
+        unsafe {
+            std::ptr::write_volatile(
+                std::ptr::addr_of_mut!((*self.run.as_ptr()).immediate_exit),
+                1,
+            )
+        };
+    }
+}
+
+impl Drop for RunPage {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the page `map` mapped; no reference into it outlives `self`.
+        unsafe { libc::munmap(self.run.as_ptr().cast(), RUN_PAGE_BYTES) };
+    }
+}
+
+const RUN_PAGE_BYTES: usize = 4096;
+
+/// Forces a vCPU out of `KVM_RUN`. Shared by the vCPU's handle and the throttle thread; owns
+/// everything it touches, so a kick is harmless at any time, also after the thread ended.
 struct Kick {
-    kvm_run: usize,
-    thread: libc::pthread_t,
+    run_page: RunPage,
+    /// The vCPU thread, while it may be signalled: cleared (under this lock) before the
+    /// thread is joined, so that no signal goes to a thread ID that is no longer valid.
+    thread: Mutex<Option<libc::pthread_t>>,
 }
 
 impl Kick {
     fn kick(&self) {
-        // SAFETY: the kvm_run page stays mapped while the VcpuFd (owned by the thread we are
-        // about to signal, joined before the handle is dropped) exists; a byte store is atomic.
-        unsafe {
-            let run = self.kvm_run as *mut kvm_run;
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1);
-            libc::pthread_kill(self.thread, kick_signal());
+        self.run_page.set_immediate_exit();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(thread) = *thread {
+            // SAFETY: `thread` has not been joined (`retire` clears it first, under the same
+            // lock), so the ID is valid even if the thread has returned.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
         }
+    }
+
+    /// No more signals: the thread is about to be joined.
+    fn retire(&self) {
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
@@ -539,7 +617,7 @@ fn install_kick_handler() {
 pub struct VcpuHandle {
     index: u32,
     tx: Sender<Command>,
-    kick: Kick,
+    kick: Arc<Kick>,
     thread: Option<JoinHandle<()>>,
     tid: Arc<AtomicI32>,
 }
@@ -593,7 +671,7 @@ impl VcpuHandle {
         ThrottleHandle {
             index: self.index,
             tx: self.tx.clone(),
-            kick: self.kick,
+            kick: self.kick.clone(),
         }
     }
 
@@ -613,6 +691,7 @@ impl VcpuHandle {
     pub fn stop(&mut self) {
         let _ = self.send(Command::Exit);
         if let Some(t) = self.thread.take() {
+            self.kick.retire();
             let _ = t.join();
         }
     }
@@ -624,16 +703,13 @@ impl Drop for VcpuHandle {
     }
 }
 
-/// What the throttle thread holds of a vCPU: its command queue and its kick.
+/// What the throttle thread holds of a vCPU: its command queue and its kick (usable at any
+/// time, also after the vCPU stopped).
 pub(crate) struct ThrottleHandle {
     index: u32,
     tx: Sender<Command>,
-    kick: Kick,
+    kick: Arc<Kick>,
 }
-
-// SAFETY: Kick holds the address of the vCPU's kvm_run page and its thread id, both valid while
-// the vCPU thread runs; the machine joins the throttle thread before it stops any vCPU.
-unsafe impl Send for ThrottleHandle {}
 
 impl ThrottleHandle {
     /// Asks the vCPU to sleep for `pause`.
@@ -868,6 +944,94 @@ mod tests {
             match order_states(states, &cpuids) {
                 Err(e) => assert!(e.contains(expected), "{e}"),
                 Ok(_) => panic!("accepted, expected {expected}"),
+            }
+        }
+    }
+
+    /// Kicks race with the vCPU thread's end and go on after it: pauses and throttles are
+    /// requested while the thread exits, and every kick writes to a page the kicker owns, so
+    /// none touches unmapped memory (with the old kick, which wrote through the thread's own
+    /// mapping, these kicks wrote to a page the thread had unmapped, or to whatever was mapped
+    /// there next). Runs on real KVM vCPUs. Neither Miri (no KVM ioctls) nor AddressSanitizer
+    /// (needs a nightly toolchain; only stable is installed here) can run it, and ASan would
+    /// not see a store to an unmapped page anyway: a fault (SIGSEGV) or a silently corrupted
+    /// unrelated mapping is what this test can catch, and it loops to make that likely.
+    #[test]
+    fn kicks_after_the_vcpu_thread_ended_touch_only_the_kickers_page() {
+        use vm_memory::{Bytes, GuestAddress};
+        let _lock = tern_testguest::KvmLock::acquire();
+        let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+        let vm = kvm.create_vm().expect("create VM");
+        let ram = crate::memory::GuestRam::new_memfd(1).expect("RAM");
+        ram.register(&vm).expect("register RAM");
+        // Real mode at 0x1000: `hlt; jmp -3`, an idle guest waiting in KVM_RUN.
+        ram.memory()
+            .write_slice(&[0xf4, 0xeb, 0xfd], GuestAddress(0x1000))
+            .expect("code");
+        vm.create_irq_chip().expect("irqchip");
+        let base = cpuid::supported(&kvm).expect("CPUID");
+        let (events, _events_rx) = GuestEventSender::channel();
+        for round in 0..16u32 {
+            let vcpu = Vcpu::new(&vm, round, cpuid::for_vcpu(&base, 0, 1), &[], 0).expect("vCPU");
+            let mut sregs = vcpu.fd().get_sregs().expect("sregs");
+            sregs.cs.base = 0;
+            sregs.cs.selector = 0;
+            vcpu.fd().set_sregs(&sregs).expect("sregs");
+            let regs = kvm_regs {
+                rip: 0x1000,
+                rflags: 2,
+                ..Default::default()
+            };
+            vcpu.fd().set_regs(&regs).expect("regs");
+            let mut handle = vcpu
+                .spawn(
+                    Arc::new(Bus::new()),
+                    Arc::new(Bus::new()),
+                    events.clone(),
+                    false,
+                )
+                .expect("spawn");
+            // The kick still gets a running vCPU out of KVM_RUN at once.
+            let asked = Instant::now();
+            handle
+                .request_pause()
+                .expect("pause")
+                .recv_timeout(Duration::from_secs(5))
+                .expect("pause acknowledged");
+            assert!(asked.elapsed() < Duration::from_secs(1), "slow pause");
+            handle.resume().expect("resume");
+
+            // Kickers that keep going while the thread ends and after it is joined.
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let kickers: Vec<_> = (0..2)
+                .map(|_| {
+                    let throttle = handle.throttle_handle();
+                    let done = done.clone();
+                    std::thread::spawn(move || {
+                        let mut n = 0u64;
+                        while !done.load(Ordering::Relaxed) || n < 2_000 {
+                            let _ = throttle.throttle(Duration::from_micros(1));
+                            throttle.kick.kick();
+                            n += 1;
+                        }
+                    })
+                })
+                .collect();
+            // A pause requested just as the thread is told to end.
+            let pause = handle.request_pause();
+            handle.stop();
+            drop(pause);
+            for _ in 0..2_000 {
+                handle.kick.kick();
+            }
+            assert!(
+                handle.request_pause().is_err(),
+                "a stopped vCPU takes commands"
+            );
+            drop(handle);
+            done.store(true, Ordering::Relaxed);
+            for k in kickers {
+                k.join().expect("kicker");
             }
         }
     }

@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use tern_snapshot::{split_device, Info, RecordType, StreamItem, StreamReader, PAGE_SIZE};
 
 use crate::error::MigrationError;
-use crate::memory::{host_range, RamRegion};
+use crate::memory::{guest_slice, RamRegion};
 use crate::protocol::{Offer, ToDestination, ToSource};
 use crate::transport::{Channel, Transport};
 use crate::STALL_TIMEOUT;
 
-const PAGE: u64 = PAGE_SIZE as u64;
+/// What a ZEROS record writes, page by page.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 /// Most pages in one PAGES record a destination accepts (64 MiB). The source sends 256 pages
 /// (1 MiB) a record; the margin leaves room for a later source, and the limit bounds what a
@@ -83,7 +84,7 @@ pub fn receive<T: Transport>(
     reader.limit_pages(
         regions
             .iter()
-            .map(|r| r.first_pfn..r.first_pfn.saturating_add(r.pages))
+            .map(|r| r.first_pfn()..r.first_pfn().saturating_add(r.pages()))
             .collect(),
         MAX_RECORD_PAGES,
     );
@@ -110,7 +111,7 @@ pub fn receive<T: Transport>(
                 let mut off = 0usize;
                 for run in &runs {
                     let len = run.pages as usize * PAGE_SIZE;
-                    let dst = host_range(regions, run.first_pfn, u64::from(run.pages))
+                    let dst = guest_slice(regions, run.first_pfn, u64::from(run.pages))
                         .ok_or_else(|| outside(run.first_pfn))?;
                     let src = off
                         .checked_add(len)
@@ -118,8 +119,9 @@ pub fn receive<T: Transport>(
                         .ok_or_else(|| {
                             MigrationError::Protocol("a PAGES record is short of data".into())
                         })?;
-                    // SAFETY: dst..dst+len lies in guest RAM (checked), which no vCPU runs on yet.
-                    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, len) };
+                    // `dst` is exactly `len` bytes of guest RAM (checked), which no vCPU runs
+                    // on yet.
+                    dst.copy_from(src);
                     off += len;
                     got.pages += u64::from(run.pages);
                 }
@@ -128,16 +130,13 @@ pub fn receive<T: Transport>(
             StreamItem::Zeros { runs } => {
                 expect(phase, Phase::Pages, RecordType::ZEROS)?;
                 for run in &runs {
-                    let dst = host_range(regions, run.first_pfn, u64::from(run.pages))
+                    let dst = guest_slice(regions, run.first_pfn, u64::from(run.pages))
                         .ok_or_else(|| outside(run.first_pfn))?;
-                    // SAFETY: as above.
-                    unsafe {
-                        std::ptr::write_bytes(
-                            dst as *mut u8,
-                            0,
-                            (u64::from(run.pages) * PAGE) as usize,
-                        )
-                    };
+                    for page in 0..run.pages as usize {
+                        dst.subslice(page * PAGE_SIZE, PAGE_SIZE)
+                            .map_err(|e| MigrationError::Protocol(format!("zero pages: {e}")))?
+                            .copy_from(&ZERO_PAGE[..]);
+                    }
                     got.zero_pages += u64::from(run.pages);
                 }
             }

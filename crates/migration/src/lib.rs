@@ -23,7 +23,7 @@ pub mod source;
 pub mod transport;
 
 pub use error::MigrationError;
-pub use memory::{PageSet, RamRegion};
+pub use memory::{guest_slice, GuestRegion, GuestSlice, PageSet, RamRegion};
 pub use policy::{Limits, StopReason};
 pub use protocol::{CpuidEntry, Offer, Outcome, ToDestination, ToSource, PROTOCOL_VERSION};
 pub use source::{Observer, Plan, SendError, SourceVm, StateRecords};

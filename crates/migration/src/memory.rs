@@ -1,44 +1,116 @@
-//! Guest memory as the migration engine sees it: regions of host memory holding guest pages,
-//! and sets of pages to send.
+//! Guest memory as the migration engine (and save and restore) sees it: regions of guest RAM
+//! reached through vm-memory, and sets of pages to send.
+//!
+//! A [`RamRegion`] owns an `Arc` of one mapping of guest RAM and hands out bounds-checked
+//! `VolatileSlice`s of page runs in it: no raw host address, no `unsafe` here. Copies in and out
+//! of guest memory go through `VolatileSlice::copy_to`/`copy_from` (a `memcpy` for page-sized
+//! runs), which stay sound while vCPUs write the same pages (a page changed under the source's
+//! copy is dirty again and sent in a later round). Writes with `copy_from` also set their pages
+//! in the mapping's dirty bitmap (the log of device writes), which a machine clears when it
+//! starts tracking for a migration.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use tern_snapshot::{PageRun, PAGE_SIZE};
+use vm_memory::bitmap::{AtomicBitmap, BS};
+use vm_memory::{GuestAddress, GuestMemoryRegion, GuestRegionMmap, VolatileSlice};
 
 use crate::error::MigrationError;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
-/// Guest pages `first_pfn..first_pfn + pages`, mapped at `host_addr` in this process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One mapping of guest RAM (tern-machine's `GuestRegion`).
+pub type GuestRegion = GuestRegionMmap<AtomicBitmap>;
+
+/// A bounds-checked view of guest pages.
+pub type GuestSlice<'a> = VolatileSlice<'a, BS<'a, AtomicBitmap>>;
+
+/// Guest pages `first_pfn..first_pfn + pages`, held mapped by this region for as long as it
+/// (or a clone) exists.
+#[derive(Clone)]
 pub struct RamRegion {
-    pub first_pfn: u64,
-    pub pages: u64,
-    pub host_addr: u64,
+    first_pfn: u64,
+    pages: u64,
+    mapping: Arc<GuestRegion>,
+}
+
+impl std::fmt::Debug for RamRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RamRegion")
+            .field("first_pfn", &self.first_pfn)
+            .field("pages", &self.pages)
+            .finish()
+    }
 }
 
 impl RamRegion {
+    /// The whole pages of `mapping`.
+    pub fn new(mapping: Arc<GuestRegion>) -> Self {
+        let start = mapping.start_addr().0;
+        let end = start + mapping.len();
+        let first_pfn = start.div_ceil(PAGE);
+        RamRegion {
+            first_pfn,
+            pages: (end / PAGE).saturating_sub(first_pfn),
+            mapping,
+        }
+    }
+
+    pub fn first_pfn(&self) -> u64 {
+        self.first_pfn
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
     pub fn end_pfn(&self) -> u64 {
         self.first_pfn + self.pages
     }
 
-    /// Host address of `pages` pages from `pfn` if they all lie in this region.
-    pub fn host_range(&self, pfn: u64, pages: u64) -> Option<u64> {
+    /// The pages `pfn..pfn + pages` if they all lie in this region.
+    pub fn slice(&self, pfn: u64, pages: u64) -> Option<GuestSlice<'_>> {
         let end = pfn.checked_add(pages)?;
-        (pfn >= self.first_pfn && end <= self.end_pfn())
-            .then(|| self.host_addr + (pfn - self.first_pfn) * PAGE)
+        if pfn < self.first_pfn || end > self.end_pfn() {
+            return None;
+        }
+        let at = self.mapping.to_region_addr(GuestAddress(pfn * PAGE))?;
+        self.mapping
+            .get_slice(at, usize::try_from(pages * PAGE).ok()?)
+            .ok()
+    }
+
+    /// Every page of the region.
+    pub fn whole(&self) -> Option<GuestSlice<'_>> {
+        self.slice(self.first_pfn, self.pages)
+    }
+
+    /// The guest page a host address inside this region's mapping belongs to (for a fault
+    /// userfaultfd reports; the address is compared, never dereferenced).
+    pub fn pfn_at(&self, host_addr: usize) -> Option<u64> {
+        let whole = self.whole()?;
+        let base = whole.ptr_guard().as_ptr() as usize;
+        let offset = host_addr.checked_sub(base)?;
+        (offset < whole.len()).then(|| self.first_pfn + offset as u64 / PAGE)
     }
 }
 
-/// Host address of the run `pfn..pfn + pages` if it lies within one region.
-pub fn host_range(regions: &[RamRegion], pfn: u64, pages: u64) -> Option<u64> {
-    regions.iter().find_map(|r| r.host_range(pfn, pages))
+/// The run `pfn..pfn + pages` if it lies within one region.
+pub fn guest_slice(regions: &[RamRegion], pfn: u64, pages: u64) -> Option<GuestSlice<'_>> {
+    regions.iter().find_map(|r| r.slice(pfn, pages))
+}
+
+/// The pfn ranges of `regions`.
+fn spans(regions: &[RamRegion]) -> Vec<Range<u64>> {
+    regions.iter().map(|r| r.first_pfn..r.end_pfn()).collect()
 }
 
 /// A set of guest pages: one bitmap per region (bit i = page `first_pfn + i`).
 #[derive(Clone, Debug)]
 pub struct PageSet {
-    regions: Vec<RamRegion>,
+    /// The regions' pfn ranges.
+    regions: Vec<Range<u64>>,
     bits: Vec<Vec<u64>>,
 }
 
@@ -46,7 +118,7 @@ impl PageSet {
     /// The empty set over `regions`.
     pub fn empty(regions: &[RamRegion]) -> Self {
         PageSet {
-            regions: regions.to_vec(),
+            regions: spans(regions),
             bits: regions
                 .iter()
                 .map(|r| vec![0; r.pages.div_ceil(64) as usize])
@@ -70,7 +142,7 @@ impl PageSet {
             ));
         }
         let mut set = PageSet {
-            regions: regions.to_vec(),
+            regions: spans(regions),
             bits,
         };
         set.clear_tails();
@@ -82,10 +154,10 @@ impl PageSet {
         let mut set = PageSet::empty(regions);
         for range in ranges {
             for (r, bits) in set.regions.iter().zip(set.bits.iter_mut()) {
-                let start = range.start.max(r.first_pfn);
-                let end = range.end.min(r.end_pfn());
+                let start = range.start.max(r.start);
+                let end = range.end.min(r.end);
                 for pfn in start..end {
-                    let i = pfn - r.first_pfn;
+                    let i = pfn - r.start;
                     bits[(i / 64) as usize] |= 1 << (i % 64);
                 }
             }
@@ -95,16 +167,16 @@ impl PageSet {
 
     /// Every page of every region.
     pub fn all(regions: &[RamRegion]) -> Self {
-        let ranges: Vec<Range<u64>> = regions.iter().map(|r| r.first_pfn..r.end_pfn()).collect();
-        PageSet::from_ranges(regions, &ranges)
+        PageSet::from_ranges(regions, &spans(regions))
     }
 
     /// Clears bits past the end of each region (bitmaps come in whole words).
     fn clear_tails(&mut self) {
         for (r, bits) in self.regions.iter().zip(self.bits.iter_mut()) {
-            let used = r.pages.div_ceil(64) as usize;
+            let pages = r.end - r.start;
+            let used = pages.div_ceil(64) as usize;
             bits.truncate(used);
-            let tail = r.pages % 64;
+            let tail = pages % 64;
             if tail != 0 {
                 if let Some(last) = bits.last_mut() {
                     *last &= (1u64 << tail) - 1;
@@ -145,7 +217,7 @@ impl PageSet {
                 }
                 for b in 0..64 {
                     let set = word & (1 << b) != 0;
-                    let pfn = r.first_pfn + w as u64 * 64 + b;
+                    let pfn = r.start + w as u64 * 64 + b;
                     match (&mut open, set) {
                         (Some(run), true) if run.pages < u32::MAX => run.pages += 1,
                         (open_run, true) => {
@@ -178,19 +250,19 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Anonymous guest memory for pages `first_pfn..first_pfn + pages`.
+    fn region(first_pfn: u64, pages: u64) -> RamRegion {
+        let mapping = GuestRegion::from_range(
+            GuestAddress(first_pfn * PAGE),
+            (pages * PAGE) as usize,
+            None,
+        )
+        .unwrap();
+        RamRegion::new(Arc::new(mapping))
+    }
+
     fn regions() -> Vec<RamRegion> {
-        vec![
-            RamRegion {
-                first_pfn: 0,
-                pages: 100,
-                host_addr: 0x1000_0000,
-            },
-            RamRegion {
-                first_pfn: 1000,
-                pages: 70,
-                host_addr: 0x2000_0000,
-            },
-        ]
+        vec![region(0, 100), region(1000, 70)]
     }
 
     #[test]
@@ -233,19 +305,34 @@ mod tests {
     }
 
     #[test]
-    fn host_ranges_stay_inside_one_region() {
+    fn slices_stay_inside_one_region() {
         let r = regions();
-        assert_eq!(host_range(&r, 1, 2), Some(0x1000_1000));
-        assert_eq!(host_range(&r, 1001, 69), Some(0x2000_1000));
-        assert_eq!(host_range(&r, 99, 2), None);
-        assert_eq!(host_range(&r, 1069, 2), None);
-        assert_eq!(host_range(&r, u64::MAX, 2), None);
+        let base = |i: usize| r[i].whole().unwrap().ptr_guard().as_ptr() as usize;
+        let s = guest_slice(&r, 1, 2).unwrap();
+        assert_eq!(s.len(), 2 * PAGE as usize);
+        assert_eq!(s.ptr_guard().as_ptr() as usize, base(0) + PAGE as usize);
+        let s = guest_slice(&r, 1001, 69).unwrap();
+        assert_eq!(s.ptr_guard().as_ptr() as usize, base(1) + PAGE as usize);
+        assert!(guest_slice(&r, 99, 2).is_none());
+        assert!(guest_slice(&r, 1069, 2).is_none());
+        assert!(guest_slice(&r, u64::MAX, 2).is_none());
+        assert!(guest_slice(&r, 5, u64::MAX).is_none());
+        // Host addresses (userfaultfd faults) map back to their pages.
+        assert_eq!(r[1].pfn_at(base(1) + 5 * PAGE as usize + 17), Some(1005));
+        assert_eq!(r[1].pfn_at(base(1) + 70 * PAGE as usize), None);
+        assert_eq!(r[1].pfn_at(base(1).wrapping_sub(1)), None);
+        // Writes and reads go through the slices.
+        let page = guest_slice(&r, 1002, 1).unwrap();
+        page.copy_from(&[0xabu8; PAGE as usize][..]);
+        let mut back = [0u8; PAGE as usize];
+        guest_slice(&r, 1002, 1).unwrap().copy_to(&mut back[..]);
+        assert!(back.iter().all(|&b| b == 0xab));
     }
 
     proptest! {
         #[test]
         fn runs_hold_exactly_the_set_pages(words in proptest::collection::vec(any::<u64>(), 4)) {
-            let regions = [RamRegion { first_pfn: 10, pages: 250, host_addr: 0 }];
+            let regions = [region(10, 250)];
             let set = PageSet::from_bitmaps(&regions, vec![words.clone()]).unwrap();
             let runs = set.runs();
             let mut from_runs = Vec::new();

@@ -13,7 +13,7 @@ use tern_api::{MigrationProgress, MigrationRound, MigrationSummary};
 use tern_snapshot::{is_zero_page, PageRun, RecordType, SnapshotWriter, PAGE_SIZE};
 
 use crate::error::MigrationError;
-use crate::memory::{host_range, PageSet, RamRegion};
+use crate::memory::{guest_slice, PageSet, RamRegion};
 use crate::policy::{Convergence, Decision, Limits, RoundMeasure, StopReason};
 use crate::protocol::{Offer, ToDestination, ToSource};
 use crate::transport::{Channel, Transport};
@@ -410,22 +410,21 @@ impl Sender<'_> {
         let mut batch: Vec<PageRun> = Vec::new();
         let mut filled = 0usize;
         self.zero_buf.clear();
+        // The regions hold the mappings; a clone (of their `Arc`s) leaves `self` free to flush.
+        let regions = self.regions.clone();
         for run in set.runs() {
-            let host = host_range(&self.regions, run.first_pfn, u64::from(run.pages))
+            let pages = guest_slice(&regions, run.first_pfn, u64::from(run.pages))
                 .ok_or_else(|| MigrationError::Vm("a page to send is outside guest RAM".into()))?;
             for i in 0..u64::from(run.pages) {
                 let pfn = run.first_pfn + i;
                 let dst = &mut self.buf[filled * PAGE..(filled + 1) * PAGE];
-                // SAFETY: the page lies in guest RAM (checked above), mapped for as long as the
-                // machine exists; the guest may write it concurrently, which only means this
-                // copy is stale and the page dirty again.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        (host + i * PAGE as u64) as *const u8,
-                        dst.as_mut_ptr(),
-                        PAGE,
-                    );
-                }
+                // The one copy of a page on its way out (the record's checksums must match what
+                // is sent). The guest may write the page meanwhile: the copy is then stale and
+                // the page dirty again, sent in a later round.
+                let page = pages
+                    .subslice(i as usize * PAGE, PAGE)
+                    .map_err(|e| MigrationError::Vm(format!("a page to send: {e}")))?;
+                page.copy_to(dst);
                 if is_zero_page(dst) {
                     tally.zero_pages += 1;
                     if !first_pass {

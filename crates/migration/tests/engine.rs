@@ -14,40 +14,50 @@ use tern_migration::destination::{self, Received};
 use tern_migration::source::{send, Observer, Plan, SendError, SourceVm, StateRecords};
 use tern_migration::transport::Channel;
 use tern_migration::{
-    Limits, MigrationError, Offer, RamRegion, ToDestination, ToSource, PROTOCOL_VERSION,
+    GuestRegion, GuestSlice, Limits, MigrationError, Offer, RamRegion, ToDestination, ToSource,
+    PROTOCOL_VERSION,
 };
 use tern_snapshot::{Info, FORMAT_VERSION};
+use vm_memory::GuestAddress;
 
 const PAGE: usize = 4096;
 
 /// Guest memory shared by the simulated guest and the engine.
 struct Memory {
-    bytes: Box<[u8]>,
+    region: RamRegion,
 }
 
 impl Memory {
-    fn new(pages: usize) -> Arc<Memory> {
+    fn new(first_pfn: u64, pages: usize) -> Arc<Memory> {
+        let mapping =
+            GuestRegion::from_range(GuestAddress(first_pfn * PAGE as u64), pages * PAGE, None)
+                .expect("guest memory");
         Arc::new(Memory {
-            bytes: vec![0u8; pages * PAGE].into_boxed_slice(),
+            region: RamRegion::new(Arc::new(mapping)),
         })
     }
 
-    fn addr(&self) -> u64 {
-        self.bytes.as_ptr() as u64
+    fn pages(&self) -> usize {
+        self.region.pages() as usize
     }
 
-    fn pages(&self) -> usize {
-        self.bytes.len() / PAGE
+    fn page(&self, p: usize) -> GuestSlice<'_> {
+        self.region
+            .slice(self.region.first_pfn() + p as u64, 1)
+            .expect("page in memory")
     }
 
     /// Writes `value` over page `p` (the guest's store; racing with the engine's reads is
     /// what a real guest does too).
     fn write_page(&self, p: usize, value: u64) {
-        let base = (self.addr() as usize + p * PAGE) as *mut u64;
-        for i in 0..PAGE / 8 {
-            // SAFETY: inside the allocation, which outlives every user.
-            unsafe { base.add(i).write_volatile(value ^ i as u64) };
-        }
+        let words: Vec<u64> = (0..PAGE as u64 / 8).map(|i| value ^ i).collect();
+        self.page(p).copy_from(&words);
+    }
+
+    fn read_page(&self, p: usize) -> Vec<u8> {
+        let mut out = vec![0u8; PAGE];
+        self.page(p).copy_to(&mut out[..]);
+        out
     }
 }
 
@@ -69,7 +79,8 @@ impl FakeVm {
     /// A machine with `pages` pages, the first `prefilled` of them written, and a writer
     /// that dirties `hot` pages at `pages_per_ms`.
     fn new(pages: usize, prefilled: usize, hot: Range<usize>, pages_per_ms: u64) -> FakeVm {
-        let memory = Memory::new(pages);
+        let first_pfn = 0x100;
+        let memory = Memory::new(first_pfn, pages);
         for p in 0..prefilled {
             memory.write_page(p, p as u64 * 7 + 1);
         }
@@ -114,7 +125,7 @@ impl FakeVm {
         };
         FakeVm {
             memory,
-            first_pfn: 0x100,
+            first_pfn,
             gate,
             paused,
             stop,
@@ -126,11 +137,7 @@ impl FakeVm {
     }
 
     fn region(&self) -> RamRegion {
-        RamRegion {
-            first_pfn: self.first_pfn,
-            pages: self.memory.pages() as u64,
-            host_addr: self.memory.addr(),
-        }
+        self.memory.region.clone()
     }
 
     fn stop_writer(&mut self) {
@@ -272,12 +279,8 @@ fn destination(
     mode: Dest,
 ) -> JoinHandle<DestResult> {
     std::thread::spawn(move || {
-        let memory = Memory::new(pages);
-        let regions = [RamRegion {
-            first_pfn,
-            pages: pages as u64,
-            host_addr: memory.addr(),
-        }];
+        let memory = Memory::new(first_pfn, pages);
+        let regions = [memory.region.clone()];
         let (stream, _) = listener.accept().unwrap();
         let mut ch = Channel::new(stream);
         let offer = match ch.receive::<ToDestination>(Duration::from_secs(5)).unwrap() {
@@ -362,7 +365,7 @@ fn migrate(
 }
 
 fn same_memory(a: &Memory, b: &Memory) -> bool {
-    a.bytes.iter().zip(b.bytes.iter()).all(|(x, y)| x == y)
+    a.pages() == b.pages() && (0..a.pages()).all(|p| a.read_page(p) == b.read_page(p))
 }
 
 #[test]

@@ -50,8 +50,10 @@ use tern_devices::{BusDevice, GuestEventSender, GuestMem, Pausable, Snapshottabl
 use tern_machine::VcpuState;
 use tern_migration::destination::{self, Received};
 use tern_migration::transport::{Channel, Transport};
-use tern_migration::{Offer, RamRegion, ToDestination, ToSource, PROTOCOL_VERSION};
+use tern_migration::{GuestRegion, Offer, RamRegion, ToDestination, ToSource, PROTOCOL_VERSION};
 use tern_snapshot::{Info, PageRun, RecordType, SnapshotWriter, FORMAT_VERSION, PAGE_SIZE};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::MmapRegion;
 use vm_memory::{Bytes, GuestAddress};
 
 // ---------------------------------------------------------------------------------------------
@@ -312,19 +314,26 @@ impl Ram {
         Ram { base, len }
     }
 
+    /// Regions A and B as the engine sees them. They borrow this mapping without holding it:
+    /// callers drop them before the `Ram`.
     fn regions(&self) -> Vec<RamRegion> {
-        vec![
-            RamRegion {
-                first_pfn: A_PFN,
-                pages: A_PAGES as u64,
-                host_addr: self.base as u64 + (A_AT * PAGE) as u64,
-            },
-            RamRegion {
-                first_pfn: B_PFN,
-                pages: B_PAGES as u64,
-                host_addr: self.base as u64 + (B_AT * PAGE) as u64,
-            },
-        ]
+        let region = |at: usize, pfn: u64, pages: usize| {
+            // SAFETY: pages `at..at + pages` lie inside this mapping, readable and writable,
+            // created with these prot and flags; the MmapRegion does not own (unmap) them.
+            let mapping = unsafe {
+                MmapRegion::<AtomicBitmap>::build_raw(
+                    self.base.add(at * PAGE),
+                    pages * PAGE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                )
+            }
+            .expect("region");
+            let region =
+                GuestRegion::new(mapping, GuestAddress(pfn * PAGE as u64)).expect("guest region");
+            RamRegion::new(Arc::new(region))
+        };
+        vec![region(A_AT, A_PFN, A_PAGES), region(B_AT, B_PFN, B_PAGES)]
     }
 
     fn page(&self, at: usize) -> &[u8] {

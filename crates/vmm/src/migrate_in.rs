@@ -28,7 +28,6 @@ use crate::lifecycle::{Event, State};
 use crate::record::{DomainRecord, IncomingState};
 use crate::{MainEvent, Vmm};
 
-const PAGE: u64 = 4096;
 /// How long the daemon may take to attach to this process before the handover.
 const DAEMON_ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -237,11 +236,7 @@ pub(crate) fn regions(machine: &Machine) -> Vec<RamRegion> {
         .ram()
         .slots()
         .iter()
-        .map(|s| RamRegion {
-            first_pfn: s.guest_addr / PAGE,
-            pages: s.size / PAGE,
-            host_addr: s.host_addr,
-        })
+        .map(|s| RamRegion::new(s.mapping.clone()))
         .collect()
 }
 

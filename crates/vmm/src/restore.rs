@@ -11,13 +11,14 @@ use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tern_devices::serial::ConsoleOut;
 use tern_devices::state::StateEncoding;
-use tern_machine::memory::RamSlot;
 use tern_machine::uffd::Uffd;
 use tern_machine::{Machine, MachineState};
+use tern_migration::{guest_slice, GuestSlice, RamRegion};
 use tern_snapshot::{PagesIndex, RecordType, SnapshotIndex};
 
 use crate::direct_io::{self, AlignedBuf};
@@ -125,24 +126,17 @@ fn check_cpu_features(saved: &[tern_snapshot::CpuFeatureWord]) -> anyhow::Result
     Ok(())
 }
 
-/// Host address of guest page `pfn`.
-fn host_addr(slots: &[RamSlot], pfn: u64) -> Option<u64> {
-    let gpa = pfn.checked_mul(PAGE)?;
-    slots
-        .iter()
-        .find(|s| gpa >= s.guest_addr && gpa < s.guest_addr + s.size)
-        .map(|s| s.host_addr + (gpa - s.guest_addr))
-}
-
-/// Checks that a block's segments lie inside guest RAM, one page at a time at the edges.
-fn segment_host(slots: &[RamSlot], pfn: u64, pages: u64) -> anyhow::Result<u64> {
-    let first = host_addr(slots, pfn).context("the checkpoint holds a page outside guest RAM")?;
-    let last = host_addr(slots, pfn + pages - 1)
-        .context("the checkpoint holds a page outside guest RAM")?;
-    if last - first != (pages - 1) * PAGE {
+/// The guest memory of a block's segment `pfn..pfn + pages`, checked to lie inside one
+/// region of guest RAM.
+fn segment(regions: &[RamRegion], pfn: u64, pages: u64) -> anyhow::Result<GuestSlice<'_>> {
+    if let Some(slice) = guest_slice(regions, pfn, pages) {
+        return Ok(slice);
+    }
+    let inside = |pfn: u64| guest_slice(regions, pfn, 1).is_some();
+    if pages > 0 && inside(pfn) && pfn.checked_add(pages - 1).is_some_and(inside) {
         bail!("the checkpoint holds a page run across the MMIO hole");
     }
-    Ok(first)
+    bail!("the checkpoint holds a page outside guest RAM")
 }
 
 /// Where page blocks are read from: the checkpoint, directly (no page cache) if possible.
@@ -220,13 +214,13 @@ fn block_data<'a>(p: &PagesIndex, first: u64, b: u64, data: &'a [u8]) -> anyhow:
 
 /// Copy mode: read, verify and copy every block before the guest runs.
 fn copy_all(machine: &Machine, source: &BlockSource, records: &[PagesIndex]) -> anyhow::Result<()> {
-    let slots = machine.ram().slots();
+    let regions = crate::migrate_in::regions(machine);
     let mut buf = AlignedBuf::new();
     for p in records {
         for batch in batches(p) {
             let data = source.read_range(p, batch.clone(), &mut buf)?;
             for b in batch.clone() {
-                copy_block(slots, p, b, block_data(p, batch.start, b, data)?)?;
+                copy_block(&regions, p, b, block_data(p, batch.start, b, data)?)?;
             }
         }
     }
@@ -234,16 +228,16 @@ fn copy_all(machine: &Machine, source: &BlockSource, records: &[PagesIndex]) -> 
 }
 
 /// Copies one verified block into guest memory (copy mode: no vCPU runs yet).
-fn copy_block(slots: &[RamSlot], p: &PagesIndex, b: u64, data: &[u8]) -> anyhow::Result<()> {
+fn copy_block(regions: &[RamRegion], p: &PagesIndex, b: u64, data: &[u8]) -> anyhow::Result<()> {
     let mut off = 0usize;
     for (pfn, pages) in p.block(b).segments {
         let len = (u64::from(pages) * PAGE) as usize;
-        let dst = segment_host(slots, pfn, u64::from(pages))?;
+        let dst = segment(regions, pfn, u64::from(pages))?;
         let src = data
             .get(off..off + len)
             .context("block shorter than its pages")?;
-        // SAFETY: dst..dst+len lies inside guest RAM (checked), which no vCPU uses yet.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, len) };
+        // `dst` is exactly `len` bytes (checked): one memcpy.
+        dst.copy_from(src);
         off += len;
     }
     Ok(())
@@ -259,7 +253,8 @@ const LOADED: u8 = 2;
 struct LoaderState {
     source: BlockSource,
     records: Vec<PagesIndex>,
-    slots: Vec<RamSlot>,
+    /// Guest RAM, held mapped by the loader for as long as it runs.
+    regions: Vec<RamRegion>,
     uffd: Uffd,
     blocks: Vec<Vec<AtomicU8>>,
     failed: Mutex<Option<String>>,
@@ -320,40 +315,37 @@ impl LoaderState {
         let mut off = 0usize;
         for (pfn, pages) in p.block(b).segments {
             let len = (u64::from(pages) * PAGE) as usize;
-            let dst = segment_host(&self.slots, pfn, u64::from(pages))?;
+            let dst = segment(&self.regions, pfn, u64::from(pages))?;
             let src = data
                 .get(off..off + len)
                 .context("block shorter than its pages")?;
             self.uffd
-                .copy(dst, src)
+                .copy(&dst, src)
                 .context("cannot install restored pages")?;
             off += len;
         }
         Ok(())
     }
 
-    /// Serves one fault at host address `addr`.
-    fn serve(&self, addr: u64, buf: &mut AlignedBuf) -> anyhow::Result<()> {
-        let page = addr & !(PAGE - 1);
-        let slot = self
-            .slots
+    /// Serves one fault at host address `addr` (as userfaultfd reports it).
+    fn serve(&self, addr: usize, buf: &mut AlignedBuf) -> anyhow::Result<()> {
+        let (region, pfn) = self
+            .regions
             .iter()
-            .find(|s| page >= s.host_addr && page < s.host_addr + s.size)
+            .find_map(|r| Some((r, r.pfn_at(addr)?)))
             .context("fault outside guest RAM")?;
-        let pfn = (slot.guest_addr + (page - slot.host_addr)) / PAGE;
+        let page = region.slice(pfn, 1).context("fault outside guest RAM")?;
         for (r, p) in self.records.iter().enumerate() {
             if let Some(b) = p.find(pfn) {
                 self.load(r, b, buf)?;
                 return self
                     .uffd
-                    .wake(page, PAGE)
+                    .wake(&page)
                     .context("cannot wake the faulting thread");
             }
         }
         // Not in the checkpoint: the page was zero.
-        self.uffd
-            .zero(page, PAGE)
-            .context("cannot install a zero page")
+        self.uffd.zero(&page).context("cannot install a zero page")
     }
 
     fn fail(&self, e: &anyhow::Error) {
@@ -378,9 +370,10 @@ impl LazyLoader {
     ) -> anyhow::Result<Self> {
         let uffd =
             Uffd::new().context("userfaultfd is not available for lazy restore (try --copy)")?;
-        let slots = machine.ram().slots().to_vec();
-        for s in &slots {
-            uffd.register(s.host_addr, s.size)
+        let regions = crate::migrate_in::regions(machine);
+        for r in &regions {
+            let whole = r.whole().context("guest RAM is not page-aligned")?;
+            uffd.register(&whole)
                 .context("cannot register guest RAM with userfaultfd")?;
         }
         let blocks = records
@@ -390,7 +383,7 @@ impl LazyLoader {
         let state = Arc::new(LoaderState {
             source,
             records,
-            slots,
+            regions,
             uffd,
             blocks,
             failed: Mutex::new(None),
@@ -473,18 +466,18 @@ fn prefetch(state: &LoaderState) {
 fn serve_faults(state: &LoaderState) {
     let mut buf = AlignedBuf::new();
     loop {
-        let mut pfd = libc::pollfd {
-            fd: state.uffd.raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polling one descriptor we own.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 50) };
-        if ready <= 0 || pfd.revents & libc::POLLIN == 0 {
-            if state.stop.load(Ordering::Acquire) {
+        match state.uffd.wait(Duration::from_millis(50)) {
+            Ok(true) => {}
+            Ok(false) => {
+                if state.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                continue;
+            }
+            Err(e) => {
+                state.fail(&anyhow::anyhow!("userfaultfd poll failed: {e}"));
                 return;
             }
-            continue;
         }
         match state.uffd.next_fault() {
             Ok(Some(addr)) => {

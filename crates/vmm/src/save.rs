@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use tern_api::{Progress, SavePhases, SaveSummary};
-use tern_machine::memory::RamSlot;
+use tern_machine::memory::{PausedRam, RamSlot};
 use tern_machine::Machine;
 use tern_snapshot::{is_zero_page, CpuFeatureWord, Info, PageRun, RecordType, SnapshotWriter};
 
@@ -137,10 +137,11 @@ fn write_to(
         w.device(id, bytes)?;
     }
     let mut done = 0u64;
+    let ram = paused_ram(machine)?;
     for chunk in split_runs(&runs, RECORD_PAGES) {
         let data: Vec<&[u8]> = chunk
             .iter()
-            .map(|r| guest_slice(machine, r))
+            .map(|r| guest_slice(&ram, r))
             .collect::<anyhow::Result<_>>()?;
         let pages: u64 = chunk.iter().map(|r| u64::from(r.pages)).sum();
         // Records start at multiples of RECORD_PAGES, itself a multiple of BLOCK_PAGES: the
@@ -228,23 +229,20 @@ fn sync_dir(path: &Path) {
     }
 }
 
-/// Host memory holding the pages of `run` (guest paused: nothing changes it meanwhile).
-fn guest_slice<'a>(machine: &'a Machine, run: &PageRun) -> anyhow::Result<&'a [u8]> {
-    let gpa = run.first_pfn * PAGE;
-    let len = u64::from(run.pages) * PAGE;
-    let slot = machine
-        .ram()
-        .slots()
-        .iter()
-        .find(|s| gpa >= s.guest_addr && gpa + len <= s.guest_addr + s.size)
-        .context("page run outside guest RAM")?;
-    // SAFETY: the range lies inside a live mapping of guest RAM owned by `machine`.
-    Ok(unsafe {
-        std::slice::from_raw_parts(
-            (slot.host_addr + gpa - slot.guest_addr) as *const u8,
-            len as usize,
-        )
-    })
+/// Guest RAM as bytes: the machine is paused (and stays so while this borrows it).
+fn paused_ram(machine: &Machine) -> anyhow::Result<PausedRam<'_>> {
+    machine
+        .paused_ram()
+        .context("the machine must be paused to write its memory")
+}
+
+/// Guest memory holding the pages of `run`, written to the file straight from there.
+fn guest_slice<'a>(ram: &PausedRam<'a>, run: &PageRun) -> anyhow::Result<&'a [u8]> {
+    let len = usize::try_from(u64::from(run.pages) * PAGE)?;
+    run.first_pfn
+        .checked_mul(PAGE)
+        .and_then(|gpa| ram.bytes(gpa, len))
+        .context("page run outside guest RAM")
 }
 
 /// Splits runs into groups of at most `max_pages` pages (a long run is cut).
@@ -307,15 +305,19 @@ impl BlockCrcs {
 /// of every block of them in order.
 fn stored_pages(machine: &Machine) -> anyhow::Result<(Vec<PageRun>, Vec<u32>)> {
     let fd = machine.ram().backing_file().as_raw_fd();
+    let ram = paused_ram(machine)?;
     let mut runs: Vec<PageRun> = Vec::new();
     let mut crcs = BlockCrcs::default();
     for slot in machine.ram().slots() {
         for (start, end) in data_extents(fd, slot)? {
-            let mut off = start;
-            while off < end {
-                let host = (slot.host_addr + off - slot.file_offset) as *const u8;
-                // SAFETY: `off` is inside this slot's live mapping; the guest is paused.
-                let page = unsafe { std::slice::from_raw_parts(host, PAGE as usize) };
+            let extent = ram
+                .bytes(
+                    slot.guest_addr + start - slot.file_offset,
+                    usize::try_from((end - start).div_ceil(PAGE) * PAGE)?,
+                )
+                .context("a RAM file extent outside its slot")?;
+            for (i, page) in extent.chunks(PAGE as usize).enumerate() {
+                let off = start + i as u64 * PAGE;
                 if !is_zero_page(page) {
                     crcs.add(page);
                     let pfn = (slot.guest_addr + off - slot.file_offset) / PAGE;
@@ -331,7 +333,6 @@ fn stored_pages(machine: &Machine) -> anyhow::Result<(Vec<PageRun>, Vec<u32>)> {
                         }),
                     }
                 }
-                off += PAGE;
             }
         }
     }
