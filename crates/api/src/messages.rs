@@ -295,6 +295,11 @@ pub struct MigrationSummary {
     pub mean_rate_mbit: f64,
     /// The strongest auto-converge throttle used, percent (0: none).
     pub max_throttle_percent: u8,
+    /// The longest any vCPU was kept out of the guest at one time, milliseconds: by a
+    /// throttle slice, or by the pause until it ran on the destination (the downtime). What
+    /// the guest feels as a stall, without a probe inside it.
+    #[serde(default)]
+    pub longest_vcpu_stall_ms: f64,
     /// The rate cap asked for, megabits per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_mbit: Option<u64>,

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::Serialize;
-use tern_bench::guest::{self, Workload};
+use tern_bench::felt::{self, Felt};
+use tern_bench::guest::{self, Console, Workload};
 use tern_bench::machine_info::MachineInfo;
 use tern_bench::qemu::{self, Qemu};
 use tern_testkit::{
@@ -34,6 +35,9 @@ const WSS_MIB: u64 = 512;
 const LINK_MBIT: u64 = 1000;
 const DOWNTIME_MS: u64 = 30;
 const QEMU_PORT: u16 = 4444;
+/// A QEMU migration still running after this long is cancelled and reported as not
+/// converging.
+const QEMU_GIVE_UP: Duration = Duration::from_secs(60);
 /// Write rates (MiB/s); `u64::MAX`: as fast as the guest can.
 const RATES: [u64; 4] = [0, 64, 256, u64::MAX];
 
@@ -41,7 +45,17 @@ const RATES: [u64; 4] = [0, 64, 256, u64::MAX];
 struct Figures {
     tool: String,
     write_mibps: Option<u64>,
+    /// False when the migration was given up after [`QEMU_GIVE_UP`]: it did not converge.
+    converged: bool,
+    /// What the guest felt, from its own heartbeats.
+    felt: Felt,
+    /// The tool's own figures.
     downtime_ms: f64,
+    /// The gap at the switch before the pause and after the resume, milliseconds.
+    before_pause_ms: f64,
+    after_resume_ms: f64,
+    /// tern's longest vCPU stall, from its summary (QEMU reports none).
+    longest_vcpu_stall_ms: Option<f64>,
     total_s: f64,
     bytes: u64,
     rounds: u64,
@@ -57,7 +71,9 @@ impl Figures {
     }
 
     fn checks_word(&self) -> &'static str {
-        if self.checks_clean {
+        if !self.converged {
+            "-"
+        } else if self.checks_clean {
             "clean"
         } else {
             "FAILED"
@@ -80,7 +96,7 @@ fn workload(write_mibps: u64) -> Workload {
         wss_mib: WSS_MIB,
         write_mibps,
         verify_ms: 4000,
-        heartbeat_ms: 100,
+        heartbeat_ms: guest::HEARTBEAT_MS,
         vcpus: VCPUS,
         prefill: true,
     }
@@ -242,21 +258,55 @@ fn tern_migration(
     let cfg = h1.guest_config("bench", w.mem_mib, w.vcpus, &w.cmdline())?;
     h1.run(&["create", tern_testkit::path_arg(&cfg)?])?;
     wait_filled_tern(&h1, w)?;
-    std::thread::sleep(Duration::from_secs(2));
+    let kept = tempfile::tempdir()?;
+    h1.keep_console("bench", kept.path())?;
+    std::thread::sleep(Duration::from_secs(2) + Duration::from_secs_f64(felt::BASELINE_S));
+    let start = tern_bench::unix_now();
     let out = h1.run(&["migrate", "bench", "10.77.0.2", "--live", "--json"])?;
+    let end = tern_bench::unix_now();
     let s: serde_json::Value = serde_json::from_str(out.trim()).context("tern's summary")?;
     let ns = |k: &str| s[k].as_u64().unwrap_or(0) as f64;
+    let rounds: Vec<String> = s["rounds"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .map(|r| {
+                    format!(
+                        "{}p/{:.2}s@{}%",
+                        r["pages"].as_u64().unwrap_or(0) + r["zero_pages"].as_u64().unwrap_or(0),
+                        r["seconds"].as_f64().unwrap_or(0.0),
+                        r["throttle_percent"].as_u64().unwrap_or(0)
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!("  tern rounds: {}", rounds.join(" "));
     let last_seq = h2
         .heartbeats("bench")?
         .pop()
         .map(|(_, h)| h.seq)
         .unwrap_or(0);
     let checks_clean = checks_clean_tern(&h2, last_seq)?;
+    let felt = felt::measure(
+        &felt::kept_beats(kept.path())?,
+        &h2.heartbeats("bench")?,
+        start,
+        end,
+    )
+    .context("the guest's heartbeats")?;
     h2.run(&["destroy", "bench"])?;
+    let (before_pause_ms, after_resume_ms) =
+        felt.around(ns("paused_unix_ns") / 1e9, ns("resumed_unix_ns") / 1e9);
     let figures = Figures {
+        before_pause_ms,
+        after_resume_ms,
         tool: "tern".into(),
         write_mibps: (w.write_mibps != u64::MAX).then_some(w.write_mibps),
+        converged: true,
+        felt,
         downtime_ms: (ns("resumed_unix_ns") - ns("paused_unix_ns")) / 1e6,
+        longest_vcpu_stall_ms: s["longest_vcpu_stall_ms"].as_f64(),
         total_s: s["total_seconds"].as_f64().unwrap_or(0.0),
         bytes: s["bytes_sent"].as_u64().unwrap_or(0),
         rounds: s["rounds"].as_array().map_or(0, |r| r.len() as u64),
@@ -376,7 +426,7 @@ fn qemu_once(lab: &NetLab, q: &Qemu, w: &Workload) -> anyhow::Result<Figures> {
     let mut src = q.spawn_in(w, &src_dir, &[], Some(lab.ns(Member::Host1)))?;
     guest::first_beat(&src).with_context(|| src.stderr_tail())?;
     guest::wait_filled(&src, w)?;
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(2) + Duration::from_secs_f64(felt::BASELINE_S));
     let uri = format!("tcp:{}:{QEMU_PORT}", Member::Host2.ip());
     let mut dst = q.spawn_in(
         w,
@@ -384,7 +434,21 @@ fn qemu_once(lab: &NetLab, q: &Qemu, w: &Workload) -> anyhow::Result<Figures> {
         &["-incoming".into(), uri.clone()],
         Some(lab.ns(Member::Host2)),
     )?;
-    let (status, seconds, stopped) = src.migrate_live(&uri, DOWNTIME_MS)?;
+    let tool = format!("QEMU {}.{}.{}", q.version.0, q.version.1, q.version.2);
+    let write_mibps = (w.write_mibps != u64::MAX).then_some(w.write_mibps);
+    let start = tern_bench::unix_now();
+    let Some((status, seconds, stopped)) = src.migrate_live(&uri, DOWNTIME_MS, QEMU_GIVE_UP)?
+    else {
+        let _ = src.quit();
+        let _ = dst.quit();
+        return Ok(Figures {
+            tool,
+            write_mibps,
+            total_s: QEMU_GIVE_UP.as_secs_f64(),
+            ..Figures::default()
+        });
+    };
+    let end = tern_bench::unix_now();
     let resumed = dst.wait_resumed()?;
     let before = guest::last_beat(&dst).map(|b| b.passes).unwrap_or(0);
     let after = guest::wait_for(
@@ -393,12 +457,25 @@ fn qemu_once(lab: &NetLab, q: &Qemu, w: &Workload) -> anyhow::Result<Figures> {
         "a full memory check under QEMU on the destination",
         || Ok(guest::last_beat(&dst).ok().filter(|b| b.passes > before)),
     )?;
+    let felt = felt::measure(
+        &guest::beats(&src.lines()?),
+        &guest::beats(&dst.lines()?),
+        start,
+        end,
+    )
+    .context("the guest's heartbeats under QEMU")?;
     let _ = src.quit();
     let _ = dst.quit();
+    let (before_pause_ms, after_resume_ms) = felt.around(stopped, resumed);
     Ok(Figures {
-        tool: format!("QEMU {}.{}.{}", q.version.0, q.version.1, q.version.2),
-        write_mibps: (w.write_mibps != u64::MAX).then_some(w.write_mibps),
+        before_pause_ms,
+        after_resume_ms,
+        tool,
+        write_mibps,
+        converged: true,
+        felt,
         downtime_ms: (resumed - stopped) * 1e3,
+        longest_vcpu_stall_ms: None,
         total_s: seconds,
         bytes: status["ram"]["transferred"].as_u64().unwrap_or(0),
         rounds: status["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
@@ -408,11 +485,27 @@ fn qemu_once(lab: &NetLab, q: &Qemu, w: &Workload) -> anyhow::Result<Figures> {
 }
 
 fn print_row(f: &Figures, link_bps: f64) {
+    if !f.converged {
+        println!(
+            "{:<12} {:>10}: did not converge in {:.0} s",
+            f.tool,
+            f.rate_label(),
+            f.total_s
+        );
+        return;
+    }
     println!(
-        "{:<12} {:>10}: downtime {:>7.1} ms, total {:>6.2} s, {:>5} MiB sent ({:.2}x the link time), {} rounds, throttle {}%, checks {}",
+        "{:<12} {:>10}: guest: longest gap {:>6.1} ms (at {:.2} s), at the switch {:>6.1} ms ({:.1} before the pause, {:.1} after the resume), speed kept {:>5.1}%; tool: downtime {:>6.1} ms, longest vCPU stall {}, total {:>6.2} s, {:>5} MiB sent ({:.2}x the link time), {} rounds, throttle {}%, checks {}",
         f.tool,
         f.rate_label(),
+        f.felt.longest_gap_ms,
+        f.felt.longest_gap_at_s,
+        f.felt.switch_gap_ms,
+        f.before_pause_ms,
+        f.after_resume_ms,
+        f.felt.speed_kept * 100.0,
         f.downtime_ms,
+        stall_word(f),
         f.total_s,
         f.bytes >> 20,
         f.over_link(link_bps),
@@ -422,33 +515,66 @@ fn print_row(f: &Figures, link_bps: f64) {
     );
 }
 
+fn stall_word(f: &Figures) -> String {
+    f.longest_vcpu_stall_ms
+        .map_or("-".to_string(), |ms| format!("{ms:.1} ms"))
+}
+
 fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&Qemu>) -> String {
     let mut md = format!(
-        "# Migration benchmark (issue 5)\n\n\
+        "# Migration benchmark (issues 5 and 11)\n\n\
          Measured by `cargo bench -p tern-bench --bench migration` (also run by `scripts/bench`).\n\n\
          {}\n\n\
          A {MEM_MIB} MiB, {VCPUS}-vCPU test guest with {WSS_MIB} MiB of its memory in use (written\n\
          once at start), writing at the given rate over those {WSS_MIB} MiB, is live-migrated from\n\
          host1 to host2 of the test lab. The hosts' uplinks are shaped to {LINK_MBIT} Mbit/s with a\n\
          token bucket (measured: {:.0} Mbit/s for one TCP stream). Both tools: {DOWNTIME_MS} ms\n\
-         downtime limit, no bandwidth cap, auto-converge. Downtime runs from the pause on the\n\
-         source to the resume on the destination, as both processes stamp them with the host\n\
-         clock. *Link time* is bytes sent divided by the measured link rate. After each move the\n\
-         guest completes a full verification pass of its memory and registers on the destination.\n\
-         tern migrates over TLS 1.3 (its default); QEMU in clear (a `tcp:` URI, its default).\n\n\
+         downtime limit, no bandwidth cap, auto-converge. tern migrates over TLS 1.3 (its\n\
+         default); QEMU in clear (a `tcp:` URI, its default). A QEMU migration still running\n\
+         after {} s is cancelled and shown as not converging.\n\n\
+         **What the guest felt** comes first, measured the same way for both tools from the\n\
+         guest's own heartbeats (one every {} ms of guest time, each stamped with the host clock\n\
+         as it reaches the console): the *longest gap* between two heartbeats from the start of\n\
+         the migration until {:.0} s after it ended; the *gap at the switch* from the last\n\
+         heartbeat on the source to the first on the destination; the *speed kept*, the guest's\n\
+         work rate (pages written and verified per second) during the migration over its rate\n\
+         in the {:.0} s before.\n\n\
+         Then the tools' own figures: *downtime* from the pause on the source to the resume on the\n\
+         destination, as both processes stamp them with the host clock (tern's summary; QEMU's\n\
+         STOP and RESUME events); tern's *longest vCPU stall* (its summary: the longest a vCPU\n\
+         was kept out of the guest by a throttle slice or by the pause); *link time* is bytes\n\
+         sent divided by the measured link rate. After each move the guest completes a full\n\
+         verification pass of its memory and registers on the destination.\n\n\
          QEMU: {}\n\n\
-         | write rate | tool | downtime | total time | sent | total / link time | rounds | throttle | guest checks |\n\
-         |---:|---|---:|---:|---:|---:|---:|---:|---|\n",
+         | write rate | tool | longest guest gap | gap at switch | speed kept | downtime | longest vCPU stall | total time | sent | total / link time | rounds | throttle | guest checks |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
         info.markdown(),
         link_bps * 8.0 / 1e6,
+        QEMU_GIVE_UP.as_secs(),
+        guest::HEARTBEAT_MS,
+        felt::AFTERMATH_S,
+        felt::BASELINE_S,
         qemu.map_or("not measured".to_string(), |q| q.version_line.clone())
     );
     for f in results {
+        if !f.converged {
+            md += &format!(
+                "| {} | {} | did not converge in {:.0} s | | | | | | | | | | |\n",
+                f.rate_label(),
+                f.tool,
+                f.total_s
+            );
+            continue;
+        }
         md += &format!(
-            "| {} | {} | {:.1} ms | {:.2} s | {} MiB | {:.2} | {} | {}% | {} |\n",
+            "| {} | {} | {:.1} ms | {:.1} ms | {:.1}% | {:.1} ms | {} | {:.2} s | {} MiB | {:.2} | {} | {}% | {} |\n",
             f.rate_label(),
             f.tool,
+            f.felt.longest_gap_ms,
+            f.felt.switch_gap_ms,
+            f.felt.speed_kept * 100.0,
             f.downtime_ms,
+            stall_word(f),
             f.total_s,
             f.bytes >> 20,
             f.over_link(link_bps),
@@ -459,36 +585,71 @@ fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&
     }
     md += "\n## Targets\n\n";
     for f in results.iter().filter(|f| f.tool == "tern") {
-        let limit = match f.write_mibps {
-            Some(0) => Some(5.0),
-            Some(256) => Some(20.0),
-            _ => None,
-        };
-        if let Some(limit) = limit {
+        md += &targets(f, results, link_bps);
+    }
+    md
+}
+
+/// The targets of issues 5 and 11 for one tern row, one line each.
+fn targets(f: &Figures, results: &[Figures], link_bps: f64) -> String {
+    let rate = f.rate_label();
+    let mut md = String::new();
+    let gap = f.felt.longest_gap_ms;
+    match f.write_mibps {
+        Some(0) | Some(64) => {
             md += &format!(
-                "- downtime at {}: {:.1} ms, target under {limit} ms: {}\n",
-                f.rate_label(),
-                f.downtime_ms,
-                verdict(f.downtime_ms < limit)
+                "- longest guest gap at {rate}: {gap:.1} ms, target at most 30 ms: {}\n",
+                verdict(gap <= 30.0)
+            );
+            md += &format!(
+                "- guest speed kept at {rate}: {:.1}%, target at least 95%: {}\n",
+                f.felt.speed_kept * 100.0,
+                verdict(f.felt.speed_kept >= 0.95)
             );
         }
-        md += &format!(
-            "- total time at {}: {:.2}x the link time, target at most 1.3x: {}\n",
-            f.rate_label(),
-            f.over_link(link_bps),
-            verdict(f.over_link(link_bps) <= 1.3)
-        );
-        if let Some(q) = results
-            .iter()
-            .find(|q| q.tool != "tern" && q.write_mibps == f.write_mibps)
-        {
+        _ => {
             md += &format!(
-                "- downtime at {} below QEMU's ({:.1} vs {:.1} ms): {}\n",
-                f.rate_label(),
-                f.downtime_ms,
-                q.downtime_ms,
-                verdict(f.downtime_ms < q.downtime_ms)
+                "- longest guest gap at {rate} (pre-copy): {gap:.1} ms, target at most 100 ms: {}\n",
+                verdict(gap <= 100.0)
             );
+        }
+    }
+    if f.write_mibps == Some(64) {
+        md += &format!(
+            "- no throttle at {rate}: {}%: {}\n",
+            f.throttle_percent,
+            verdict(f.throttle_percent == 0)
+        );
+    }
+    let downtime_limit = match f.write_mibps {
+        Some(0) => Some(5.0),
+        Some(256) => Some(20.0),
+        _ => None,
+    };
+    if let Some(limit) = downtime_limit {
+        md += &format!(
+            "- downtime at {rate}: {:.1} ms, target under {limit} ms: {}\n",
+            f.downtime_ms,
+            verdict(f.downtime_ms < limit)
+        );
+    }
+    md += &format!(
+        "- total time at {rate}: {:.2}x the link time, target at most 1.3x: {}\n",
+        f.over_link(link_bps),
+        verdict(f.over_link(link_bps) <= 1.3)
+    );
+    if let Some(q) = results
+        .iter()
+        .find(|q| q.tool != "tern" && q.write_mibps == f.write_mibps)
+    {
+        if q.converged {
+            md += &format!(
+                "- longest guest gap at {rate} below QEMU's ({gap:.1} vs {:.1} ms): {}\n",
+                q.felt.longest_gap_ms,
+                verdict(gap < q.felt.longest_gap_ms)
+            );
+        } else {
+            md += &format!("- at {rate} QEMU did not converge; tern did\n");
         }
     }
     md

@@ -20,7 +20,7 @@ pub const HEARTBEAT_MS: u64 = 10;
 /// Rate of the memory writer. The test guest moves only about 350 MiB/s per vCPU here
 /// (writing or verifying), and it prints a heartbeat only between batches of work: printing,
 /// writing and verifying together must leave it idle part of the time, or a heartbeat can lag
-/// by a batch (~15 ms) and that lag would be measured as restore time.
+/// by a batch (a few ms) and that lag would be measured as restore time.
 pub const WRITE_MIBPS: u64 = 48;
 /// Rate of the verifier: one full pass over the working set takes `wss / VERIFY_MIBPS`.
 pub const VERIFY_MIBPS: u64 = 128;

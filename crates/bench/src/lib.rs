@@ -6,6 +6,7 @@
 //! The modules are the instruments; `save_restore` composes them. Everything that talks to a
 //! process returns `anyhow` errors with the context a reader of a failed run needs.
 
+pub mod felt;
 pub mod guest;
 pub mod machine_info;
 pub mod memory;

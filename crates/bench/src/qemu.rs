@@ -349,13 +349,16 @@ impl QemuGuest {
 
     /// Live-migrates the running guest to `uri` as the benchmark asks of both tools: a
     /// downtime limit of `downtime_ms`, no bandwidth cap, auto-converge on. Waits until QEMU
-    /// reports it completed; the figures of `query-migrate` and the host time of the STOP
-    /// event (the guest paused here).
+    /// reports it completed: the figures of `query-migrate`, the seconds it took and the host
+    /// time of the STOP event (the guest paused here). A migration still running after
+    /// `give_up` is cancelled (the guest runs on here) and None is returned: it did not
+    /// converge.
     pub fn migrate_live(
         &mut self,
         uri: &str,
         downtime_ms: u64,
-    ) -> anyhow::Result<(serde_json::Value, f64, f64)> {
+        give_up: Duration,
+    ) -> anyhow::Result<Option<(serde_json::Value, f64, f64)>> {
         let qmp = self.qmp()?;
         qmp.execute(
             "migrate-set-capabilities",
@@ -370,13 +373,25 @@ impl QemuGuest {
         )?;
         let t = Instant::now();
         qmp.execute("migrate", Some(json!({ "uri": uri })))?;
-        let status = self.wait_migrated(Duration::from_millis(5))?;
+        let status = loop {
+            let s = self.qmp()?.execute("query-migrate", None)?;
+            match s["status"].as_str() {
+                Some("completed") => break s,
+                Some("failed") | Some("cancelled") => bail!("QEMU's migration failed: {s}"),
+                _ => {}
+            }
+            if t.elapsed() > give_up {
+                self.qmp()?.execute("migrate_cancel", None)?;
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         let seconds = t.elapsed().as_secs_f64();
         let stopped = self
             .qmp()?
             .event_time("STOP")
             .context("QEMU sent no STOP event")?;
-        Ok((status, seconds, stopped))
+        Ok(Some((status, seconds, stopped)))
     }
 
     /// Polls `query-migrate` every `every` until the migration completed; its last answer.

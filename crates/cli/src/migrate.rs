@@ -80,6 +80,10 @@ pub fn describe(s: &MigrationSummary) -> String {
         "  downtime     {:.1} ms (last pages {:.1}, state {:.1}, load {:.1}, handover {:.1})\n",
         s.downtime_ms, p.last_pages_ms, p.state_ms, p.load_ms, p.handover_ms
     );
+    out += &format!(
+        "  vCPU stall   {:.1} ms at most (the longest a vCPU was kept out of the guest)\n",
+        s.longest_vcpu_stall_ms
+    );
     out += &format!("  rounds       {}", s.rounds.len());
     let per_round: Vec<String> = s
         .rounds
@@ -144,6 +148,7 @@ mod tests {
                 },
             ],
             max_throttle_percent: 40,
+            longest_vcpu_stall_ms: 4.5,
             stop_reason: "remaining pages fit the downtime budget".into(),
             ..Default::default()
         };
@@ -151,5 +156,6 @@ mod tests {
         assert!(text.contains("live migration"), "{text}");
         assert!(text.contains("pages 1000, 12 (paused)"), "{text}");
         assert!(text.contains("up to 40%"), "{text}");
+        assert!(text.contains("vCPU stall   4.5 ms"), "{text}");
     }
 }

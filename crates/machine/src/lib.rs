@@ -378,6 +378,18 @@ impl Machine {
         Ok(())
     }
 
+    /// The longest any vCPU was kept out of the guest by throttling since the last call.
+    pub fn take_longest_throttle_hold(&self) -> Duration {
+        self.handles()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| h.take_longest_hold())
+                    .max()
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
+    }
+
     /// Starts tracking which guest pages change: KVM's dirty log on every slot (for writes by
     /// the vCPUs) and the RAM's own bitmap (for writes by devices), both cleared.
     pub fn start_dirty_log(&self) -> Result<(), MachineError> {

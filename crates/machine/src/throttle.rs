@@ -1,9 +1,14 @@
 //! Auto-converge: slowing a guest's vCPUs down so that a live migration can catch up with the
 //! memory it dirties.
 //!
-//! A thread lets every vCPU run for a slice of [`RUN_SLICE`], then keeps it out of the guest
-//! for long enough that it runs `100 - percent` percent of the time. A guest at CPL3 rarely
-//! leaves `KVM_RUN` by itself, so the thread kicks each vCPU out to make it sleep.
+//! A thread keeps every vCPU out of the guest for `percent` percent of each [`CYCLE`] and lets
+//! it run the rest. The cycle is short so that the guest feels a slower CPU rather than a
+//! frozen one: no vCPU is kept out for more than [`CYCLE`] at a time, whatever the throttle
+//! (a 1-second cycle would freeze a 99% throttled guest for 990 ms at a stretch). A guest at
+//! CPL3 rarely leaves `KVM_RUN` by itself, so the thread kicks each vCPU out to make it wait.
+//!
+//! (KVM's dirty ring could limit each vCPU's dirty rate instead, as QEMU's dirty-limit does;
+//! tern keeps the dirty bitmap, which the rest of its migration is built on, and slices time.)
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -12,15 +17,14 @@ use std::time::{Duration, Instant};
 
 use crate::vcpu::ThrottleHandle;
 
-/// How long a throttled vCPU runs between two sleeps.
-pub const RUN_SLICE: Duration = Duration::from_millis(10);
+/// One throttle cycle: a vCPU is kept out for part of it and runs the rest.
+pub const CYCLE: Duration = Duration::from_millis(5);
 /// The strongest throttle: a vCPU runs 1% of the time.
 pub const MAX_PERCENT: u8 = 99;
 
-/// The sleep that follows each run slice at `percent` percent throttling.
-pub fn sleep_per_slice(percent: u8) -> Duration {
-    let p = u32::from(percent.min(MAX_PERCENT));
-    RUN_SLICE * p / (100 - p)
+/// How long each vCPU is kept out of the guest in every cycle at `percent` percent.
+pub fn hold_per_cycle(percent: u8) -> Duration {
+    CYCLE * u32::from(percent.min(MAX_PERCENT)) / 100
 }
 
 /// A running throttle thread; stopped and joined on drop.
@@ -63,22 +67,22 @@ impl Drop for Throttler {
 }
 
 fn run(vcpus: &[ThrottleHandle], percent: &AtomicU8, stop: &AtomicBool) {
+    let mut cycle_start = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        let pause = sleep_per_slice(percent.load(Ordering::Relaxed));
+        let hold = hold_per_cycle(percent.load(Ordering::Relaxed));
         for v in vcpus {
-            if v.throttle(pause).is_err() {
+            if v.throttle(hold).is_err() {
                 return;
             }
         }
-        // Sleep through the vCPUs' pause and their next run slice, checking for the stop in
-        // short steps so that ending a migration does not wait for a long pause.
-        let until = Instant::now() + pause + RUN_SLICE;
-        while !stop.load(Ordering::Relaxed) {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            std::thread::sleep(left.min(Duration::from_millis(5)));
+        // Cycles follow a fixed schedule, so the time the kicks take does not add up; after
+        // a delay (a loaded host) the schedule starts again from now rather than catching up.
+        cycle_start += CYCLE;
+        let now = Instant::now();
+        if cycle_start <= now {
+            cycle_start = now;
+        } else {
+            std::thread::sleep(cycle_start - now);
         }
     }
 }
@@ -88,11 +92,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sleep_grows_with_the_throttle() {
-        assert_eq!(sleep_per_slice(0), Duration::ZERO);
-        assert_eq!(sleep_per_slice(50), RUN_SLICE);
-        assert_eq!(sleep_per_slice(90), RUN_SLICE * 9);
-        assert_eq!(sleep_per_slice(99), RUN_SLICE * 99);
-        assert_eq!(sleep_per_slice(100), RUN_SLICE * 99);
+    fn no_vcpu_is_held_out_longer_than_a_cycle() {
+        assert_eq!(hold_per_cycle(0), Duration::ZERO);
+        assert_eq!(hold_per_cycle(50), CYCLE / 2);
+        assert_eq!(hold_per_cycle(80), CYCLE * 4 / 5);
+        assert_eq!(hold_per_cycle(99), CYCLE * 99 / 100);
+        assert_eq!(hold_per_cycle(100), CYCLE * 99 / 100);
+        assert!(CYCLE <= Duration::from_millis(5));
     }
 }

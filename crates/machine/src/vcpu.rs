@@ -9,7 +9,7 @@
 
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
@@ -415,6 +415,7 @@ impl Vcpu {
         let index = self.index;
         let (tx, rx) = mpsc::channel();
         let tid = Arc::new(AtomicI32::new(0));
+        let longest_hold_us = Arc::new(AtomicU64::new(0));
         let mut runner = VcpuRunner {
             vcpu: self,
             pio,
@@ -424,6 +425,8 @@ impl Vcpu {
             paused: start_paused,
             stopped: false,
             throttled_until: None,
+            held_since: None,
+            longest_hold_us: longest_hold_us.clone(),
             tid: tid.clone(),
             kvm_run: 0,
         };
@@ -451,6 +454,7 @@ impl Vcpu {
             kick,
             thread: Some(thread),
             tid,
+            longest_hold_us,
         })
     }
 }
@@ -620,6 +624,9 @@ pub struct VcpuHandle {
     kick: Arc<Kick>,
     thread: Option<JoinHandle<()>>,
     tid: Arc<AtomicI32>,
+    /// The longest the vCPU was kept out of the guest by throttling, microseconds, since
+    /// [`VcpuHandle::take_longest_hold`] last read it.
+    longest_hold_us: Arc<AtomicU64>,
 }
 
 impl VcpuHandle {
@@ -673,6 +680,12 @@ impl VcpuHandle {
             tx: self.tx.clone(),
             kick: self.kick.clone(),
         }
+    }
+
+    /// The longest the vCPU was kept out of the guest by throttling since the last call:
+    /// from taking the throttle command to entering the guest again.
+    pub fn take_longest_hold(&self) -> Duration {
+        Duration::from_micros(self.longest_hold_us.swap(0, Ordering::Relaxed))
     }
 
     /// Host CPU time consumed by this vCPU's thread, in nanoseconds.
@@ -735,6 +748,9 @@ struct VcpuRunner {
     /// While set and in the future, the vCPU is throttled: it waits for commands instead of
     /// running.
     throttled_until: Option<Instant>,
+    /// When the current throttle hold began (the vCPU is out of the guest since).
+    held_since: Option<Instant>,
+    longest_hold_us: Arc<AtomicU64>,
     tid: Arc<AtomicI32>,
     /// The vCPU's kvm_run page, read for the element size of string I/O.
     kvm_run: usize,
@@ -773,6 +789,7 @@ impl VcpuRunner {
                     Ok(c) => c,
                     Err(RecvTimeoutError::Timeout) => {
                         self.throttled_until = None;
+                        self.end_hold();
                         return true;
                     }
                     Err(RecvTimeoutError::Disconnected) => return false,
@@ -780,7 +797,10 @@ impl VcpuRunner {
             } else {
                 match self.rx.try_recv() {
                     Ok(c) => c,
-                    Err(TryRecvError::Empty) => return true,
+                    Err(TryRecvError::Empty) => {
+                        self.end_hold();
+                        return true;
+                    }
                     Err(TryRecvError::Disconnected) => return false,
                 }
             };
@@ -793,7 +813,14 @@ impl VcpuRunner {
                     let _ = ack.send(());
                 }
                 Command::Resume => self.paused = false,
-                Command::Throttle(pause) => self.throttled_until = Some(Instant::now() + pause),
+                // A vCPU that has not run since its last hold (its thread woke late on a busy
+                // host) is not held again: holds must not add up to a freeze.
+                Command::Throttle(pause) if self.held_since.is_none() => {
+                    let now = Instant::now();
+                    self.held_since = Some(now);
+                    self.throttled_until = Some(now + pause);
+                }
+                Command::Throttle(_) => {}
                 Command::Capture(reply) => {
                     let _ = reply.send(self.vcpu.capture());
                 }
@@ -802,6 +829,14 @@ impl VcpuRunner {
                 }
                 Command::Exit => return false,
             }
+        }
+    }
+
+    /// The vCPU is about to enter the guest: a throttle hold, if any, ends here.
+    fn end_hold(&mut self) {
+        if let Some(since) = self.held_since.take() {
+            let us = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.longest_hold_us.fetch_max(us, Ordering::Relaxed);
         }
     }
 

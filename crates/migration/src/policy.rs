@@ -3,9 +3,11 @@
 //! After each round the engine knows how long the round took, how many bytes it moved (so the
 //! rate the whole path sustains, the destination's work included) and how many pages the guest
 //! dirtied meanwhile. It stops and copies the rest with the guest paused as soon as those pages
-//! can be sent within the downtime budget. If the rounds shrink slowly (the guest dirties memory
-//! at half the rate it can be sent, or faster), the guest is slowed down step by step
-//! (auto-converge); if they stop shrinking even at the strongest throttle, the pre-copy ends.
+//! can be sent within the downtime budget. Rounds that shrink are left to shrink as long as
+//! they would reach the budget in bounded time (within the limits, and no longer than one more
+//! pass over memory); only a guest that would not converge so is slowed down (auto-converge,
+//! in fine slices: see tern-machine's `throttle`), to the step its measured dirty rate calls
+//! for. If the rounds stop shrinking even at the strongest throttle, the pre-copy ends.
 //! The number of rounds and the bytes sent are bounded whatever happens.
 
 use std::time::Duration;
@@ -47,17 +49,20 @@ pub const FIXED_DOWNTIME: Duration = Duration::from_millis(4);
 /// The throttle steps of auto-converge, percent of vCPU time taken away.
 pub const THROTTLE_STEPS: [u8; 7] = [20, 40, 60, 80, 90, 95, 99];
 
-/// The guest is slowed down a step when the next round would be at least this share of the
-/// last one: it dirties memory at half the rate it can be sent or more, so rounds shrink
-/// slowly (QEMU's auto-converge uses the same threshold).
-const THROTTLE_RATIO: f64 = 0.5;
+/// Rounds that shrink are left to shrink (no throttle) as long as they reach the downtime
+/// budget within the round and byte limits and within this long, or the time a whole pass
+/// over memory takes if that is longer.
+const MIN_TIME_BOUND: Duration = Duration::from_secs(5);
 /// What auto-converge aims for: each round at most this share of the one before.
 const TARGET_RATIO: f64 = 0.3;
 /// A round is "not shrinking" if the next one would be at least this share of it.
 const STALL_RATIO: f64 = 0.9;
 
 /// At most this many rounds are added to shorten a downtime that already fits the budget.
-const MAX_REFINEMENTS: u32 = 4;
+const MAX_REFINEMENTS: u32 = 8;
+/// Such a round is worth it if it should leave at most this share of the pages for the
+/// pause: the guest's clients feel the pause, not the budget.
+const REFINE_RATIO: f64 = 0.75;
 /// A stop-and-copy whose pages take less than this to send is not worth another round.
 const MIN_WORTH_SHORTENING: Duration = Duration::from_millis(1);
 
@@ -193,7 +198,7 @@ impl Convergence {
         // The first pass says little about the dirty rate: it is slowed by the destination
         // touching its memory for the first time, so its rounds look slower than the link.
         let ratio = dirty as f64 / (round.pages.max(1)) as f64;
-        if ratio >= THROTTLE_RATIO && self.rounds > 1 {
+        if self.rounds > 1 && !self.converges_unaided(ratio, dirty, total_bytes) {
             if let Some(throttle) = self.throttle_harder(ratio) {
                 return Decision::Continue { throttle };
             }
@@ -209,10 +214,47 @@ impl Convergence {
         }
     }
 
-    /// Whether one more round, though the rest already fits the budget, would likely at least
-    /// halve the downtime: the guest dirties pages slowly compared with the rate they are sent,
-    /// so the pages dirtied while these `dirty` ones are sent are far fewer. The budget is an
-    /// upper bound, not a target; a few more cheap rounds buy a shorter pause.
+    /// Whether rounds shrinking by `ratio` each (pages dirtied during a round over pages it
+    /// sent), starting from `dirty` pages, reach the downtime budget within the limits left
+    /// and within [`Convergence::time_bound`]. A guest whose rounds shrink that way is left
+    /// alone: slowing it would cost it speed for nothing.
+    fn converges_unaided(&self, ratio: f64, dirty: u64, total_bytes: u64) -> bool {
+        if ratio >= STALL_RATIO {
+            return false;
+        }
+        let rate = self.planning_rate();
+        let budget = self
+            .limits
+            .max_downtime
+            .saturating_sub(FIXED_DOWNTIME)
+            .as_secs_f64();
+        let budget_pages = (budget * rate / PAGE_SIZE as f64).max(1.0);
+        let rounds_needed = ((budget_pages / dirty.max(1) as f64).ln() / ratio.ln())
+            .ceil()
+            .max(1.0);
+        let rounds_left = f64::from(self.limits.max_rounds.saturating_sub(self.rounds));
+        // The rounds to come send dirty * (1 + ratio + ratio^2 + ...) pages.
+        let pages_to_come = dirty as f64 * (1.0 - ratio.powf(rounds_needed)) / (1.0 - ratio);
+        let bytes_to_come = pages_to_come * PAGE_SIZE as f64;
+        let byte_room =
+            (self.limits.max_bytes_factor * self.memory_bytes).saturating_sub(total_bytes) as f64;
+        rounds_needed <= rounds_left
+            && bytes_to_come <= byte_room
+            && bytes_to_come / rate <= self.time_bound().as_secs_f64()
+    }
+
+    /// How long the rest of a pre-copy may take before the guest is slowed down to make it
+    /// shorter: as long as sending its whole memory once more, and at least
+    /// [`MIN_TIME_BOUND`].
+    fn time_bound(&self) -> Duration {
+        let pass = self.memory_bytes as f64 / self.planning_rate();
+        Duration::from_secs_f64(pass).max(MIN_TIME_BOUND)
+    }
+
+    /// Whether one more round, though the rest already fits the budget, would likely shorten
+    /// the downtime by a quarter or more: the guest dirties pages slowly compared with the
+    /// rate they are sent, so the pages dirtied while these `dirty` ones are sent are fewer.
+    /// The budget is an upper bound, not a target; a few more cheap rounds buy a shorter pause.
     fn another_round_pays(&self, round: RoundMeasure, dirty: u64) -> bool {
         if self.refinements >= MAX_REFINEMENTS || round.seconds <= 0.0 {
             return false;
@@ -225,7 +267,7 @@ impl Convergence {
         }
         let dirty_per_second = dirty as f64 / round.seconds;
         let next = dirty_per_second * send.as_secs_f64();
-        next <= dirty as f64 / 2.0
+        next <= dirty as f64 * REFINE_RATIO
     }
 
     /// The next throttle step, if auto-converge may go further: the smallest step that should
@@ -267,12 +309,12 @@ mod tests {
     #[test]
     fn stops_when_the_rest_fits_the_budget() {
         let mut c = Convergence::new(Limits::default(), GIB);
-        // 10 MiB at 1 GiB/s while 6 MiB were dirtied: sending them takes about 6 ms (within
-        // 30 ms), and the guest would dirty about 3.6 MiB meanwhile, so another round would
-        // not halve the pause.
-        let d = c.after_round(round(10, 0.01), 6 * PAGES_PER_MIB, 10 << 20);
+        // 10 MiB at 1 GiB/s while 8 MiB were dirtied: sending them takes about 8 ms (within
+        // 30 ms), and the guest would dirty about 6.4 MiB meanwhile, so another round would
+        // not shorten the pause by a quarter.
+        let d = c.after_round(round(10, 0.01), 8 * PAGES_PER_MIB, 10 << 20);
         assert_eq!(d, Decision::Stop(StopReason::FitsBudget));
-        assert!(c.estimated_downtime(6 * PAGES_PER_MIB) < Duration::from_millis(12));
+        assert!(c.estimated_downtime(8 * PAGES_PER_MIB) < Duration::from_millis(13));
     }
 
     #[test]
@@ -307,13 +349,29 @@ mod tests {
     }
 
     #[test]
-    fn continues_while_rounds_shrink_fast_enough() {
+    fn rounds_that_shrink_are_left_to_shrink() {
         let mut c = Convergence::new(Limits::default(), GIB);
         let d = c.after_round(round(100, 1.0), 40 * PAGES_PER_MIB, 100 << 20);
         assert_eq!(d, Decision::Continue { throttle: 0 });
-        // 30 of 40 MiB dirtied again: to make rounds shrink to 30%, the guest must run at 40%.
+        // 30 of 40 MiB dirtied again: rounds shrink to 75% each, so about nine more rounds
+        // (111 MiB, about a second) reach the budget. No throttle.
         let d = c.after_round(round(40, 0.4), 30 * PAGES_PER_MIB, 140 << 20);
-        assert_eq!(d, Decision::Continue { throttle: 60 });
+        assert_eq!(d, Decision::Continue { throttle: 0 });
+    }
+
+    #[test]
+    fn rounds_that_shrink_too_slowly_are_throttled() {
+        let mut c = Convergence::new(Limits::default(), GIB);
+        let d = c.after_round(round(512, 5.0), 400 * PAGES_PER_MIB, 512 << 20);
+        assert_eq!(d, Decision::Continue { throttle: 0 });
+        // 340 of 400 MiB dirtied again: at 85% a round the budget is 30 rounds away, more
+        // than the limit leaves. To make rounds shrink to 30%, the guest must run at about
+        // 35%: the 80% step.
+        let d = c.after_round(round(400, 4.0), 340 * PAGES_PER_MIB, 912 << 20);
+        assert_eq!(d, Decision::Continue { throttle: 80 });
+        // Now they shrink fast: the throttle stays, no stronger.
+        let d = c.after_round(round(340, 3.4), 100 * PAGES_PER_MIB, 1252 << 20);
+        assert_eq!(d, Decision::Continue { throttle: 80 });
     }
 
     #[test]

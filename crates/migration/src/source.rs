@@ -54,6 +54,8 @@ pub trait SourceVm {
     fn take_dirty(&self) -> Result<Vec<Vec<u64>>, String>;
     /// Slows the vCPUs to run `100 - percent` percent of the time.
     fn set_throttle(&self, percent: u8) -> Result<(), String>;
+    /// The longest any vCPU was kept out of the guest by throttling since the last call.
+    fn take_longest_throttle_hold(&self) -> Duration;
     /// Captures VM, vCPU and device state; the machine is paused.
     fn capture(&self) -> Result<StateRecords, String>;
 }
@@ -326,6 +328,7 @@ impl Sender<'_> {
         // The log first, then the pages in use: a page first written in between is then in
         // both, never in neither.
         self.vm.start_dirty_log().map_err(vm_err)?;
+        self.vm.take_longest_throttle_hold();
         let first = self.populated()?;
         let memory_bytes = self.plan.offer.info.memory_bytes;
         let mut convergence = Convergence::new(self.plan.limits.clone(), memory_bytes);
@@ -638,6 +641,7 @@ impl Sender<'_> {
                 0.0
             },
             max_throttle_percent: self.max_throttle,
+            longest_vcpu_stall_ms: ms(downtime.max(self.vm.take_longest_throttle_hold())),
             resource_mbit: self.plan.limits.rate_limit.map(|r| r * 8 / 1_000_000),
             stop_reason: stop.stop_reason.describe().into(),
             paused_unix_ns: stop.paused_unix_ns,

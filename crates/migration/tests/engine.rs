@@ -201,6 +201,10 @@ impl SourceVm for FakeVm {
         Ok(())
     }
 
+    fn take_longest_throttle_hold(&self) -> Duration {
+        Duration::ZERO
+    }
+
     fn capture(&self) -> Result<StateRecords, String> {
         assert!(self.is_paused(), "state is captured from a paused machine");
         Ok(StateRecords {

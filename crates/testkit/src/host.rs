@@ -252,6 +252,20 @@ impl TernHost {
             .with_context(|| format!("bad pid in {}", pid_file.display()))
     }
 
+    /// Keeps the console log of `name` on this host readable in `into` after the guest
+    /// leaves (a migration removes its directory here): hard links to its files, which the
+    /// guest process goes on appending to until it ends. The log's format is tern-vmm's
+    /// `console_log`.
+    pub fn keep_console(&self, name: &str, into: &Path) -> anyhow::Result<()> {
+        let id = self.domain_id(name)?;
+        let dir = self.state_dir.join(format!("domains/{id}"));
+        for file in ["console.raw", "console.idx"] {
+            std::fs::hard_link(dir.join(file), into.join(file))
+                .with_context(|| format!("cannot keep {}", dir.join(file).display()))?;
+        }
+        Ok(())
+    }
+
     /// Everything the guest printed on this host (`tern console --dump`).
     pub fn console(&self, name: &str) -> anyhow::Result<String> {
         self.run(&["console", name, "--dump"])

@@ -270,6 +270,10 @@ impl SourceVm for MachineSource<'_> {
         self.vmm.machine().set_throttle(percent).map_err(msg)
     }
 
+    fn take_longest_throttle_hold(&self) -> Duration {
+        self.vmm.machine().take_longest_throttle_hold()
+    }
+
     fn capture(&self) -> Result<StateRecords, String> {
         let state = self.vmm.machine().save_state().map_err(msg)?;
         let records = state.encode().map_err(msg)?;
