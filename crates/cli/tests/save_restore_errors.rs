@@ -311,6 +311,7 @@ fn rewrite(src: &Path, dst: &Path, edit: impl Fn(RecordType, Vec<u8>) -> Vec<u8>
                 writer.pages(&runs, &slices, 64).expect("pages");
             }
             StreamItem::Zeros { runs } => writer.zeros(&runs).expect("zeros"),
+            StreamItem::Missing { runs } => writer.missing(&runs).expect("missing"),
         }
     }
     writer.finish().expect("finish");

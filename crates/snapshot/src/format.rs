@@ -69,6 +69,10 @@ impl RecordType {
     /// Guest pages that are all zero now (a migration round sends this for dirtied pages
     /// that became zero, instead of their data): a run count and the runs.
     pub const ZEROS: RecordType = RecordType(8);
+    /// Guest pages the receiver of a post-copy migration does not hold yet, or holds stale
+    /// content of (streams only): a run count and the runs, as in ZEROS. The receiver drops
+    /// what it holds of them and fetches them after the handover.
+    pub const MISSING: RecordType = RecordType(9);
     /// A free-form UTF-8 comment; optional, so readers may skip it.
     pub const NOTE: RecordType = RecordType(RECORD_OPTIONAL | 1);
     /// A position in a migration stream (body: an 8-byte sequence number) that the receiver
@@ -101,6 +105,7 @@ impl RecordType {
             RecordType::PAGES => "PAGES",
             RecordType::END => "END",
             RecordType::ZEROS => "ZEROS",
+            RecordType::MISSING => "MISSING",
             RecordType::NOTE => "NOTE",
             RecordType::MARK => "MARK",
             _ => return None,
@@ -374,7 +379,7 @@ pub(crate) fn device_prefix(id: &str) -> Result<[u8; 2], String> {
 pub(crate) fn check_body(ty: RecordType, body: &[u8], count: u64) -> Result<(), Fault> {
     match ty {
         RecordType::DEVICE => parse_device(body).map(|_| ()).map_err(Fault::Corrupt),
-        RecordType::ZEROS => crate::pages::parse_zeros(body).map(|_| ()),
+        RecordType::ZEROS | RecordType::MISSING => crate::pages::parse_zeros(body).map(|_| ()),
         RecordType::NOTE => std::str::from_utf8(body)
             .map(|_| ())
             .map_err(|_| Fault::Corrupt("the note is not UTF-8".into())),
@@ -485,7 +490,8 @@ mod tests {
         assert_eq!(RecordType::NOTE.to_string(), "NOTE");
         assert!(RecordType::NOTE.is_optional());
         assert_eq!(RecordType(0x8000_0009).to_string(), "type 0x80000009");
-        assert_eq!(RecordType(9).name(), "unknown");
+        assert_eq!(RecordType::MISSING.name(), "MISSING");
+        assert_eq!(RecordType(10).name(), "unknown");
     }
 
     #[test]

@@ -193,10 +193,11 @@ impl<S: ReadAt + ?Sized> Indexer<'_, S> {
         let more = match h.ty {
             RecordType::PAGES => self.pages_record(&h, &loc, body_offset).map(|()| true)?,
             // Files hold each page once; zeroing a page again only happens in a stream.
-            RecordType::ZEROS => {
-                return Err(Fault::Corrupt(
-                    "is a ZEROS record, which belongs in migration streams, not files".into(),
-                )
+            RecordType::ZEROS | RecordType::MISSING => {
+                return Err(Fault::Corrupt(format!(
+                    "is a {} record, which belongs in migration streams, not files",
+                    h.ty
+                ))
                 .at(&loc))
             }
             t if t.is_known() => self.plain_record(&h, &loc, body_offset)?,

@@ -31,6 +31,8 @@ pub enum StreamItem {
     Pages { runs: Vec<PageRun>, data: Vec<u8> },
     /// A ZEROS record: the pages of `runs` are all zero from here on.
     Zeros { runs: Vec<PageRun> },
+    /// A MISSING record (post-copy): the receiver does not hold the pages of `runs` yet.
+    Missing { runs: Vec<PageRun> },
 }
 
 /// Where the reader is in the stream.
@@ -111,7 +113,7 @@ impl<R: Read> StreamReader<R> {
         })
     }
 
-    /// Refuses PAGES and ZEROS records with a run outside `ranges` (pfn ranges; a run must lie
+    /// Refuses PAGES, ZEROS and MISSING records with a run outside `ranges` (pfn ranges; a run must lie
     /// within one of them) and PAGES records of more than `max_record_pages` pages, before
     /// their data is read. A migration destination passes its guest's RAM, so that a hostile
     /// peer can neither aim pages outside it nor make the reader buffer more than one
@@ -191,15 +193,19 @@ impl<R: Read> StreamReader<R> {
                     self.count += 1;
                     return Ok(None);
                 }
-                RecordType::ZEROS => {
+                RecordType::ZEROS | RecordType::MISSING => {
                     let body = self.plain_body(&h, &loc)?;
                     let runs = parse_zeros(&body).map_err(|f| f.at(&loc))?;
                     if let Some(limits) = &self.pages {
-                        // A ZEROS record allocates nothing per page: only where its runs are
+                        // These records allocate nothing per page: only where their runs are
                         // matters.
                         limits.check(&runs, 0).map_err(|f| f.at(&loc))?;
                     }
-                    Some(StreamItem::Zeros { runs })
+                    Some(if h.ty == RecordType::ZEROS {
+                        StreamItem::Zeros { runs }
+                    } else {
+                        StreamItem::Missing { runs }
+                    })
                 }
                 t if t.is_known() => Some(StreamItem::Record {
                     ty: t,
@@ -409,6 +415,26 @@ mod tests {
         assert_eq!(read_limited(&b).unwrap(), 1);
         let b = stream_with(&[run(0x100, 1)], &[run(0x100, 0x100), run(0x1000, 16)]);
         assert_eq!(read_limited(&b).unwrap(), 2);
+    }
+
+    #[test]
+    fn missing_records_carry_runs_within_the_limits() {
+        let mut w = SnapshotWriter::new(Vec::new(), false).unwrap();
+        w.missing(&[run(0x100, 2), run(0x1000, 16)]).unwrap();
+        let b = w.finish().unwrap();
+        let mut r = StreamReader::new(&b[..]).unwrap();
+        r.limit_pages(vec![0x100..0x200, 0x1000..0x1010], 64);
+        assert_eq!(
+            r.next().unwrap(),
+            Some(StreamItem::Missing {
+                runs: vec![run(0x100, 2), run(0x1000, 16)]
+            })
+        );
+        assert_eq!(r.next().unwrap(), None);
+        let mut w = SnapshotWriter::new(Vec::new(), false).unwrap();
+        w.missing(&[run(0x200, 1)]).unwrap();
+        let b = w.finish().unwrap();
+        assert!(read_limited(&b).is_err(), "a missing page outside memory");
     }
 
     #[test]

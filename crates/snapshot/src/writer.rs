@@ -174,18 +174,30 @@ impl<W: Write> SnapshotWriter<W> {
     /// Writes a ZEROS record: the pages of `runs` are all zero now. Runs must be increasing and
     /// non-overlapping. Nothing is written for an empty `runs`.
     pub fn zeros(&mut self, runs: &[PageRun]) -> io::Result<()> {
+        self.runs_record(RecordType::ZEROS, runs)
+    }
+
+    /// Writes a MISSING record (post-copy): the receiver does not hold the pages of `runs`
+    /// yet. Runs must be increasing and non-overlapping. Nothing is written for an empty
+    /// `runs`.
+    pub fn missing(&mut self, runs: &[PageRun]) -> io::Result<()> {
+        self.runs_record(RecordType::MISSING, runs)
+    }
+
+    /// A ZEROS or MISSING record of `runs`.
+    fn runs_record(&mut self, ty: RecordType, runs: &[PageRun]) -> io::Result<()> {
         if runs.is_empty() {
             return Ok(());
         }
-        check_runs(runs).map_err(|f| invalid(format!("the ZEROS record {f}")))?;
+        check_runs(runs).map_err(|f| invalid(format!("the {ty} record {f}")))?;
         let body = encode_zeros(runs);
-        if body.len() as u64 > RecordType::ZEROS.body_limit() {
+        if body.len() as u64 > ty.body_limit() {
             return Err(invalid(format!(
-                "{} zero runs do not fit in one ZEROS record",
+                "{} runs do not fit in one {ty} record",
                 runs.len()
             )));
         }
-        self.write_record(RecordType::ZEROS, &[&body])
+        self.write_record(ty, &[&body])
     }
 
     /// Writes END (the number of records before it), flushes, and returns the writer.

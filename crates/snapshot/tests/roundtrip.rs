@@ -55,7 +55,7 @@ fn check_index(index: &SnapshotIndex, src: &File, expected: &Expected, aligned: 
         .iter()
         .filter_map(|i| match i {
             StreamItem::Record { ty, .. } => Some(*ty),
-            StreamItem::Pages { .. } | StreamItem::Zeros { .. } => None,
+            StreamItem::Pages { .. } | StreamItem::Zeros { .. } | StreamItem::Missing { .. } => None,
         })
         .collect();
     assert_eq!(non_pages, want);
@@ -586,6 +586,25 @@ fn zeros_records_travel_in_streams() {
     // A file never holds them: a checkpoint stores each page once.
     let err = SnapshotIndex::open(&bytes).unwrap_err().to_string();
     assert!(err.contains("ZEROS"), "{err}");
+}
+
+#[test]
+fn missing_records_travel_in_streams_only() {
+    let mut w = SnapshotWriter::new(Vec::new(), false).unwrap();
+    w.missing(&[run(0x11, 1), run(0x40, 3)]).unwrap();
+    w.missing(&[]).unwrap();
+    let bytes = w.finish().unwrap();
+    let items = read_stream(&bytes).unwrap();
+    assert_eq!(
+        items,
+        vec![StreamItem::Missing {
+            runs: vec![run(0x11, 1), run(0x40, 3)]
+        }]
+    );
+    let err = SnapshotIndex::open(&bytes).unwrap_err().to_string();
+    assert!(err.contains("MISSING"), "{err}");
+    let mut w = SnapshotWriter::new(Vec::new(), false).unwrap();
+    assert!(w.missing(&[run(5, 1), run(5, 1)]).is_err());
 }
 
 #[test]
