@@ -36,6 +36,13 @@ pub enum MemoryError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("cannot drop guest pages {gpa:#x}+{len:#x}: {source}")]
+    Discard {
+        gpa: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read the dirty log of slot {slot}: {source}")]
     DirtyLog {
         slot: u32,
@@ -158,6 +165,48 @@ impl GuestRam {
             .find_region(GuestAddress(slot.guest_addr))
             .map(|r| r.bitmap().get_and_reset())
             .unwrap_or_default()
+    }
+
+    /// Drops the content of guest-physical `[gpa, gpa + len)` (page-aligned, inside one
+    /// slot) from the RAM file: the pages read as zero again, or, while registered with
+    /// userfaultfd, fault as missing. KVM's mappings of them go too (its MMU notifier).
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let slot = self
+            .slots
+            .iter()
+            .find(|s| gpa >= s.guest_addr && gpa.saturating_add(len) <= s.guest_addr + s.size)
+            .ok_or(MemoryError::Discard {
+                gpa,
+                len,
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            })?;
+        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(MemoryError::Discard {
+                gpa,
+                len,
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        let offset = slot.file_offset + (gpa - slot.guest_addr);
+        let file = self.backing_file();
+        // SAFETY: fallocate on a descriptor we own; it changes the file, not our memory
+        // layout (the mappings stay, their pages are gone).
+        let rc = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(MemoryError::Discard {
+                gpa,
+                len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     /// Fetches and clears the dirty bitmap of one slot (bit i = page i of the slot).
@@ -302,6 +351,24 @@ mod tests {
         assert_eq!(slots.len(), 2);
         assert_eq!(slots[1].guest_addr, crate::layout::MMIO_HOLE_END);
         assert_eq!(slots[1].file_offset, crate::layout::MMIO_HOLE_START);
+    }
+
+    #[test]
+    fn discarded_pages_read_as_zero_again() {
+        let ram = GuestRam::new_memfd(4).unwrap();
+        for gpa in [0x1000u64, 0x2000, 0x3000] {
+            ram.memory()
+                .write_obj(0xabcdu64, GuestAddress(gpa))
+                .unwrap();
+        }
+        ram.discard(0x2000, 0x1000).unwrap();
+        let read = |gpa| ram.memory().read_obj::<u64>(GuestAddress(gpa)).unwrap();
+        assert_eq!(
+            (read(0x1000), read(0x2000), read(0x3000)),
+            (0xabcd, 0, 0xabcd)
+        );
+        assert!(ram.discard(0x2001, 0x1000).is_err());
+        assert!(ram.discard(3 << 20, 2 << 20).is_err(), "past the end");
     }
 
     #[test]

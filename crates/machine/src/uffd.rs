@@ -189,6 +189,13 @@ impl Uffd {
     }
 }
 
+impl std::os::fd::AsRawFd for Uffd {
+    /// The descriptor, to poll for faults together with other descriptors.
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.uffd.as_raw_fd()
+    }
+}
+
 /// A userfaultfd from the system call, for kernel-mode faults too, with the API handshake the
 /// crate does not offer on a descriptor it did not open (the one hand-written ioctl here).
 fn from_syscall() -> io::Result<userfaultfd::Uffd> {
