@@ -1248,6 +1248,7 @@ mod tests {
             stream_format: tern_snapshot::FORMAT_VERSION,
             migration_id: "6f1c1d5e-0f43-4d38-9a55-3f1a0b1f7c11".into(),
             live: true,
+            postcopy: false,
             info: Info {
                 tern_version: "0.1.0".into(),
                 created_unix: 0,

@@ -150,12 +150,27 @@ impl Transport for Link {
         }
     }
 
+    fn wait_input(&self, timeout: Duration) -> io::Result<bool> {
+        match self {
+            Link::Tls(s) if s.has_buffered_plaintext() => Ok(true),
+            _ => self.tcp().wait_input(timeout),
+        }
+    }
+
     fn unacknowledged(&self) -> io::Result<usize> {
         let pending = match self {
             Link::Plain(_) => 0,
             Link::Tls(s) => s.pending_output(),
         };
         Ok(self.tcp().unacknowledged()? + pending)
+    }
+
+    fn unsent(&self) -> io::Result<usize> {
+        let pending = match self {
+            Link::Plain(_) => 0,
+            Link::Tls(s) => s.pending_output(),
+        };
+        Ok(self.tcp().unsent()? + pending)
     }
 
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {

@@ -101,13 +101,24 @@ pub fn guest_slice(regions: &[RamRegion], pfn: u64, pages: u64) -> Option<GuestS
     regions.iter().find_map(|r| r.slice(pfn, pages))
 }
 
+/// Adds page `pfn` to `runs` (pages come in increasing order).
+pub(crate) fn push_page(runs: &mut Vec<PageRun>, pfn: u64) {
+    match runs.last_mut() {
+        Some(r) if r.end_pfn() == pfn && r.pages < u32::MAX => r.pages += 1,
+        _ => runs.push(PageRun {
+            first_pfn: pfn,
+            pages: 1,
+        }),
+    }
+}
+
 /// The pfn ranges of `regions`.
 fn spans(regions: &[RamRegion]) -> Vec<Range<u64>> {
     regions.iter().map(|r| r.first_pfn..r.end_pfn()).collect()
 }
 
 /// A set of guest pages: one bitmap per region (bit i = page `first_pfn + i`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PageSet {
     /// The regions' pfn ranges.
     regions: Vec<Range<u64>>,
@@ -123,6 +134,14 @@ impl PageSet {
                 .iter()
                 .map(|r| vec![0; r.pages.div_ceil(64) as usize])
                 .collect(),
+        }
+    }
+
+    /// The empty set over the same regions as `self`.
+    pub fn cleared(&self) -> Self {
+        PageSet {
+            regions: self.regions.clone(),
+            bits: self.bits.iter().map(|b| vec![0; b.len()]).collect(),
         }
     }
 
@@ -165,6 +184,37 @@ impl PageSet {
         set
     }
 
+    /// Adds the pages `first_pfn..first_pfn + pages` (a word at a time); false, adding
+    /// nothing, unless they lie inside one region.
+    pub fn insert_run(&mut self, first_pfn: u64, pages: u64) -> bool {
+        let Some(end) = first_pfn.checked_add(pages) else {
+            return false;
+        };
+        let Some(i) = self
+            .regions
+            .iter()
+            .position(|r| first_pfn >= r.start && end <= r.end)
+        else {
+            return false;
+        };
+        let (start, bits) = (self.regions[i].start, &mut self.bits[i]);
+        let mut bit = first_pfn - start;
+        let end_bit = end - start;
+        while bit < end_bit {
+            let w = (bit / 64) as usize;
+            let from = bit % 64;
+            let to = (end_bit - w as u64 * 64).min(64);
+            let mask = if to - from == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (to - from)) - 1) << from
+            };
+            bits[w] |= mask;
+            bit = w as u64 * 64 + to;
+        }
+        true
+    }
+
     /// Every page of every region.
     pub fn all(regions: &[RamRegion]) -> Self {
         PageSet::from_ranges(regions, &spans(regions))
@@ -192,6 +242,84 @@ impl PageSet {
             .flatten()
             .map(|w| u64::from(w.count_ones()))
             .sum()
+    }
+
+    /// Where page `pfn` is: its region and its bit there, if it lies in one.
+    fn locate(&self, pfn: u64) -> Option<(usize, usize, u64)> {
+        let (i, r) = self
+            .regions
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.contains(&pfn))?;
+        let bit = pfn - r.start;
+        Some((i, (bit / 64) as usize, 1u64 << (bit % 64)))
+    }
+
+    /// Whether page `pfn` is in the set.
+    pub fn contains(&self, pfn: u64) -> bool {
+        self.locate(pfn)
+            .is_some_and(|(r, w, m)| self.bits[r][w] & m != 0)
+    }
+
+    /// Adds page `pfn`; false if it lies outside every region.
+    pub fn insert(&mut self, pfn: u64) -> bool {
+        match self.locate(pfn) {
+            Some((r, w, m)) => {
+                self.bits[r][w] |= m;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes page `pfn`; whether it was in the set.
+    pub fn remove(&mut self, pfn: u64) -> bool {
+        match self.locate(pfn) {
+            Some((r, w, m)) if self.bits[r][w] & m != 0 => {
+                self.bits[r][w] &= !m;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether no page is in the set.
+    pub fn is_empty(&self) -> bool {
+        self.bits.iter().flatten().all(|&w| w == 0)
+    }
+
+    /// Whether the run `pfn..pfn + pages` lies inside one region.
+    pub fn spans(&self, pfn: u64, pages: u64) -> bool {
+        pfn.checked_add(pages)
+            .is_some_and(|end| self.regions.iter().any(|r| pfn >= r.start && end <= r.end))
+    }
+
+    /// The first page of the set at or after `pfn`, wrapping around to the start once.
+    pub fn next_from(&self, pfn: u64) -> Option<u64> {
+        self.first_at_or_after(pfn)
+            .or_else(|| self.first_at_or_after(0))
+    }
+
+    fn first_at_or_after(&self, pfn: u64) -> Option<u64> {
+        for (r, bits) in self.regions.iter().zip(&self.bits) {
+            if r.end <= pfn {
+                continue;
+            }
+            let from = pfn.saturating_sub(r.start);
+            let mut w = (from / 64) as usize;
+            let mut word = bits.get(w)? & (u64::MAX << (from % 64));
+            loop {
+                if word != 0 {
+                    return Some(r.start + w as u64 * 64 + u64::from(word.trailing_zeros()));
+                }
+                w += 1;
+                match bits.get(w) {
+                    Some(&next) => word = next,
+                    None => break,
+                }
+            }
+        }
+        None
     }
 
     /// Adds every page of `other` (over the same regions).
@@ -292,6 +420,32 @@ mod tests {
         );
         assert_eq!(set.count(), 10);
         assert_eq!(PageSet::all(&regions()).count(), 170);
+    }
+
+    #[test]
+    fn pages_are_added_found_and_removed() {
+        let r = regions();
+        let mut set = PageSet::empty(&r);
+        assert!(set.is_empty());
+        assert_eq!(set.next_from(0), None);
+        assert!(set.insert(1005));
+        assert!(set.insert(64));
+        assert!(!set.insert(100), "outside every region");
+        assert!(set.contains(1005) && set.contains(64) && !set.contains(65));
+        assert_eq!(set.next_from(0), Some(64));
+        assert_eq!(set.next_from(65), Some(1005));
+        assert_eq!(set.next_from(1006), Some(64), "wraps around");
+        assert!(set.remove(64));
+        assert!(!set.remove(64));
+        assert_eq!(set.next_from(0), Some(1005));
+        assert_eq!(set.count(), 1);
+        assert!(set.spans(1000, 70) && !set.spans(1000, 71) && !set.spans(u64::MAX, 2));
+        let mut runs = PageSet::empty(&r);
+        assert!(runs.insert_run(3, 90));
+        assert!(runs.insert_run(1000, 70));
+        assert!(!runs.insert_run(99, 2), "across a region's end");
+        assert!(!runs.insert_run(u64::MAX, 2));
+        assert_eq!(runs, PageSet::from_ranges(&r, &[3..93, 1000..1070]));
     }
 
     #[test]

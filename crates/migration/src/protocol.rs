@@ -22,12 +22,34 @@
 //! destination. If `Running` does not arrive the source cannot know whether `Go` did, so it
 //! keeps the guest paused and asks the destination with `Query` until it gets a definite
 //! `Outcome`.
+//!
+//! Version 2 adds post-copy (see [`crate::postcopy`]): the state goes with MISSING records
+//! naming the pages the destination still lacks, and after `Running` the destination asks for
+//! pages (`Want`) while the source pushes the rest, until it reports `Arrived`. A source
+//! that lost the connection then comes back with `Resume`; the destination first says what it
+//! still lacks (`Lacking`). A source offers version 2 only for a post-copy migration, so a
+//! destination of the previous release takes its other migrations and refuses post-copy ones
+//! at admission, naming the versions.
 
 use serde::{Deserialize, Serialize};
 use tern_snapshot::Info;
 
-/// Version of this protocol (the messages and their order). Both sides must speak the same.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Newest version of this protocol (the messages and their order): 2 adds post-copy.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Oldest version a destination accepts: what sources offer for migrations without
+/// post-copy (and what the previous release speaks).
+pub const OLDEST_PROTOCOL_VERSION: u32 = 1;
+/// The first version with post-copy.
+pub const POSTCOPY_PROTOCOL_VERSION: u32 = 2;
+
+/// The version a source offers: the oldest that has what the migration needs.
+pub fn protocol_for(postcopy: bool) -> u32 {
+    if postcopy {
+        POSTCOPY_PROTOCOL_VERSION
+    } else {
+        OLDEST_PROTOCOL_VERSION
+    }
+}
 
 /// One CPUID entry of a vCPU (KVM's `kvm_cpuid_entry2` without padding).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +73,10 @@ pub struct Offer {
     /// Names this attempt in queries and logs.
     pub migration_id: String,
     pub live: bool,
+    /// Post-copy: the guest may run on the destination before all its pages have arrived
+    /// (protocol version 2).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postcopy: bool,
     /// What the stream's INFO record will say (name, UUID, memory, vCPUs, CPU features).
     pub info: Info,
     /// The guest's configuration (tern-config's `DomainConfig` as JSON).
@@ -73,6 +99,33 @@ pub enum ToDestination {
     Query {
         migration_id: String,
     },
+    /// Post-copy migration `migration_id` goes on over this connection (the source lost the
+    /// last one): the destination's guest process takes it over and says what it lacks.
+    Resume {
+        migration_id: String,
+    },
+}
+
+/// A run of guest pages in a post-copy message: `pages` pages from `first_pfn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    pub first_pfn: u64,
+    pub pages: u32,
+}
+
+/// What the destination reports once every page has arrived (times measured there).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArrivedReport {
+    /// Faults that waited for a page from the source.
+    pub faults: u64,
+    /// Pages installed because a fault asked for them.
+    pub fetched: u64,
+    /// Pages installed as the source pushed them, before anything asked.
+    pub pushed: u64,
+    /// From the guest running there until the last page was in, microseconds.
+    pub complete_after_us: u64,
+    /// The longest any fault waited for its page, microseconds.
+    pub longest_wait_us: u64,
 }
 
 /// What a destination knows about a migration it was asked about.
@@ -85,6 +138,10 @@ pub enum Outcome {
     Aborted,
     /// The destination's guest process has not decided yet: ask again.
     Pending,
+    /// The destination ran the guest in post-copy and its guest process ended before every
+    /// page had arrived: the guest's current state is gone; the source holds its last whole
+    /// copy (from the handover).
+    Lost,
 }
 
 /// Messages from the destination to the source.
@@ -109,8 +166,17 @@ pub enum ToSource {
         reply_us: u64,
         resumed_unix_ns: u64,
     },
-    /// Answer to a [`ToDestination::Query`].
+    /// Answer to a [`ToDestination::Query`] (and to a `Resume` that cannot go on).
     Outcome { outcome: Outcome },
+    /// Post-copy: send these pages first (a fault waits for them). At most
+    /// [`crate::postcopy::MAX_MESSAGE_RUNS`] runs of at most
+    /// [`crate::postcopy::MAX_WANT_PAGES`] pages in all.
+    Want { runs: Vec<Run> },
+    /// Post-copy, on a resumed connection: pages the destination still lacks, in messages of
+    /// at most [`crate::postcopy::MAX_MESSAGE_RUNS`] runs; `last` on the final one.
+    Lacking { runs: Vec<Run>, last: bool },
+    /// Post-copy: every page is in; the source may let its copy go.
+    Arrived(ArrivedReport),
 }
 
 #[cfg(test)]
@@ -128,5 +194,30 @@ mod tests {
         assert_eq!(text, r#"{"type":"outcome","outcome":"committed"}"#);
         assert_eq!(serde_json::from_str::<ToSource>(&text).unwrap(), o);
         assert!(serde_json::from_str::<ToSource>(r#"{"type":"launch"}"#).is_err());
+    }
+
+    #[test]
+    fn post_copy_messages_are_tagged_json() {
+        let want = ToSource::Want {
+            runs: vec![Run {
+                first_pfn: 7,
+                pages: 2,
+            }],
+        };
+        let text = serde_json::to_string(&want).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"want","runs":[{"first_pfn":7,"pages":2}]}"#
+        );
+        assert_eq!(serde_json::from_str::<ToSource>(&text).unwrap(), want);
+        let resume = ToDestination::Resume {
+            migration_id: "m".into(),
+        };
+        let text = serde_json::to_string(&resume).unwrap();
+        assert_eq!(text, r#"{"type":"resume","migration_id":"m"}"#);
+        let lost = serde_json::to_string(&Outcome::Lost).unwrap();
+        assert_eq!(lost, r#""lost""#);
+        assert_eq!(protocol_for(false), 1);
+        assert_eq!(protocol_for(true), 2);
     }
 }

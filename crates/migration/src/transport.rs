@@ -7,7 +7,7 @@
 
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -20,8 +20,27 @@ use crate::error::{is_timeout, MigrationError};
 pub trait Transport: Read + Write + Send {
     /// Whether data (or the end of the connection) is waiting to be read; never blocks.
     fn has_input(&self) -> io::Result<bool>;
+    /// Waits up to `timeout` for data (or the end of the connection) to read.
+    fn wait_input(&self, timeout: Duration) -> io::Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.has_input()? {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(1)));
+        }
+    }
     /// Bytes written but not yet acknowledged by the peer's host.
     fn unacknowledged(&self) -> io::Result<usize>;
+    /// Bytes written but not yet sent out (queued on this host): what a message written now
+    /// waits behind before it leaves.
+    fn unsent(&self) -> io::Result<usize> {
+        self.unacknowledged()
+    }
     /// Fails reads that wait longer than `timeout` (None: wait for ever).
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
     /// Fails writes that wait longer than `timeout`.
@@ -34,23 +53,28 @@ pub trait Transport: Read + Write + Send {
 
 impl Transport for TcpStream {
     fn has_input(&self) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polling one descriptor we own, without waiting.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
+        poll_readable(&[self.as_raw_fd()], Duration::ZERO).map(|r| r[0])
+    }
+
+    fn wait_input(&self, timeout: Duration) -> io::Result<bool> {
+        poll_readable(&[self.as_raw_fd()], timeout).map(|r| r[0])
     }
 
     fn unacknowledged(&self) -> io::Result<usize> {
         let mut queued: libc::c_int = 0;
         // SAFETY: SIOCOUTQ writes one int.
         if unsafe { libc::ioctl(self.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(queued.max(0) as usize)
+    }
+
+    fn unsent(&self) -> io::Result<usize> {
+        /// SIOCOUTQNSD: bytes in the send queue not sent yet (linux/sockios.h).
+        const SIOCOUTQNSD: libc::c_ulong = 0x894b;
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQNSD writes one int.
+        if unsafe { libc::ioctl(self.as_raw_fd(), SIOCOUTQNSD, &mut queued) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(queued.max(0) as usize)
@@ -73,6 +97,34 @@ impl Transport for TcpStream {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "the peer".into())
     }
+}
+
+/// Waits up to `timeout` until one of `fds` (at most 4) has input, the end of its stream or an
+/// error; which ones do. An interrupted wait returns with none.
+pub fn poll_readable(fds: &[RawFd], timeout: Duration) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .take(4)
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: polls descriptors the caller owns, through pollfds that live for the call.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(vec![false; pfds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(pfds
+        .iter()
+        .map(|p| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
+        .collect())
 }
 
 /// Prepares a TCP connection for a migration: no Nagle delay (the handover messages are small
@@ -222,6 +274,12 @@ impl<T: Transport> Channel<T> {
     /// Whether buffered or unread input is waiting.
     pub fn input_waiting(&self) -> bool {
         !self.inner.buffer().is_empty() || self.inner.get_ref().has_input().unwrap_or(true)
+    }
+
+    /// Waits up to `timeout` for input (buffered or unread); an error counts as input (the
+    /// next read reports it).
+    pub fn wait_input(&self, timeout: Duration) -> bool {
+        !self.inner.buffer().is_empty() || self.inner.get_ref().wait_input(timeout).unwrap_or(true)
     }
 
     /// Reads and drops whatever the peer still sends, for up to `timeout` or until it closes,

@@ -376,6 +376,7 @@ fn offer() -> Offer {
         stream_format: FORMAT_VERSION,
         migration_id: "m-hostile".into(),
         live: true,
+        postcopy: false,
         info: Info {
             tern_version: "test".into(),
             created_unix: 0,
