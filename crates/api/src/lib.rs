@@ -12,6 +12,6 @@ pub mod vmm;
 pub use framing::{read_message, write_message, FramingError};
 pub use messages::{
     DomainInfo, DomainState, DowntimeParts, MigrateOptions, MigrationProgress, MigrationRound,
-    MigrationSummary, Progress, Reply, Request, RestoreSummary, SavePhases, SaveSummary,
-    DEFAULT_MAX_DOWNTIME_MS,
+    MigrationSummary, PostcopySummary, Progress, Reply, Request, RestoreSummary, SavePhases,
+    SaveSummary, DEFAULT_MAX_DOWNTIME_MS,
 };

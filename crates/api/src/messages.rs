@@ -84,6 +84,10 @@ pub struct MigrateOptions {
     /// two hosts).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force: bool,
+    /// Post-copy: after a short pre-copy the guest runs on the destination at once, and the
+    /// pages it lacks follow (on demand first).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postcopy: bool,
 }
 
 impl Default for MigrateOptions {
@@ -93,6 +97,7 @@ impl Default for MigrateOptions {
             resource_mbit: None,
             max_downtime_ms: DEFAULT_MAX_DOWNTIME_MS,
             force: false,
+            postcopy: false,
         }
     }
 }
@@ -312,6 +317,29 @@ pub struct MigrationSummary {
     /// The connection was neither authenticated nor encrypted (`insecure = true`).
     #[serde(default)]
     pub insecure: bool,
+    /// A post-copy migration's last phase: the guest ran on the destination while the rest
+    /// of its pages arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopySummary>,
+}
+
+/// The post-copy phase of a migration (`--postcopy`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PostcopySummary {
+    /// Pages the destination lacked when the guest started running there.
+    pub pages_missing: u64,
+    /// Pages fetched on demand: a fault on the destination waited for them.
+    pub pages_fetched: u64,
+    /// Pages pushed in the background before anything touched them.
+    pub pages_pushed: u64,
+    /// Faults on the destination that waited for a page from the source.
+    pub faults: u64,
+    /// From the guest running on the destination until every page was there, seconds.
+    pub seconds_until_complete: f64,
+    /// The longest any fault waited for its page, milliseconds.
+    pub longest_fault_wait_ms: f64,
+    /// Connections made again after one was lost.
+    pub reconnects: u32,
 }
 
 impl MigrationSummary {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tern_snapshot::{split_device, Info, RecordType, StreamItem, StreamReader, PAGE_SIZE};
 
 use crate::error::MigrationError;
-use crate::memory::{guest_slice, RamRegion};
+use crate::memory::{guest_slice, PageSet, RamRegion};
 use crate::protocol::{Offer, ToDestination, ToSource};
 use crate::transport::{Channel, Transport};
 use crate::STALL_TIMEOUT;
@@ -28,6 +28,8 @@ pub const MAX_RECORD_PAGES: u64 = 16 << 10;
 pub const MAX_STATE_BYTES: usize = 64 << 20;
 /// Most DEVICE records in a stream.
 pub const MAX_DEVICES: usize = 256;
+/// Most MISSING records in a stream (the source sends up to 65,536 runs a record).
+pub const MAX_MISSING_RECORDS: usize = 256;
 
 /// Everything a stream carried besides the pages, which are in guest memory already.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -40,6 +42,9 @@ pub struct Received {
     /// Pages written with data, counting each time a page came.
     pub pages: u64,
     pub zero_pages: u64,
+    /// Post-copy: the pages still to come after the handover (from MISSING records), if the
+    /// stream had any.
+    pub missing: Option<PageSet>,
 }
 
 impl<T: Transport> Read for Channel<T> {
@@ -103,11 +108,13 @@ pub fn receive<T: Transport>(
     let mut phase = Phase::Info;
     let mut last_mark: Option<u64> = None;
     let mut state_bytes = 0usize;
+    let mut missing_records = 0usize;
     while let Some(item) = reader.next().map_err(MigrationError::from_stream)? {
         keep_going().map_err(MigrationError::Cancelled)?;
         match item {
             StreamItem::Pages { runs, data } => {
                 expect(phase, Phase::Pages, RecordType::PAGES)?;
+                before_missing(&got, RecordType::PAGES)?;
                 let mut off = 0usize;
                 for run in &runs {
                     let len = run.pages as usize * PAGE_SIZE;
@@ -129,6 +136,7 @@ pub fn receive<T: Transport>(
             }
             StreamItem::Zeros { runs } => {
                 expect(phase, Phase::Pages, RecordType::ZEROS)?;
+                before_missing(&got, RecordType::ZEROS)?;
                 for run in &runs {
                     let dst = guest_slice(regions, run.first_pfn, u64::from(run.pages))
                         .ok_or_else(|| outside(run.first_pfn))?;
@@ -138,6 +146,27 @@ pub fn receive<T: Transport>(
                             .copy_from(&ZERO_PAGE[..]);
                     }
                     got.zero_pages += u64::from(run.pages);
+                }
+            }
+            StreamItem::Missing { runs } => {
+                expect(phase, Phase::Pages, RecordType::MISSING)?;
+                if !offer.postcopy {
+                    return Err(MigrationError::Protocol(
+                        "the stream has a MISSING record, but the offer was not for post-copy"
+                            .into(),
+                    ));
+                }
+                missing_records += 1;
+                if missing_records > MAX_MISSING_RECORDS {
+                    return Err(MigrationError::Protocol(format!(
+                        "the stream has more than {MAX_MISSING_RECORDS} MISSING records"
+                    )));
+                }
+                let set = got.missing.get_or_insert_with(|| PageSet::empty(regions));
+                for run in &runs {
+                    if !set.insert_run(run.first_pfn, u64::from(run.pages)) {
+                        return Err(outside(run.first_pfn));
+                    }
                 }
             }
             StreamItem::Record { ty, body } => match ty {
@@ -153,6 +182,7 @@ pub fn receive<T: Transport>(
                 }
                 RecordType::MARK => {
                     expect(phase, Phase::Pages, ty)?;
+                    before_missing(&got, ty)?;
                     let seq = u64::from_le_bytes(body.as_slice().try_into().map_err(|_| {
                         MigrationError::Protocol("a MARK record is not 8 bytes long".into())
                     })?);
@@ -247,6 +277,17 @@ fn expect(phase: Phase, wanted: Phase, ty: RecordType) -> Result<(), MigrationEr
     Err(MigrationError::Protocol(format!(
         "the stream has a {ty} record {why}"
     )))
+}
+
+/// Pages, zeros and marks come before the MISSING records: once the source named what is
+/// missing, the rounds are over.
+fn before_missing(got: &Received, ty: RecordType) -> Result<(), MigrationError> {
+    if got.missing.is_some() {
+        return Err(MigrationError::Protocol(format!(
+            "the stream has a {ty} record after a MISSING record"
+        )));
+    }
+    Ok(())
 }
 
 /// Counts `body` against [`MAX_STATE_BYTES`].

@@ -7,6 +7,8 @@
 //! * [`transport`]: the connection ([`Transport`], TLS-ready) and [`Channel`] on top of it
 //!   (message framing, metering, the `--resource` rate cap).
 //! * [`policy`]: when to stop pre-copying and when to slow the guest down (auto-converge).
+//! * [`postcopy`]: running the guest on the destination before all its pages have arrived:
+//!   the page requests, the push of the rest, reconnection.
 //! * [`source`]: the sending side, over any machine that implements [`SourceVm`].
 //! * [`destination`]: the receiving side: the stream into guest memory, then the handover.
 //!
@@ -18,6 +20,7 @@ pub mod error;
 pub mod link;
 pub mod memory;
 pub mod policy;
+pub mod postcopy;
 pub mod protocol;
 pub mod source;
 pub mod transport;
@@ -25,7 +28,10 @@ pub mod transport;
 pub use error::MigrationError;
 pub use memory::{guest_slice, GuestRegion, GuestSlice, PageSet, RamRegion};
 pub use policy::{Limits, StopReason};
-pub use protocol::{CpuidEntry, Offer, Outcome, ToDestination, ToSource, PROTOCOL_VERSION};
+pub use protocol::{
+    protocol_for, ArrivedReport, CpuidEntry, Offer, Outcome, Run, ToDestination, ToSource,
+    OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 pub use source::{Observer, Plan, SendError, SourceVm, StateRecords};
 pub use transport::{Channel, Transport};
 

@@ -13,8 +13,9 @@ use tern_api::{MigrationProgress, MigrationRound, MigrationSummary};
 use tern_snapshot::{is_zero_page, PageRun, RecordType, SnapshotWriter, PAGE_SIZE};
 
 use crate::error::MigrationError;
-use crate::memory::{guest_slice, PageSet, RamRegion};
+use crate::memory::{guest_slice, push_page, PageSet, RamRegion};
 use crate::policy::{Convergence, Decision, Limits, RoundMeasure, StopReason};
+use crate::postcopy::{self, PostcopyFailure, PostcopyReport, PostcopySource, Redial};
 use crate::protocol::{Offer, ToDestination, ToSource};
 use crate::transport::{Channel, Transport};
 use crate::{HANDOVER_TIMEOUT, OFFER_TIMEOUT, STALL_TIMEOUT};
@@ -66,6 +67,15 @@ pub trait Observer {
     /// Asked between records and just before the commit point; an error cancels the
     /// migration (the guest stays here).
     fn keep_going(&mut self) -> Result<(), String>;
+    /// Post-copy: `Go` went out; the guest is the destination's from now on, and this host
+    /// serves it the pages it lacks.
+    fn postcopy_started(&mut self) {}
+    /// Asked while serving pages in post-copy (the daemon going away does not matter any
+    /// more); an error stops serving: the guest is being destroyed here, or the user ran this
+    /// copy instead.
+    fn keep_serving(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// What to migrate, where, and how.
@@ -77,6 +87,9 @@ pub struct Plan {
     pub destination: String,
     pub offer: Offer,
     pub live: bool,
+    /// Post-copy (a live migration of a running guest only): a short pre-copy, then the
+    /// guest runs on the destination while the rest of its pages follow.
+    pub postcopy: bool,
     pub limits: Limits,
 }
 
@@ -88,12 +101,20 @@ pub enum SendError {
     /// The destination was told to run the guest but did not confirm it: the guest stays
     /// paused here until [`crate::protocol::Outcome`] is known.
     Unresolved(MigrationError),
+    /// Post-copy: the destination ran the guest and its guest process ended before every page
+    /// arrived. The guest's current state is gone; the paused copy here is its last whole
+    /// state (from the handover).
+    Lost(String),
+    /// Post-copy: this host stopped serving pages (the guest was destroyed here, or the user
+    /// ran this copy instead).
+    Abandoned(String),
 }
 
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SendError::Failed(e) | SendError::Unresolved(e) => e.fmt(f),
+            SendError::Lost(reason) | SendError::Abandoned(reason) => f.write_str(reason),
         }
     }
 }
@@ -116,7 +137,7 @@ pub fn accepted(answer: ToSource) -> Result<u32, MigrationError> {
 }
 
 /// Migrates the guest of `vm` as `plan` says over `transport`, on which destination domain
-/// `destination_id` accepted its [`offer`].
+/// `destination_id` accepted its [`offer`]. Not for post-copy (see [`send_postcopy`]).
 pub fn send<T: Transport>(
     vm: &dyn SourceVm,
     transport: T,
@@ -124,7 +145,24 @@ pub fn send<T: Transport>(
     plan: &Plan,
     observer: &mut dyn Observer,
 ) -> Result<MigrationSummary, SendError> {
-    let mut sender = Sender {
+    sender(vm, plan, observer).run(transport, destination_id, None)
+}
+
+/// [`send`], for any plan, post-copy included: `redial` reaches the destination again if the
+/// connection is lost during post-copy.
+pub fn send_postcopy<T: Transport>(
+    vm: &dyn SourceVm,
+    transport: T,
+    destination_id: u32,
+    plan: &Plan,
+    observer: &mut dyn Observer,
+    redial: &mut dyn Redial<T>,
+) -> Result<MigrationSummary, SendError> {
+    sender(vm, plan, observer).run(transport, destination_id, Some(redial))
+}
+
+fn sender<'a>(vm: &'a dyn SourceVm, plan: &'a Plan, observer: &'a mut dyn Observer) -> Sender<'a> {
+    Sender {
         vm,
         observer,
         plan,
@@ -136,8 +174,8 @@ pub fn send<T: Transport>(
         last_progress: None,
         buf: vec![0u8; RECORD_PAGES * PAGE],
         zero_buf: Vec::new(),
-    };
-    sender.run(transport, destination_id)
+        missing: None,
+    }
 }
 
 /// Pages and bytes a round sent.
@@ -154,7 +192,15 @@ struct StopTimes {
     paused_unix_ns: u64,
     last_pages: Duration,
     state: Duration,
-    stop_reason: StopReason,
+    /// Why the pre-copy ended, for the summary.
+    stop_reason: String,
+}
+
+/// When the handover's steps happened, for the downtime.
+struct HandoverTimes {
+    state_sent: Instant,
+    ready: Instant,
+    go_sent: Instant,
 }
 
 struct Sender<'a> {
@@ -171,6 +217,8 @@ struct Sender<'a> {
     /// memory at any time, and a record's checksums must match what is sent.
     buf: Vec<u8>,
     zero_buf: Vec<PageRun>,
+    /// Post-copy: the pages the destination lacks at the handover (sent as MISSING).
+    missing: Option<PageSet>,
 }
 
 impl Sender<'_> {
@@ -178,7 +226,13 @@ impl Sender<'_> {
         &mut self,
         transport: T,
         destination_id: u32,
+        redial: Option<&mut dyn Redial<T>>,
     ) -> Result<MigrationSummary, SendError> {
+        if self.plan.postcopy && redial.is_none() {
+            return Err(SendError::Failed(MigrationError::Vm(
+                "post-copy needs a way to reach the destination again".into(),
+            )));
+        }
         let mut ch = Channel::new(transport);
         if let Some(rate) = self.plan.limits.rate_limit {
             ch.limit_rate(rate);
@@ -223,15 +277,32 @@ impl Sender<'_> {
         let go = ToDestination::Go {
             resume: was_running,
         };
-        if let Err(e) = ch.send(&go) {
+        let sent = ch.send(&go);
+        let times = HandoverTimes {
+            state_sent,
+            ready,
+            go_sent: Instant::now(),
+        };
+        let postcopy = match (self.missing.take(), redial) {
+            (Some(missing), Some(redial)) => Some((missing, redial)),
+            _ => None,
+        };
+        if let Err(e) = sent {
             if ch.sent() == before_go {
                 // Not one byte of Go left this host: the destination cannot run the guest.
                 self.undo(live, was_running);
                 return Err(SendError::Failed(e));
             }
+            if let Some((missing, redial)) = postcopy {
+                // Go may have arrived: the source must be there to serve the pages.
+                return self.postcopy(None, missing, &stop, &times, destination_id, redial);
+            }
             return Err(SendError::Unresolved(e));
         }
-        let go_sent = Instant::now();
+        if let Some((missing, redial)) = postcopy {
+            return self.postcopy(Some(ch), missing, &stop, &times, destination_id, redial);
+        }
+        let go_sent = times.go_sent;
         let running = ch.receive::<ToSource>(HANDOVER_TIMEOUT);
         let confirmed = Instant::now();
         match running {
@@ -316,7 +387,7 @@ impl Sender<'_> {
             paused_unix_ns,
             last_pages: Duration::ZERO,
             state: Duration::ZERO,
-            stop_reason: StopReason::Warm,
+            stop_reason: StopReason::Warm.describe().to_string(),
         })
     }
 
@@ -346,9 +417,17 @@ impl Sender<'_> {
                 bytes: tally.bytes,
                 seconds: took.as_secs_f64(),
             };
-            match convergence.after_round(measure, set.count(), w.get_ref().sent()) {
-                Decision::Stop(reason) => break reason,
-                Decision::Continue { throttle } => self.set_throttle(throttle)?,
+            let decision = convergence.after_round(measure, set.count(), w.get_ref().sent());
+            if self.plan.postcopy {
+                // Never throttled: a guest that outruns the link is what post-copy is for.
+                if let Some(why) = postcopy::precopy_ends(round, decision) {
+                    break format!("switched to post-copy after round {round}: {why}");
+                }
+            } else {
+                match decision {
+                    Decision::Stop(reason) => break reason.describe().to_string(),
+                    Decision::Continue { throttle } => self.set_throttle(throttle)?,
+                }
             }
             round += 1;
         };
@@ -358,10 +437,148 @@ impl Sender<'_> {
         set.union_with(&self.take_dirty()?);
         // The dirty log and the throttle stay as they are while the guest is paused: ending
         // them costs downtime, and only matters if the guest runs here again (`undo`).
+        if self.plan.postcopy {
+            self.send_missing(w, &set)?;
+            stop.last_pages = t.elapsed();
+            self.missing = Some(set);
+            return Ok(stop);
+        }
         let tally = self.send_pages(w, &set, round + 1, false)?;
         stop.last_pages = t.elapsed();
         self.record_round(round + 1, tally, stop.last_pages, true);
         Ok(stop)
+    }
+
+    /// Post-copy: names the pages the destination lacks (MISSING records) instead of sending
+    /// them.
+    fn send_missing<T: Transport>(
+        &mut self,
+        w: &mut SnapshotWriter<Channel<T>>,
+        set: &PageSet,
+    ) -> Result<(), MigrationError> {
+        let runs = set.runs();
+        for chunk in runs.chunks(ZERO_RUNS_PER_RECORD) {
+            w.missing(chunk)
+                .map_err(|e| MigrationError::io("send the missing pages", e))?;
+        }
+        Ok(())
+    }
+
+    /// After `Go` in a post-copy migration: the guest is the destination's; serve it the
+    /// pages it lacks until it has every one.
+    fn postcopy<T: Transport>(
+        &mut self,
+        link: Option<Channel<T>>,
+        missing: PageSet,
+        stop: &StopTimes,
+        times: &HandoverTimes,
+        destination_id: u32,
+        redial: &mut dyn Redial<T>,
+    ) -> Result<MigrationSummary, SendError> {
+        self.observer.postcopy_started();
+        let handover_bytes = link.as_ref().map_or(0, |ch| ch.sent());
+        let Some(mut ch) = link else {
+            log::warn!("post-copy: Go may not have arrived; reconnecting to find out");
+            return self.serve_postcopy(
+                None,
+                None,
+                missing,
+                stop,
+                times,
+                destination_id,
+                redial,
+                0,
+            );
+        };
+        let running = ch.receive::<ToSource>(HANDOVER_TIMEOUT);
+        let confirmed = Instant::now();
+        let (link, resumed) = match running {
+            Ok(ToSource::Running {
+                resume_us,
+                reply_us,
+                resumed_unix_ns,
+            }) => {
+                let one_way = confirmed
+                    .duration_since(times.go_sent)
+                    .saturating_sub(Duration::from_micros(reply_us))
+                    / 2;
+                let resume = one_way + Duration::from_micros(resume_us);
+                (Some(ch), Some((resume, resumed_unix_ns)))
+            }
+            Ok(other) => {
+                log::warn!("post-copy: expected Running after Go, got {other:?}; reconnecting");
+                (None, None)
+            }
+            Err(e) => {
+                log::warn!("post-copy: the handover was not confirmed ({e}); reconnecting");
+                (None, None)
+            }
+        };
+        self.serve_postcopy(
+            link,
+            resumed,
+            missing,
+            stop,
+            times,
+            destination_id,
+            redial,
+            handover_bytes,
+        )
+    }
+
+    /// Serves the post-copy phase, over `link` if the handover's connection still stands;
+    /// `resumed`: how long the resume took there (one way included), and when it was.
+    #[allow(clippy::too_many_arguments)]
+    fn serve_postcopy<T: Transport>(
+        &mut self,
+        link: Option<Channel<T>>,
+        resumed: Option<(Duration, u64)>,
+        missing: PageSet,
+        stop: &StopTimes,
+        times: &HandoverTimes,
+        destination_id: u32,
+        redial: &mut dyn Redial<T>,
+        handover_bytes: u64,
+    ) -> Result<MigrationSummary, SendError> {
+        let pages = missing.count();
+        log::info!("post-copy: the guest runs on the destination; {pages} pages to go");
+        let limit = self.plan.limits.rate_limit;
+        let source = PostcopySource::new(self.regions.clone(), missing, limit, &mut *self.observer);
+        let report = match source.run(link, redial) {
+            Ok(report) => report,
+            Err(PostcopyFailure::NeverRan) => {
+                self.undo(true, true);
+                return Err(SendError::Failed(MigrationError::PeerAborted {
+                    side: "destination",
+                    reason: "it never ran the guest (Go did not arrive)".into(),
+                }));
+            }
+            Err(PostcopyFailure::Lost(reason)) => return Err(SendError::Lost(reason)),
+            Err(PostcopyFailure::Abandoned(reason)) => return Err(SendError::Abandoned(reason)),
+        };
+        let (resume, resumed_unix_ns) = resumed.unwrap_or((Duration::ZERO, 0));
+        let parts = tern_api::DowntimeParts {
+            last_pages_ms: ms(stop.last_pages),
+            state_ms: ms(stop.state),
+            load_ms: ms(times.ready.duration_since(times.state_sent)),
+            handover_ms: ms(times.go_sent.duration_since(times.ready) + resume),
+        };
+        let downtime = times.go_sent.duration_since(stop.paused) + resume;
+        let mut summary = self.summary_of(
+            handover_bytes + report.bytes,
+            destination_id,
+            true,
+            stop,
+            downtime,
+            parts,
+            resumed_unix_ns,
+        );
+        let postcopy = postcopy_summary(&report);
+        summary.longest_vcpu_stall_ms = summary
+            .longest_vcpu_stall_ms
+            .max(postcopy.longest_fault_wait_ms);
+        summary.postcopy = Some(postcopy);
+        Ok(summary)
     }
 
     /// The pages the guest has in use (the first pass sends these).
@@ -624,6 +841,28 @@ impl Sender<'_> {
         parts: tern_api::DowntimeParts,
         resumed_unix_ns: u64,
     ) -> MigrationSummary {
+        self.summary_of(
+            ch.sent(),
+            destination_id,
+            live,
+            stop,
+            downtime,
+            parts,
+            resumed_unix_ns,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn summary_of(
+        &self,
+        bytes_sent: u64,
+        destination_id: u32,
+        live: bool,
+        stop: &StopTimes,
+        downtime: Duration,
+        parts: tern_api::DowntimeParts,
+        resumed_unix_ns: u64,
+    ) -> MigrationSummary {
         let total = self.started.elapsed().as_secs_f64();
         MigrationSummary {
             domain: self.plan.domain.clone(),
@@ -634,32 +873,43 @@ impl Sender<'_> {
             downtime_ms: ms(downtime),
             downtime_parts: parts,
             rounds: self.rounds.clone(),
-            bytes_sent: ch.sent(),
+            bytes_sent,
             mean_rate_mbit: if total > 0.0 {
-                ch.sent() as f64 * 8.0 / total / 1e6
+                bytes_sent as f64 * 8.0 / total / 1e6
             } else {
                 0.0
             },
             max_throttle_percent: self.max_throttle,
             longest_vcpu_stall_ms: ms(downtime.max(self.vm.take_longest_throttle_hold())),
             resource_mbit: self.plan.limits.rate_limit.map(|r| r * 8 / 1_000_000),
-            stop_reason: stop.stop_reason.describe().into(),
+            stop_reason: stop.stop_reason.clone(),
             paused_unix_ns: stop.paused_unix_ns,
             resumed_unix_ns,
             insecure: false,
+            postcopy: None,
         }
     }
 }
 
-/// Adds page `pfn` to `runs` (pages come in increasing order).
-fn push_page(runs: &mut Vec<PageRun>, pfn: u64) {
-    match runs.last_mut() {
-        Some(r) if r.end_pfn() == pfn && r.pages < u32::MAX => r.pages += 1,
-        _ => runs.push(PageRun {
-            first_pfn: pfn,
-            pages: 1,
-        }),
+/// The summary's post-copy part: the destination's counts if it could report them, else the
+/// source's.
+fn postcopy_summary(r: &PostcopyReport) -> tern_api::PostcopySummary {
+    let mut s = tern_api::PostcopySummary {
+        pages_missing: r.missing_at_handover,
+        pages_fetched: r.served,
+        pages_pushed: r.pushed,
+        reconnects: r.reconnects,
+        seconds_until_complete: r.seconds,
+        ..Default::default()
+    };
+    if let Some(a) = &r.arrived {
+        s.pages_fetched = a.fetched;
+        s.pages_pushed = a.pushed;
+        s.faults = a.faults;
+        s.seconds_until_complete = a.complete_after_us as f64 / 1e6;
+        s.longest_fault_wait_ms = a.longest_wait_us as f64 / 1e3;
     }
+    s
 }
 
 fn vm_err(message: String) -> MigrationError {

@@ -242,6 +242,7 @@ fn offer(vm: &FakeVm) -> Offer {
         stream_format: FORMAT_VERSION,
         migration_id: "m-1".into(),
         live: true,
+        postcopy: false,
         info: Info {
             tern_version: "test".into(),
             created_unix: 0,
@@ -358,6 +359,7 @@ fn migrate(
         destination: addr.to_string(),
         offer: offer(vm),
         live,
+        postcopy: false,
         limits,
     };
     let mut ch = Channel::new(stream);
