@@ -43,8 +43,22 @@ pub(crate) enum State {
         destination: String,
         migration_id: String,
     },
+    /// Post-copy: `Go` went to `destination` for `migration_id`; the guest runs there and
+    /// this host, its copy paused, sends it the pages it lacks. `progress`: what `tern list`
+    /// shows.
+    PostcopyOut {
+        destination: String,
+        migration_id: String,
+        progress: Option<String>,
+    },
+    /// Post-copy to `destination` failed after the guest ran there: its guest process ended
+    /// (`reason`) before every page had arrived, so the guest's state since the handover is
+    /// gone. The paused copy here is its last whole state; only a forced unpause runs it.
+    PostcopyLost { destination: String, reason: String },
     /// The guest is arriving from `source`; nothing runs here before the source says `Go`.
     Incoming { source: String },
+    /// Post-copy from `source`: the guest runs here while the rest of its pages arrive.
+    PostcopyIn { source: String },
     /// The process is ending: destroyed, saved, migrated away, powered off, crashed, or an
     /// incoming migration gave up. Absorbs every outcome; refuses every request but destroy.
     Ending,
@@ -80,6 +94,14 @@ pub(crate) enum Event {
     MigrationUnresolved {
         migration_id: String,
     },
+    /// Post-copy: `Go` went out for `migration_id`; this host now serves the guest's pages.
+    PostcopyStarted {
+        migration_id: String,
+    },
+    /// Post-copy: the destination's guest process ended before every page arrived.
+    PostcopyLost {
+        reason: String,
+    },
     /// The destination of `migration_id` answered: it runs the guest (`committed`) or never
     /// will.
     Resolved {
@@ -91,6 +113,10 @@ pub(crate) enum Event {
         resume: bool,
     },
     IncomingAborted,
+    /// `Go` arrived for a post-copy migration: the guest runs while its pages arrive.
+    IncomingPostcopy,
+    /// Every page of a post-copy migration arrived.
+    PostcopyArrived,
     Destroy,
     /// The guest powered off, reset or crashed.
     GuestEnded,
@@ -113,14 +139,21 @@ pub(crate) fn next(state: &State, event: &Event, name: &str) -> Result<State, St
             | E::Migrated
             | E::MigrationFailed
             | E::MigrationUnresolved { .. }
+            | E::PostcopyStarted { .. }
+            | E::PostcopyLost { .. }
             | E::IncomingCommitted { .. }
-            | E::IncomingAborted,
+            | E::IncomingAborted
+            | E::IncomingPostcopy
+            | E::PostcopyArrived,
         ) => Ok(S::Ending),
 
         (S::Running | S::Paused, E::Pause) => Ok(S::Paused),
-        (S::Unresolved { .. }, E::Pause) => Ok(state.clone()),
+        (S::Unresolved { .. } | S::PostcopyLost { .. }, E::Pause) => Ok(state.clone()),
         (S::Running | S::Paused, E::Unpause { .. }) => Ok(S::Running),
-        (S::Unresolved { .. }, E::Unpause { force: true }) => Ok(S::Running),
+        (
+            S::Unresolved { .. } | S::PostcopyOut { .. } | S::PostcopyLost { .. },
+            E::Unpause { force: true },
+        ) => Ok(S::Running),
         (S::Running | S::Paused, E::PowerButton) => Ok(state.clone()),
 
         (S::Running | S::Paused, E::Save { path }) => Ok(S::Saving {
@@ -139,7 +172,7 @@ pub(crate) fn next(state: &State, event: &Event, name: &str) -> Result<State, St
 
         (S::Running | S::Paused, E::Migrate { destination, .. })
         | (
-            S::Unresolved { .. },
+            S::Unresolved { .. } | S::PostcopyLost { .. },
             E::Migrate {
                 destination,
                 force: true,
@@ -149,7 +182,20 @@ pub(crate) fn next(state: &State, event: &Event, name: &str) -> Result<State, St
             back: Box::new(state.clone()),
             progress: None,
         }),
-        (S::MigratingOut { .. }, E::Migrated) => Ok(S::Ending),
+        (S::MigratingOut { .. } | S::PostcopyOut { .. }, E::Migrated) => Ok(S::Ending),
+        (S::MigratingOut { destination, .. }, E::PostcopyStarted { migration_id }) => {
+            Ok(S::PostcopyOut {
+                destination: destination.clone(),
+                migration_id: migration_id.clone(),
+                progress: None,
+            })
+        }
+        // The destination never ran it: it resumed here.
+        (S::PostcopyOut { .. }, E::MigrationFailed) => Ok(S::Running),
+        (S::PostcopyOut { destination, .. }, E::PostcopyLost { reason }) => Ok(S::PostcopyLost {
+            destination: destination.clone(),
+            reason: reason.clone(),
+        }),
         (S::MigratingOut { back, .. }, E::MigrationFailed) => Ok((**back).clone()),
         (S::MigratingOut { destination, .. }, E::MigrationUnresolved { migration_id }) => {
             Ok(S::Unresolved {
@@ -172,6 +218,10 @@ pub(crate) fn next(state: &State, event: &Event, name: &str) -> Result<State, St
             Ok(if *resume { S::Running } else { S::Paused })
         }
         (S::Incoming { .. }, E::IncomingAborted) => Ok(S::Ending),
+        (S::Incoming { source }, E::IncomingPostcopy) => Ok(S::PostcopyIn {
+            source: source.clone(),
+        }),
+        (S::PostcopyIn { .. }, E::PostcopyArrived) => Ok(S::Running),
 
         _ => refused(),
     }
@@ -203,7 +253,43 @@ fn refusal(state: &State, event: &Event, name: &str) -> String {
                 _ => what,
             }
         }
+        (
+            State::PostcopyOut {
+                destination,
+                migration_id: _,
+                progress: _,
+            },
+            _,
+        ) => {
+            let what = format!(
+                "'{name}' runs on {destination} now; this host is sending it the rest of its \
+                 memory (post-copy)"
+            );
+            match event {
+                Event::Unpause { .. } => format!(
+                    "{what}; only if {destination} is gone for good, `tern unpause --force \
+                     {name}` runs the copy here (its state since the handover is lost then)"
+                ),
+                _ => what,
+            }
+        }
+        (State::PostcopyLost { destination, .. }, _) => {
+            let what = format!(
+                "'{name}' was lost on {destination} during post-copy: the paused copy here is \
+                 its last whole state, from the handover"
+            );
+            match event {
+                Event::Unpause { .. } => {
+                    format!("{what}; use --force to run it (its disks may have moved on since)")
+                }
+                Event::Migrate { .. } => format!("{what}; use --force to migrate it anyway"),
+                _ => what,
+            }
+        }
         (State::Incoming { source }, _) => format!("'{name}' is still arriving from {source}"),
+        (State::PostcopyIn { source }, _) => {
+            format!("'{name}' is still receiving its memory from {source} (post-copy)")
+        }
         (State::Ending, _) => format!("'{name}' is ending"),
         // Outcomes that do not belong to the state: a bug, or a resolver whose question the
         // user already answered.
@@ -257,9 +343,19 @@ impl Lifecycle {
     pub fn wants_running(&self) -> Option<bool> {
         match *self.lock() {
             State::Running => Some(true),
-            State::Paused | State::Unresolved { .. } => Some(false),
+            State::Paused | State::Unresolved { .. } | State::PostcopyLost { .. } => Some(false),
             _ => None,
         }
+    }
+
+    /// Whether this host still serves post-copy migration `migration_id` (its source side).
+    pub fn serving_postcopy(&self, migration_id: &str) -> bool {
+        matches!(&*self.lock(), State::PostcopyOut { migration_id: id, .. } if id == migration_id)
+    }
+
+    /// Whether the guest is receiving its memory in post-copy here.
+    pub fn receiving_postcopy(&self) -> bool {
+        matches!(&*self.lock(), State::PostcopyIn { .. })
     }
 
     /// What the resolver of `migration_id` should do now.
@@ -278,8 +374,11 @@ impl Lifecycle {
 
     /// Progress of a migration under way, for `tern list`.
     pub fn set_progress(&self, text: String) {
-        if let State::MigratingOut { progress, .. } = &mut *self.lock() {
-            *progress = Some(text);
+        match &mut *self.lock() {
+            State::MigratingOut { progress, .. } | State::PostcopyOut { progress, .. } => {
+                *progress = Some(text)
+            }
+            _ => {}
         }
     }
 
@@ -310,9 +409,37 @@ impl Lifecycle {
                      whether it runs the guest (tern unpause --force runs it here)"
                 )),
             ),
+            State::PostcopyOut {
+                destination,
+                progress,
+                ..
+            } => (
+                VmmRunState::Migrating,
+                Some(progress.clone().unwrap_or_else(|| {
+                    format!("post-copy: runs on {destination}, which gets the rest of its memory")
+                })),
+            ),
+            State::PostcopyLost {
+                destination,
+                reason,
+            } => (
+                VmmRunState::Paused,
+                Some(format!(
+                    "lost during post-copy to {destination} ({reason}): paused here, its last \
+                     whole copy; tern unpause --force runs it (its disks may have moved on)"
+                )),
+            ),
             State::Incoming { source } => {
                 (VmmRunState::Paused, Some(format!("arriving from {source}")))
             }
+            State::PostcopyIn { source } => (
+                if busy {
+                    VmmRunState::Running
+                } else {
+                    VmmRunState::Blocked
+                },
+                Some(format!("receiving its memory from {source} (post-copy)")),
+            ),
             State::Ending => (VmmRunState::Paused, Some("ending".into())),
         }
     }
@@ -448,6 +575,110 @@ mod tests {
             );
             assert!(step(&saving, migrate(true)).is_err());
         }
+    }
+
+    fn postcopy_out() -> State {
+        State::PostcopyOut {
+            destination: "10.0.0.2:8002".into(),
+            migration_id: "m1".into(),
+            progress: None,
+        }
+    }
+
+    #[test]
+    fn post_copy_out_serves_until_the_pages_arrived_or_the_guest_is_lost() {
+        let migrating = step(&State::Running, migrate(false)).unwrap();
+        let out = step(
+            &migrating,
+            Event::PostcopyStarted {
+                migration_id: "m1".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            State::PostcopyOut {
+                destination: "10.0.0.3:8002".into(),
+                migration_id: "m1".into(),
+                progress: None
+            }
+        );
+        for event in [
+            Event::Pause,
+            Event::Save { path: "/f".into() },
+            migrate(true),
+        ] {
+            let err = step(&out, event).unwrap_err();
+            assert!(err.contains("post-copy"), "{err}");
+        }
+        let err = step(&out, Event::Unpause { force: false }).unwrap_err();
+        assert!(err.contains("--force"), "{err}");
+        assert_eq!(step(&out, Event::Migrated), Ok(State::Ending));
+        assert_eq!(step(&out, Event::MigrationFailed), Ok(State::Running));
+        assert_eq!(
+            step(&out, Event::Unpause { force: true }),
+            Ok(State::Running)
+        );
+        let life = Lifecycle::new("web", out.clone());
+        assert!(life.serving_postcopy("m1") && !life.serving_postcopy("m0"));
+        assert_eq!(life.wants_running(), None);
+    }
+
+    #[test]
+    fn a_guest_lost_in_post_copy_runs_again_only_by_force() {
+        let lost = step(
+            &postcopy_out(),
+            Event::PostcopyLost {
+                reason: "its guest process died".into(),
+            },
+        )
+        .unwrap();
+        assert!(matches!(lost, State::PostcopyLost { .. }));
+        let err = step(&lost, Event::Unpause { force: false }).unwrap_err();
+        assert!(err.contains("--force") && err.contains("disks"), "{err}");
+        assert!(step(&lost, migrate(false)).is_err());
+        assert!(step(&lost, Event::Save { path: "/f".into() }).is_err());
+        assert_eq!(step(&lost, Event::Pause), Ok(lost.clone()));
+        assert_eq!(
+            step(&lost, Event::Unpause { force: true }),
+            Ok(State::Running)
+        );
+        let life = Lifecycle::new("web", lost.clone());
+        assert_eq!(life.wants_running(), Some(false));
+        let (state, note) = life.report(false);
+        assert_eq!(state, VmmRunState::Paused);
+        let note = note.unwrap();
+        assert!(
+            note.contains("lost during post-copy") && note.contains("--force"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn post_copy_in_runs_the_guest_and_refuses_the_rest() {
+        let incoming = State::Incoming {
+            source: "10.0.0.1".into(),
+        };
+        let pc = step(&incoming, Event::IncomingPostcopy).unwrap();
+        assert_eq!(
+            pc,
+            State::PostcopyIn {
+                source: "10.0.0.1".into()
+            }
+        );
+        for event in [
+            Event::Pause,
+            migrate(true),
+            Event::Save { path: "/f".into() },
+        ] {
+            let err = step(&pc, event).unwrap_err();
+            assert!(err.contains("receiving its memory"), "{err}");
+        }
+        assert_eq!(step(&pc, Event::PostcopyArrived), Ok(State::Running));
+        assert_eq!(step(&pc, Event::Destroy), Ok(State::Ending));
+        let life = Lifecycle::new("web", pc);
+        assert!(life.receiving_postcopy());
+        assert_eq!(life.report(true).0, VmmRunState::Running);
     }
 
     #[test]
