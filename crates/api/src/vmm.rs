@@ -39,6 +39,12 @@ pub enum VmmRequest {
         options: crate::messages::MigrateOptions,
         security: LinkSecurity,
     },
+    /// Post-copy migration `migration_id`, arriving here, goes on over a new connection from
+    /// the source: the process answers `Ok`, then the daemon passes the connection's
+    /// descriptor (one byte with `SCM_RIGHTS`).
+    ResumePostcopy {
+        migration_id: String,
+    },
 }
 
 /// How a guest process secures a relocation connection, as its daemon tells it: paths and
@@ -138,8 +144,15 @@ pub enum VmmEvent {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum VmmReply {
     Ok,
+    /// Done, and the user should know `message` (e.g. a forced unpause of a guest lost in
+    /// post-copy).
+    Warning {
+        message: String,
+    },
     Status(VmmStatus),
-    Error { message: String },
+    Error {
+        message: String,
+    },
     Progress(crate::messages::Progress),
     Saved(crate::messages::SaveSummary),
     MigrationProgress(crate::messages::MigrationProgress),

@@ -171,42 +171,7 @@ impl GuestRam {
     /// slot) from the RAM file: the pages read as zero again, or, while registered with
     /// userfaultfd, fault as missing. KVM's mappings of them go too (its MMU notifier).
     pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
-        let slot = self
-            .slots
-            .iter()
-            .find(|s| gpa >= s.guest_addr && gpa.saturating_add(len) <= s.guest_addr + s.size)
-            .ok_or(MemoryError::Discard {
-                gpa,
-                len,
-                source: std::io::Error::from_raw_os_error(libc::EINVAL),
-            })?;
-        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-            return Err(MemoryError::Discard {
-                gpa,
-                len,
-                source: std::io::Error::from_raw_os_error(libc::EINVAL),
-            });
-        }
-        let offset = slot.file_offset + (gpa - slot.guest_addr);
-        let file = self.backing_file();
-        // SAFETY: fallocate on a descriptor we own; it changes the file, not our memory
-        // layout (the mappings stay, their pages are gone).
-        let rc = unsafe {
-            libc::fallocate(
-                std::os::fd::AsRawFd::as_raw_fd(file),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc != 0 {
-            return Err(MemoryError::Discard {
-                gpa,
-                len,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        discard(self.backing_file(), &self.slots, gpa, len)
     }
 
     /// Fetches and clears the dirty bitmap of one slot (bit i = page i of the slot).
@@ -254,6 +219,34 @@ impl<'a> PausedRam<'a> {
         //   fills pages that were missing, before any read of them returns.)
         Some(unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr(), len) })
     }
+}
+
+/// [`GuestRam::discard`] on RAM file `file` laid out as `slots` (for a thread that does not
+/// hold the machine: a clone of the file and of the slots).
+pub fn discard(file: &File, slots: &[RamSlot], gpa: u64, len: u64) -> Result<(), MemoryError> {
+    let bad = |source| MemoryError::Discard { gpa, len, source };
+    let slot = slots
+        .iter()
+        .find(|s| gpa >= s.guest_addr && gpa.saturating_add(len) <= s.guest_addr + s.size)
+        .ok_or_else(|| bad(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+    if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        return Err(bad(std::io::Error::from_raw_os_error(libc::EINVAL)));
+    }
+    let offset = slot.file_offset + (gpa - slot.guest_addr);
+    // SAFETY: fallocate on a descriptor we own; it changes the file, not our memory layout
+    // (the mappings stay, their pages are gone).
+    let rc = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        return Err(bad(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn set_slot(vm: &VmFd, slot: &RamSlot, dirty_log: bool) -> Result<(), MemoryError> {

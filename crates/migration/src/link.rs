@@ -95,6 +95,11 @@ impl Link {
         }
     }
 
+    /// The TCP connection under the session (to pass it to another process).
+    pub fn tcp_stream(&self) -> &TcpStream {
+        self.tcp()
+    }
+
     /// The key the peer authenticated with (None in clear).
     pub fn peer_fingerprint(&self) -> Option<Fingerprint> {
         match self {

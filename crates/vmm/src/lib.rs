@@ -13,6 +13,7 @@ mod lifecycle;
 pub mod logging;
 mod migrate_in;
 mod migrate_out;
+mod postcopy_in;
 pub mod record;
 pub mod restore;
 pub mod save;
@@ -68,6 +69,8 @@ pub(crate) struct Vmm {
     busy: AtomicBool,
     /// Host CPU time of the vCPUs at the last sample (`status` answers without the machine).
     cpu_time_ns: AtomicU64,
+    /// Post-copy arriving here: where connections the source comes back on go.
+    postcopy_links: Mutex<Option<mpsc::Sender<tern_migration::link::Link>>>,
 }
 
 /// Share of one host CPU above which `tern list` calls a guest running rather than blocked.
@@ -108,18 +111,18 @@ impl Vmm {
                 .apply(Event::Pause)
                 .and_then(|_| self.settle_machine()),
             VmmRequest::Unpause { force } => {
-                self.life
+                let warning = self
+                    .life
                     .apply(Event::Unpause { force })
                     .and_then(|before| {
-                        if let State::Unresolved { destination, .. } = before {
-                            // The user decided: the guest runs here; its resolver stops asking.
-                            log::warn!(
-                                "the migration to {destination} is unresolved; resuming the guest here as forced"
-                            );
-                            end_migration_leftovers(&mut self.machine());
-                        }
-                        self.settle_machine()
-                    })
+                        let warning = self.forced_unpause(&before);
+                        self.settle_machine().map(|()| warning)
+                    });
+                return match warning {
+                    Ok(Some(message)) => VmmReply::Warning { message },
+                    Ok(None) => VmmReply::Ok,
+                    Err(message) => VmmReply::Error { message },
+                };
             }
             VmmRequest::PowerButton => self.life.apply(Event::PowerButton).map(|_| {
                 self.machine().press_power_button();
@@ -132,7 +135,8 @@ impl Vmm {
             VmmRequest::Console
             | VmmRequest::Monitor
             | VmmRequest::Save { .. }
-            | VmmRequest::Migrate { .. } => Ok(()),
+            | VmmRequest::Migrate { .. }
+            | VmmRequest::ResumePostcopy { .. } => Ok(()),
         };
         match result {
             Ok(()) => VmmReply::Ok,
@@ -142,6 +146,37 @@ impl Vmm {
 }
 
 impl Vmm {
+    /// Ends what a migration left on when the user forces the guest to run from `before`;
+    /// what the user should know about it.
+    fn forced_unpause(&self, before: &State) -> Option<String> {
+        let name = &self.record.config.name;
+        let warning = match before {
+            State::Unresolved { destination, .. } => {
+                // The user decided: the guest runs here; its resolver stops asking.
+                log::warn!(
+                    "the migration to {destination} is unresolved; resuming the guest here as forced"
+                );
+                None
+            }
+            State::PostcopyLost { destination, .. } => Some(format!(
+                "'{name}' runs from its copy of the handover to {destination}: what it did there \
+                 since is lost, and its disks may have moved on since (writes made on \
+                 {destination} stay)"
+            )),
+            State::PostcopyOut { destination, .. } => Some(format!(
+                "'{name}' runs here from its copy of the handover to {destination}: what it did \
+                 there since is lost, its disks may have moved on since, and {destination} must \
+                 not run its copy (it gets no more pages from here)"
+            )),
+            _ => return None,
+        };
+        if let Some(w) = &warning {
+            log::warn!("forced unpause: {w}");
+        }
+        end_migration_leftovers(&mut self.machine());
+        warning
+    }
+
     /// Pauses, writes a checkpoint, then either ends the guest or lets it run on. A failed
     /// save leaves the guest running as before.
     fn save(
@@ -368,6 +403,7 @@ fn start(dir: &DomainDir, started: Instant) -> anyhow::Result<Started> {
         main,
         busy: AtomicBool::new(false),
         cpu_time_ns,
+        postcopy_links: Mutex::new(None),
     });
     Ok((vmm, listener, main_rx, restore, incoming))
 }
@@ -454,6 +490,9 @@ fn serve_connection(vmm: &Arc<Vmm>, stream: UnixStream) {
                 options,
             };
             return migrate_out::serve(vmm, reader, writer, job);
+        }
+        if let VmmRequest::ResumePostcopy { migration_id } = &req {
+            return postcopy_in::take_resumed(vmm, reader, writer, migration_id);
         }
         if let VmmRequest::Save { path, keep_running } = &req {
             let mut progress_out = &writer;

@@ -22,9 +22,10 @@ use tern_machine::{Machine, MachineState};
 use tern_migration::destination::{self, Received};
 use tern_migration::link::{self, Link, LinkSecurity, Security};
 use tern_migration::transport::{tune_tcp, Channel};
-use tern_migration::{MigrationError, Offer, RamRegion, HANDOVER_TIMEOUT};
+use tern_migration::{MigrationError, Offer, PageSet, RamRegion, HANDOVER_TIMEOUT};
 
 use crate::lifecycle::{Event, State};
+use crate::postcopy_in::{self, Postcopy};
 use crate::record::{DomainRecord, IncomingState};
 use crate::{MainEvent, Vmm};
 
@@ -40,6 +41,8 @@ pub(crate) struct Incoming {
     offer: Offer,
     source: String,
     state_file: PathBuf,
+    /// Post-copy: the pages still to come, once the stream named them.
+    postcopy: Option<Postcopy>,
 }
 
 impl Incoming {
@@ -82,6 +85,7 @@ pub(crate) fn prepare(
             offer,
             source: spec.source.clone(),
             state_file: spec.state_file.clone(),
+            postcopy: None,
         },
     ))
 }
@@ -143,9 +147,12 @@ fn receive(vmm: &Vmm, job: &mut Incoming) -> anyhow::Result<bool> {
         .insert(Channel::new(link::accept_stream(connection, &security)?));
     let t = Instant::now();
     let mut keep_going = || still_wanted(vmm);
-    let received = destination::receive(channel, &regions, &job.offer, &mut keep_going)?;
+    let mut received = destination::receive(channel, &regions, &job.offer, &mut keep_going)?;
     let streamed = t.elapsed();
     load(&vmm.machine(), &received)?;
+    if let Some(missing) = received.missing.take().filter(|m| !m.is_empty()) {
+        job.postcopy = Some(prepare_postcopy(vmm, missing)?);
+    }
     log::info!(
         "incoming: {} pages ({} zeroed) in {:.3} s, state loaded in {:.1} ms",
         received.pages,
@@ -161,13 +168,28 @@ fn receive(vmm: &Vmm, job: &mut Incoming) -> anyhow::Result<bool> {
     )?)
 }
 
-/// `Go` arrived: the guest is this host's. Record it, run it, tell the daemon and the source.
+/// Post-copy: the pages of `missing` are still to come; the guest will fault on them.
+fn prepare_postcopy(vmm: &Vmm, missing: PageSet) -> anyhow::Result<Postcopy> {
+    let pages = missing.count();
+    let prepared = postcopy_in::prepare(&vmm.machine(), missing)?;
+    log::info!("incoming: post-copy, {pages} pages to come after the handover");
+    Ok(prepared)
+}
+
+/// `Go` arrived: the guest is this host's. Record it, run it, tell the daemon and the source;
+/// in post-copy, then serve its faults until every page is here.
 fn commit(vmm: &Vmm, job: &mut Incoming, resume: bool) {
     let go = Instant::now();
+    let postcopy = job.postcopy.take();
     let Some(ch) = job.channel.as_mut() else {
         return;
     };
-    if let Err(e) = IncomingState::Committed.store(&job.state_file) {
+    let committed = if postcopy.is_some() {
+        IncomingState::Postcopy
+    } else {
+        IncomingState::Committed
+    };
+    if let Err(e) = committed.store(&job.state_file) {
         // Without the record the daemon could not vouch for the guest: do not run it.
         let reason = format!("cannot record the handover: {e:#}");
         log::error!("{reason}");
@@ -177,11 +199,17 @@ fn commit(vmm: &Vmm, job: &mut Incoming, resume: bool) {
         let _ = vmm.main.send(MainEvent::IncomingAborted(reason));
         return;
     }
-    // Running (or paused, if it was paused on the source) unless destroyed meanwhile.
-    let _ = vmm.life.apply(Event::IncomingCommitted { resume });
+    // Running (or paused, if it was paused on the source) unless destroyed meanwhile; a
+    // post-copy guest runs (only running guests are sent in post-copy).
+    let event = if postcopy.is_some() {
+        Event::IncomingPostcopy
+    } else {
+        Event::IncomingCommitted { resume }
+    };
+    let _ = vmm.life.apply(event);
     {
         let mut machine = vmm.machine();
-        if vmm.life.state() == State::Running {
+        if matches!(vmm.life.state(), State::Running | State::PostcopyIn { .. }) {
             if let Err(e) = machine.resume() {
                 log::error!("cannot run the arrived guest: {e}");
             }
@@ -196,9 +224,12 @@ fn commit(vmm: &Vmm, job: &mut Incoming, resume: bool) {
         log::warn!("cannot confirm the handover to the source: {e}");
     }
     log::info!(
-        "incoming migration complete: running {:.2} ms after Go",
+        "incoming migration handed over: running {:.2} ms after Go",
         resumed.duration_since(go).as_secs_f64() * 1e3
     );
+    if let (Some(postcopy), Some(ch)) = (postcopy, job.channel.take()) {
+        postcopy_in::serve(vmm, postcopy, ch, resumed, &job.state_file);
+    }
 }
 
 /// Whether the migration may go on: the daemon is still here and nobody destroyed the guest.

@@ -16,11 +16,13 @@ use std::time::Duration;
 use anyhow::Context;
 use tern_api::vmm::VmmReply;
 use tern_api::{write_message, MigrateOptions, MigrationProgress};
-use tern_migration::link::{self, LinkSecurity, Security};
-use tern_migration::source::{send, Observer, Plan, SendError, SourceVm, StateRecords};
-use tern_migration::transport::tune_tcp;
+use tern_migration::link::{self, Link, LinkSecurity, Security};
+use tern_migration::postcopy::{Redial, Redialed};
+use tern_migration::source::{send_postcopy, Observer, Plan, SendError, SourceVm, StateRecords};
+use tern_migration::transport::{tune_tcp, Channel};
 use tern_migration::{
-    Limits, Offer, Outcome, RamRegion, ToDestination, ToSource, OFFER_TIMEOUT, PROTOCOL_VERSION,
+    protocol_for, Limits, MigrationError, Offer, Outcome, RamRegion, ToDestination, ToSource,
+    OFFER_TIMEOUT,
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -80,7 +82,7 @@ pub(crate) fn serve(
 }
 
 /// Says Ok, then receives the connection's descriptor with one byte.
-fn take_connection(
+pub(crate) fn take_connection(
     reader: &BufReader<UnixStream>,
     writer: &mut UnixStream,
 ) -> anyhow::Result<TcpStream> {
@@ -114,7 +116,12 @@ fn migrate(
 ) -> VmmReply {
     let result = plan(vmm, request).map(|plan| {
         let source = MachineSource { vmm };
-        let mut observer = DaemonObserver { vmm, daemon };
+        let mut observer = DaemonObserver {
+            vmm,
+            daemon,
+            destination: &request.destination,
+            migration_id: &request.migration_id,
+        };
         offer_and_send(&source, stream, request, &plan, &mut observer)
     });
     match result {
@@ -138,6 +145,28 @@ fn migrate(
             error(format!(
                 "the migration failed: {e}; the guest keeps running here"
             ))
+        }
+        Ok(Err(SendError::Lost(reason))) => {
+            log::error!(
+                "migration to {}: the destination lost the guest during post-copy: {reason}",
+                request.destination
+            );
+            let _ = vmm.life.apply(Event::PostcopyLost {
+                reason: reason.clone(),
+            });
+            let name = &vmm.record.config.name;
+            error(format!(
+                "the destination lost the guest during post-copy ({reason}): its state since \
+                 the handover is gone. The last whole copy, from the handover, stays paused \
+                 here; `tern unpause --force {name}` runs it (its disks may have moved on since)"
+            ))
+        }
+        Ok(Err(SendError::Abandoned(reason))) => {
+            log::warn!(
+                "migration to {}: stopped serving post-copy: {reason}",
+                request.destination
+            );
+            error(format!("post-copy stopped: {reason}"))
         }
         Ok(Err(SendError::Unresolved(e))) => {
             log::error!(
@@ -180,12 +209,29 @@ fn offer_and_send(
         Ok(answer) => tern_migration::source::accepted(answer),
         Err(e) => Err(e),
     }
-    .map_err(SendError::Failed)?;
+    .map_err(|e| SendError::Failed(postcopy_hint(e, plan.postcopy)))?;
     let stream =
         link::reopen_for_stream(ch, &security, &request.server_name).map_err(SendError::Failed)?;
-    let mut summary = send(source, stream, destination_id, plan, observer)?;
+    let mut redial = Redialer {
+        destination: Destination::of(request),
+        migration_id: request.migration_id.clone(),
+    };
+    let mut summary = send_postcopy(source, stream, destination_id, plan, observer, &mut redial)?;
     summary.insecure = matches!(security, Security::Insecure);
     Ok(summary)
+}
+
+/// The source's hint when a destination refuses a post-copy offer for its protocol version.
+fn postcopy_hint(e: MigrationError, postcopy: bool) -> MigrationError {
+    match e {
+        MigrationError::Refused(reason) if postcopy && reason.contains("protocol version") => {
+            MigrationError::Refused(format!(
+                "{reason} (post-copy needs relocation protocol version 2 on both hosts: \
+                 upgrade the destination, or migrate without --postcopy)"
+            ))
+        }
+        other => other,
+    }
 }
 
 fn error(message: String) -> VmmReply {
@@ -197,11 +243,14 @@ fn plan(vmm: &Vmm, request: &Request) -> anyhow::Result<Plan> {
     let machine = vmm.machine();
     let mut config = vmm.record.config.clone();
     config.uuid = vmm.record.uuid.parse().ok();
+    // Post-copy moves a running guest: a paused one goes warm.
+    let postcopy = request.options.postcopy && request.options.live && !machine.is_paused();
     let offer = Offer {
-        protocol: PROTOCOL_VERSION,
+        protocol: protocol_for(postcopy),
         stream_format: tern_snapshot::FORMAT_VERSION,
         migration_id: request.migration_id.clone(),
         live: request.options.live,
+        postcopy,
         info: crate::save::guest_info(&machine, &vmm.record),
         config: serde_json::to_value(&config)?,
         vcpu_cpuid: machine
@@ -220,6 +269,7 @@ fn plan(vmm: &Vmm, request: &Request) -> anyhow::Result<Plan> {
         destination: request.destination.clone(),
         offer,
         live: request.options.live,
+        postcopy,
         limits,
     })
 }
@@ -286,18 +336,26 @@ impl SourceVm for MachineSource<'_> {
 }
 
 /// Reports to the daemon and stops the migration if the daemon goes away or the guest is
-/// being destroyed.
+/// being destroyed (before the commit point); in post-copy, serves until the pages arrived,
+/// the guest is destroyed here or the user ran this copy.
 struct DaemonObserver<'a> {
     vmm: &'a Vmm,
     daemon: &'a mut UnixStream,
+    destination: &'a str,
+    migration_id: &'a str,
 }
 
 impl Observer for DaemonObserver<'_> {
     fn progress(&mut self, progress: &MigrationProgress) {
-        self.vmm.life.set_progress(format!(
-            "migrating ({}, round {})",
-            progress.phase, progress.round
-        ));
+        let text = if progress.phase.starts_with("post-copy") {
+            format!(
+                "{} to {}: {} pages to go",
+                progress.phase, self.destination, progress.pages_left
+            )
+        } else {
+            format!("migrating ({}, round {})", progress.phase, progress.round)
+        };
+        self.vmm.life.set_progress(text);
         let _ = write_message(self.daemon, &VmmReply::MigrationProgress(progress.clone()));
     }
 
@@ -309,6 +367,25 @@ impl Observer for DaemonObserver<'_> {
             return Err("the daemon went away".into());
         }
         Ok(())
+    }
+
+    fn postcopy_started(&mut self) {
+        let started = Event::PostcopyStarted {
+            migration_id: self.migration_id.to_string(),
+        };
+        if let Err(e) = self.vmm.life.apply(started) {
+            log::warn!("post-copy: {e}");
+        }
+    }
+
+    fn keep_serving(&mut self) -> Result<(), String> {
+        if self.vmm.life.serving_postcopy(self.migration_id) {
+            return Ok(());
+        }
+        if self.vmm.life.ending() {
+            return Err("the guest is being destroyed here".into());
+        }
+        Err("the copy here was run instead (tern unpause --force)".into())
     }
 }
 
@@ -329,11 +406,7 @@ fn peer_closed(stream: &UnixStream) -> bool {
 /// user decides first (forces an unpause or another migration, or destroys the guest).
 fn start_resolver(vmm: &Arc<Vmm>, request: &Request) {
     let vmm = vmm.clone();
-    let destination = Destination {
-        address: request.destination.clone(),
-        server_name: request.server_name.clone(),
-        security: request.security.clone(),
-    };
+    let destination = Destination::of(request);
     let migration_id = request.migration_id.clone();
     let spawned = std::thread::Builder::new()
         .name("resolve".into())
@@ -348,6 +421,82 @@ struct Destination {
     address: String,
     server_name: String,
     security: LinkSecurity,
+}
+
+impl Destination {
+    fn of(request: &Request) -> Destination {
+        Destination {
+            address: request.destination.clone(),
+            server_name: request.server_name.clone(),
+            security: request.security.clone(),
+        }
+    }
+
+    /// Opens a first session to the destination's relocation server and asks `message`; the
+    /// answer, and the session with what secures it (for a second session).
+    fn ask(
+        &self,
+        message: &ToDestination,
+    ) -> Result<(ToSource, Channel<Link>, Security), MigrationError> {
+        let addr: SocketAddr = self
+            .address
+            .parse()
+            .map_err(|_| MigrationError::Vm(format!("bad destination address {}", self.address)))?;
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .map_err(|e| MigrationError::io("reach the destination", e))?;
+        tune_tcp(&stream).map_err(|e| MigrationError::io("set up the connection", e))?;
+        stream
+            .set_write_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| MigrationError::io("set a timeout", e))?;
+        let security = Security::load(&self.security)?;
+        let mut ch = link::open(stream, &security, &self.server_name)?;
+        let answer = link::ask(&mut ch, message, Duration::from_secs(5))?;
+        Ok((answer, ch, security))
+    }
+}
+
+/// Reaches the destination of a post-copy migration again after the connection broke.
+struct Redialer {
+    destination: Destination,
+    migration_id: String,
+}
+
+impl Redialer {
+    fn try_redial(&self) -> Result<Redialed<Link>, MigrationError> {
+        let resume = ToDestination::Resume {
+            migration_id: self.migration_id.clone(),
+        };
+        let (answer, ch, security) = self.destination.ask(&resume)?;
+        Ok(match answer {
+            ToSource::Accept { .. } => Redialed::Resumed(link::reopen_for_stream(
+                ch,
+                &security,
+                &self.destination.server_name,
+            )?),
+            ToSource::Outcome { outcome } => match outcome {
+                Outcome::Committed => Redialed::Complete,
+                Outcome::Aborted => Redialed::NeverRan,
+                Outcome::Lost => Redialed::Lost(
+                    "the destination's guest process ended before every page \
+                                    arrived"
+                        .into(),
+                ),
+                Outcome::Pending => Redialed::Retry(MigrationError::Timeout(
+                    "the destination has not taken the migration back yet".into(),
+                )),
+            },
+            ToSource::Refuse { reason } => Redialed::Retry(MigrationError::Refused(reason)),
+            other => Redialed::Retry(MigrationError::Protocol(format!(
+                "unexpected answer {other:?} to Resume"
+            ))),
+        })
+    }
+}
+
+impl Redial<Link> for Redialer {
+    fn redial(&mut self) -> Redialed<Link> {
+        self.try_redial().unwrap_or_else(Redialed::Retry)
+    }
 }
 
 impl std::fmt::Display for Destination {
@@ -398,6 +547,13 @@ fn resolve(vmm: &Vmm, destination: &Destination, migration_id: &str) {
             Ok(Outcome::Pending) => {
                 log::info!("migration {migration_id}: {destination} has not decided yet")
             }
+            Ok(Outcome::Lost) => {
+                log::error!(
+                    "migration {migration_id}: {destination} ran the guest and lost it; it \
+                     stays paused here until the user decides (tern unpause --force)"
+                );
+                return;
+            }
             Err(e) => log::warn!("migration {migration_id}: cannot ask {destination}: {e:#}"),
         }
     }
@@ -405,19 +561,10 @@ fn resolve(vmm: &Vmm, destination: &Destination, migration_id: &str) {
 
 /// Asks the relocation server at `destination` about `migration_id`.
 fn query(destination: &Destination, migration_id: &str) -> anyhow::Result<Outcome> {
-    let addr: SocketAddr = destination
-        .address
-        .parse()
-        .with_context(|| format!("bad address {destination}"))?;
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-    tune_tcp(&stream)?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let security = Security::load(&destination.security)?;
-    let mut ch = link::open(stream, &security, &destination.server_name)?;
     let query = ToDestination::Query {
         migration_id: migration_id.to_string(),
     };
-    match link::ask(&mut ch, &query, Duration::from_secs(5))? {
+    match destination.ask(&query)?.0 {
         ToSource::Outcome { outcome } => Ok(outcome),
         ToSource::Refuse { reason } => anyhow::bail!("refused: {reason}"),
         other => anyhow::bail!("unexpected answer {other:?}"),

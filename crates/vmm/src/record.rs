@@ -50,10 +50,16 @@ pub enum IncomingState {
     Receiving,
     /// The state is loaded; waiting for `Go`.
     Ready,
-    /// `Go` arrived: the guest is this host's.
+    /// `Go` arrived for a post-copy migration: the guest is this host's and runs, and the
+    /// rest of its pages are arriving.
+    Postcopy,
+    /// `Go` arrived (and, for post-copy, every page): the guest is this host's.
     Committed,
     /// The migration failed here; the guest never ran here.
     Aborted,
+    /// Post-copy: the guest ran here and its process ended before every page had arrived;
+    /// its state since the handover is gone.
+    Lost,
 }
 
 /// Where and how to restore from.
