@@ -300,7 +300,7 @@ fn serve(
                 outcome: Outcome::Pending,
             });
         }
-        ToDestination::Go { .. } => return Ok(()),
+        ToDestination::Go { .. } | ToDestination::Resume { .. } => return Ok(()),
     };
     ch.send(&ToSource::Accept { domain_id: 99 })?;
     let bytes = offer.info.memory_bytes as usize;

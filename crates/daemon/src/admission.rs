@@ -44,7 +44,8 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use kvm_bindings::kvm_cpuid_entry2;
 use tern_config::{DiskBackend, DiskSpec, DomainConfig, RelocationConfig, VifSpec};
-use tern_migration::{Offer, PROTOCOL_VERSION};
+use tern_migration::link::LinkSecurity;
+use tern_migration::{Offer, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// Guest RAM an incoming guest may have, MiB: what tern-config accepts in a guest config.
 pub const MEMORY_MIB: RangeInclusive<u64> = 16..=1_048_576;
@@ -91,8 +92,16 @@ pub struct IncomingPolicy<'a> {
 /// terminal; untrusted text in it is shortened and its control characters escaped.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
-    #[error("this host speaks relocation protocol version {ours}, the source version {theirs}")]
-    ProtocolVersion { ours: u32, theirs: u32 },
+    #[error(
+        "this host speaks relocation protocol versions {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}, the source version {theirs}"
+    )]
+    ProtocolVersion { theirs: u32 },
+    #[error("the offer asks for post-copy, which relocation protocol version {theirs} does not have (version {} does)", tern_migration::protocol::POSTCOPY_PROTOCOL_VERSION)]
+    PostcopyVersion { theirs: u32 },
+    #[error("the offer asks for post-copy of a migration that is not live")]
+    PostcopyNotLive,
+    #[error("migration {migration_id} may be resumed only by the host that started it")]
+    ResumeKey { migration_id: String },
     #[error(
         "this host (tern {ours}) reads migration stream format versions {oldest} to {newest}, the source (tern {source_tern}) sends version {theirs}",
         ours = env!("CARGO_PKG_VERSION"),
@@ -380,6 +389,28 @@ pub fn admit_peer(
     ))
 }
 
+/// Decides whether the peer that showed key `peer` (None: plaintext) may resume post-copy
+/// migration `migration_id`, whose stream this host accepts only as `pinned` says (the key
+/// that made the offer, or plaintext).
+pub fn admit_resume(
+    migration_id: &str,
+    peer: Option<&str>,
+    pinned: &LinkSecurity,
+) -> Result<(), Refusal> {
+    let allowed = match (pinned, peer) {
+        (LinkSecurity::Insecure, None) => true,
+        (LinkSecurity::Tls { trusted, .. }, Some(key)) => trusted.iter().any(|k| k == key),
+        _ => false,
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(Refusal::ResumeKey {
+            migration_id: migration_id.to_string(),
+        })
+    }
+}
+
 /// Decides whether migration `migration_id` is new here: a replayed or repeated offer would
 /// reuse its record in `state_file`.
 pub fn admit_new_migration(migration_id: &str, state_file: &Path) -> anyhow::Result<()> {
@@ -462,11 +493,18 @@ fn check_memory_policy(
 }
 
 fn check_versions(offer: &Offer) -> Result<(), Refusal> {
-    if offer.protocol != PROTOCOL_VERSION {
+    if !(OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&offer.protocol) {
         return Err(Refusal::ProtocolVersion {
-            ours: PROTOCOL_VERSION,
             theirs: offer.protocol,
         });
+    }
+    if offer.postcopy && offer.protocol < tern_migration::protocol::POSTCOPY_PROTOCOL_VERSION {
+        return Err(Refusal::PostcopyVersion {
+            theirs: offer.protocol,
+        });
+    }
+    if offer.postcopy && !offer.live {
+        return Err(Refusal::PostcopyNotLive);
     }
     // A source of the previous release sends the previous format: upgrading a host means
     // migrating its guests away and back.
@@ -1290,10 +1328,24 @@ mod tests {
         let e = f.admit(&o).unwrap_err().to_string();
         assert_eq!(
             e,
-            format!("this host speaks relocation protocol version {PROTOCOL_VERSION}, the source version 999")
+            format!("this host speaks relocation protocol versions 1 to {PROTOCOL_VERSION}, the source version 999")
         );
         assert!(e.contains("protocol version"));
+        // Post-copy needs version 2, and a live migration; version 1 is still taken.
+        o.stream_format = tern_snapshot::FORMAT_VERSION;
+        o.protocol = 1;
+        f.admit(&o).expect("a migration of the previous protocol");
+        o.postcopy = true;
+        let e = f.admit(&o).unwrap_err().to_string();
+        assert!(e.contains("post-copy") && e.contains("version 1"), "{e}");
         o.protocol = PROTOCOL_VERSION;
+        f.admit(&o).expect("a post-copy offer");
+        o.live = false;
+        let e = f.admit(&o).unwrap_err().to_string();
+        assert!(e.contains("not live"), "{e}");
+        o.live = true;
+        o.postcopy = false;
+        o.stream_format = 999;
         let e = f.admit(&o).unwrap_err().to_string();
         assert_eq!(
             e,
@@ -1313,6 +1365,25 @@ mod tests {
             let e = f.admit(&o).unwrap_err().to_string();
             assert_eq!(e, "the offer's migration ID is not a UUID", "{bad}");
         }
+    }
+
+    #[test]
+    fn only_the_source_resumes_its_post_copy() {
+        let pinned = LinkSecurity::Tls {
+            cert_file: "/c".into(),
+            key_file: "/k".into(),
+            trusted: vec!["sha256:aa".into()],
+            ca_file: None,
+        };
+        assert!(admit_resume("m", Some("sha256:aa"), &pinned).is_ok());
+        let e = admit_resume("m", Some("sha256:bb"), &pinned).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "migration m may be resumed only by the host that started it"
+        );
+        assert!(admit_resume("m", None, &pinned).is_err());
+        assert!(admit_resume("m", None, &LinkSecurity::Insecure).is_ok());
+        assert!(admit_resume("m", Some("sha256:aa"), &LinkSecurity::Insecure).is_err());
     }
 
     #[test]

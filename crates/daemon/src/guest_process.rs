@@ -170,3 +170,36 @@ impl Control {
 pub fn request(dir: &DomainDir, req: &VmmRequest) -> anyhow::Result<()> {
     Control::connect(dir)?.expect_ok(req)
 }
+
+/// One request on a fresh connection that may succeed with a warning for the user.
+pub fn request_warned(dir: &DomainDir, req: &VmmRequest) -> anyhow::Result<Option<String>> {
+    match Control::connect(dir)?.call(req)? {
+        VmmReply::Ok => Ok(None),
+        VmmReply::Warning { message } => Ok(Some(message)),
+        VmmReply::Error { message } => bail!(message),
+        other => bail!("unexpected reply from guest process: {other:?}"),
+    }
+}
+
+/// Asks the guest process to take a connection over (`request`) and, once it agrees, passes
+/// it the connection's descriptor `fd` (one byte with `SCM_RIGHTS`): the process speaks to
+/// the other host itself.
+pub fn hand_over(
+    reader: &mut BufReader<UnixStream>,
+    writer: &mut UnixStream,
+    request: &VmmRequest,
+    fd: RawFd,
+) -> anyhow::Result<()> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    write_message(writer, request).context("guest process went away")?;
+    match read_message::<VmmReply>(reader) {
+        Ok(VmmReply::Ok) => {}
+        Ok(VmmReply::Error { message }) => bail!(message),
+        Ok(other) => bail!("unexpected reply from guest process: {other:?}"),
+        Err(e) => bail!("the guest process went away ({e})"),
+    }
+    writer
+        .send_with_fd(&[0u8][..], fd)
+        .context("cannot pass the connection to the guest process")?;
+    Ok(())
+}

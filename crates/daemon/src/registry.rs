@@ -28,6 +28,7 @@ use crate::admission::Resident;
 use crate::guest_process::Control;
 use crate::trust::HostTrust;
 
+pub use incoming::Resumption;
 pub(crate) use launch::Launch;
 
 /// Where a domain is in its life.

@@ -26,7 +26,7 @@ use tern_vmm::record::{IncomingSpec, IncomingState};
 use crate::admission::{admit_new_migration, admit_offer, admit_peer, IncomingPolicy};
 use crate::guest_process::INCOMING_FD;
 use crate::peer_log::PeerLog;
-use crate::registry::{Launch, Registry};
+use crate::registry::{Launch, Registry, Resumption};
 use crate::trust::HostTrust;
 
 /// Where failures not tied to a peer are counted.
@@ -197,12 +197,39 @@ impl Server {
                     ToSource::Refuse { reason }
                 }
             },
+            ToDestination::Resume { migration_id } => self.resume(&channel, &migration_id, peer),
             ToDestination::Go { .. } => ToSource::Refuse {
                 reason: "Go without a migration".into(),
             },
         };
         if let Err(e) = link::answer(&mut channel, &reply) {
             log::warn!("relocation from {peer}: cannot answer: {e}");
+        }
+    }
+
+    /// The source of a post-copy migration came back: the guest process receiving it takes
+    /// the connection over (and speaks next, in the stream's session), or the answer says why
+    /// the migration cannot go on.
+    fn resume(&self, ch: &Channel<Link>, migration_id: &str, peer: SocketAddr) -> ToSource {
+        let key = ch.transport().peer_fingerprint().map(|k| k.to_string());
+        let tcp = ch.transport().tcp_stream();
+        match self
+            .registry
+            .resume_postcopy(migration_id, key.as_deref(), tcp)
+        {
+            Resumption::Taken { id } => {
+                log::info!("{peer} resumed post-copy migration {migration_id} (domain {id})");
+                ToSource::Accept { domain_id: id }
+            }
+            Resumption::Over(outcome) => {
+                log::info!("{peer} asked to resume migration {migration_id}: {outcome:?}");
+                ToSource::Outcome { outcome }
+            }
+            Resumption::Refused(refusal) => {
+                let reason = refusal.to_string();
+                log::warn!("refused to resume migration {migration_id} for {peer}: {reason}");
+                ToSource::Refuse { reason }
+            }
         }
     }
 

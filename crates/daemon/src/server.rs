@@ -102,7 +102,12 @@ fn handle(
         }
         Request::Unpause { domain, force } => {
             let (_, dir) = registry.find_live(&domain)?;
-            guest_process::request(&dir, &VmmRequest::Unpause { force })?;
+            if let Some(message) =
+                guest_process::request_warned(&dir, &VmmRequest::Unpause { force })?
+            {
+                log::warn!("{message}");
+                let _ = write_message(client, &Reply::Warning { message });
+            }
             serde_json::Value::Null
         }
         Request::Shutdown { domain, wait } => {

@@ -54,16 +54,21 @@ fn read_pid(dir: &DomainDir) -> u32 {
         .unwrap_or(0)
 }
 
-/// An adopted domain is still arriving unless its migration was committed.
+/// An adopted domain is still arriving unless its migration was committed (in post-copy
+/// too: the guest runs here then).
 fn adopted_life(record: &DomainRecord, pid: u32) -> Life {
+    let arrived = |spec: &tern_vmm::record::IncomingSpec| {
+        matches!(
+            IncomingState::load(&spec.state_file),
+            Some(IncomingState::Committed | IncomingState::Postcopy)
+        )
+    };
     match &record.incoming {
-        Some(spec) if IncomingState::load(&spec.state_file) != Some(IncomingState::Committed) => {
-            Life::Incoming {
-                pid,
-                migration_id: spec.offer.migration_id.clone(),
-                source: spec.source.clone(),
-            }
-        }
+        Some(spec) if !arrived(spec) => Life::Incoming {
+            pid,
+            migration_id: spec.offer.migration_id.clone(),
+            source: spec.source.clone(),
+        },
         _ => Life::Live { pid },
     }
 }

@@ -2,15 +2,29 @@
 //! (`migrations/<id>.json`), kept after the domain is gone so that a source that lost the
 //! connection can still learn whether the guest runs here.
 
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use tern_api::vmm::ExitReason;
+use tern_api::vmm::{ExitReason, VmmRequest};
 use tern_migration::Outcome;
-use tern_vmm::record::IncomingState;
+use tern_vmm::record::{DomainDir, IncomingSpec, IncomingState};
 
 use super::{Life, Registry};
+use crate::admission::{admit_resume, Refusal};
+use crate::guest_process::{self, Control};
+
+/// What became of a source's request to resume a post-copy migration.
+pub enum Resumption {
+    /// The guest process of domain `id` took the connection over.
+    Taken { id: u32 },
+    /// The migration cannot go on: how it ended (or that it is not decided yet).
+    Over(Outcome),
+    /// This peer may not resume it.
+    Refused(Refusal),
+}
 
 /// How long records of incoming migrations are kept.
 const MIGRATION_RECORD_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -44,6 +58,12 @@ impl Registry {
             // Never accepted here (or so long ago that it was forgotten).
             None | Some(IncomingState::Aborted) => Outcome::Aborted,
             Some(IncomingState::Committed) => Outcome::Committed,
+            Some(IncomingState::Lost) => Outcome::Lost,
+            // The guest runs here but is not whole yet: its source must keep its copy.
+            Some(IncomingState::Postcopy) => match self.postcopy_domain(migration_id) {
+                Some((_, _, pid, _)) if crate::process_alive(pid) => Outcome::Pending,
+                _ => Outcome::Lost,
+            },
             // A process that died undecided never ran the guest.
             Some(IncomingState::Receiving | IncomingState::Ready) => {
                 if self.receiving_alive(migration_id) {
@@ -61,6 +81,87 @@ impl Registry {
             matches!(&d.life, Life::Incoming { pid, migration_id: m, .. }
                 if m == migration_id && crate::process_alive(*pid))
         })
+    }
+
+    /// The running domain that receives post-copy migration `migration_id`: its ID,
+    /// directory, process and incoming spec.
+    fn postcopy_domain(&self, migration_id: &str) -> Option<(u32, DomainDir, u32, IncomingSpec)> {
+        let live: Vec<(u32, DomainDir, u32)> = self
+            .lock()
+            .values()
+            .filter_map(|d| match d.life {
+                Life::Live { pid } => Some((d.id, d.dir.clone(), pid)),
+                _ => None,
+            })
+            .collect();
+        live.into_iter().find_map(|(id, dir, pid)| {
+            let spec = dir.load_record().ok()?.incoming?;
+            (spec.offer.migration_id == migration_id).then_some((id, dir, pid, spec))
+        })
+    }
+
+    /// The source of post-copy migration `migration_id` came back on `connection` (after a
+    /// lost one), showing key `peer`: hands the connection to the guest process receiving
+    /// it, or says why it cannot go on.
+    pub fn resume_postcopy(
+        &self,
+        migration_id: &str,
+        peer: Option<&str>,
+        connection: &TcpStream,
+    ) -> Resumption {
+        if !valid_migration_id(migration_id)
+            || IncomingState::load(&self.migration_file(migration_id))
+                != Some(IncomingState::Postcopy)
+        {
+            return Resumption::Over(self.migration_outcome(migration_id));
+        }
+        let Some((id, dir, pid, spec)) = self.postcopy_domain(migration_id) else {
+            return Resumption::Over(Outcome::Lost);
+        };
+        if let Err(refusal) = admit_resume(migration_id, peer, &spec.security) {
+            return Resumption::Refused(refusal);
+        }
+        let request = VmmRequest::ResumePostcopy {
+            migration_id: migration_id.to_string(),
+        };
+        let passed = Control::connect(&dir).and_then(|mut control| {
+            let (reader, writer) = control.parts_mut();
+            guest_process::hand_over(reader, writer, &request, connection.as_raw_fd())
+        });
+        match passed {
+            Ok(()) => Resumption::Taken { id },
+            Err(e) => {
+                log::warn!("cannot resume migration {migration_id} in domain {id}: {e:#}");
+                // A process that died has not been noticed yet: the source asks again.
+                Resumption::Over(if crate::process_alive(pid) {
+                    Outcome::Pending
+                } else {
+                    Outcome::Lost
+                })
+            }
+        }
+    }
+
+    /// A running domain's process ended: if it was still receiving its memory in post-copy,
+    /// its state since the handover is gone. Records that (the source, asking, learns it),
+    /// forgets the domain, and says so.
+    pub(super) fn postcopy_died(&self, id: u32, dir: &DomainDir) -> bool {
+        let Some(spec) = dir.load_record().ok().and_then(|r| r.incoming) else {
+            return false;
+        };
+        if IncomingState::load(&spec.state_file) != Some(IncomingState::Postcopy) {
+            return false;
+        }
+        if let Err(e) = IncomingState::Lost.store(&spec.state_file) {
+            log::error!("{e:#}");
+        }
+        log::error!(
+            "domain {id} ended during post-copy (migration {}): its state since the handover \
+             is lost; its source keeps its last whole copy, paused",
+            spec.offer.migration_id
+        );
+        self.forget(id);
+        true
     }
 
     /// An arriving guest was handed over: it is this host's now.

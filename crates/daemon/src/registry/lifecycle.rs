@@ -69,6 +69,9 @@ impl Registry {
             self.incoming_ended(id, &migration_id, reason);
             return;
         }
+        if self.postcopy_died(id, &dir) {
+            return;
+        }
         let reason = reason
             .or_else(|| read_exit_file(&dir))
             .unwrap_or(ExitReason::Crash {

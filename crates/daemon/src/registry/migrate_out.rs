@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tern_api::vmm::{VmmReply, VmmRequest};
-use tern_api::{read_message, write_message, MigrateOptions, MigrationProgress, MigrationSummary};
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use tern_api::{read_message, MigrateOptions, MigrationProgress, MigrationSummary};
 
 use super::Registry;
-use crate::guest_process::Control;
+use crate::guest_process::{self, Control};
 
 /// How long connecting to another host's relocation server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,16 +82,7 @@ fn hand_over_connection(
     request: &VmmRequest,
     stream: TcpStream,
 ) -> anyhow::Result<()> {
-    write_message(writer, request).context("guest process went away")?;
-    match read_message::<VmmReply>(reader) {
-        Ok(VmmReply::Ok) => {}
-        Ok(VmmReply::Error { message }) => bail!(message),
-        Ok(other) => bail!("unexpected reply from guest process: {other:?}"),
-        Err(e) => bail!("the guest process went away ({e})"),
-    }
-    writer
-        .send_with_fd(&[0u8][..], stream.as_raw_fd())
-        .context("cannot pass the connection to the guest process")?;
+    guest_process::hand_over(reader, writer, request, stream.as_raw_fd())?;
     // The guest process has its own copy now; the connection closes with it.
     drop(stream);
     Ok(())
