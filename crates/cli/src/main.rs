@@ -71,7 +71,8 @@ enum Command {
         domain: String,
         /// Run it here even if its last migration's outcome is unresolved (the destination
         /// may have it running): the guest may then run on two hosts if the destination also
-        /// runs it. Stops asking the destination.
+        /// runs it. Stops asking the destination. Also runs the copy a post-copy migration
+        /// left here when the destination lost the guest (its disks may have moved on).
         #[arg(long)]
         force: bool,
     },
@@ -125,6 +126,12 @@ enum Command {
         /// destination also runs it. It arrives paused.
         #[arg(long)]
         force: bool,
+        /// Post-copy: after a short pre-copy, run the guest on the destination at once and
+        /// bring the rest of its memory after it (on demand first). Never slows the guest
+        /// down; if the destination dies before every page arrived, the guest's state since
+        /// the handover is lost (its last whole copy stays paused here).
+        #[arg(long, requires = "live")]
+        postcopy: bool,
         #[arg(long)]
         json: bool,
     },
@@ -247,6 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             resource,
             max_downtime,
             force,
+            postcopy,
             json,
         } => {
             let options = MigrateOptions {
@@ -254,6 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 resource_mbit: resource,
                 max_downtime_ms: max_downtime,
                 force,
+                postcopy,
             };
             migrate::migrate(socket, &domain, &destination, options, json)?
         }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use tern_api::{MigrateOptions, MigrationProgress, MigrationSummary, Request};
+use tern_api::{MigrateOptions, MigrationProgress, MigrationSummary, PostcopySummary, Request};
 
 use crate::client;
 use crate::progress::{bytes, ProgressLine};
@@ -55,6 +55,15 @@ fn progress_text(p: &MigrationProgress) -> String {
     } else {
         String::new()
     };
+    if p.phase.starts_with("post-copy") {
+        return format!(
+            "{}: {} pages to go, {} sent, {}/s, ETA {eta}",
+            p.phase,
+            p.pages_left,
+            bytes(p.bytes_sent),
+            bytes(p.rate_bps as u64),
+        );
+    }
     format!(
         "{} round {}, {} pages left, {} sent, {}/s, ETA {eta}{throttle}",
         p.phase,
@@ -112,6 +121,9 @@ pub fn describe(s: &MigrationSummary) -> String {
     };
     out += &format!("  throttling   {throttle}\n");
     out += &format!("  stopped      {}\n", s.stop_reason);
+    if let Some(pc) = &s.postcopy {
+        out += &postcopy_lines(pc);
+    }
     out += &format!(
         "  link         {}\n",
         if s.insecure {
@@ -120,6 +132,25 @@ pub fn describe(s: &MigrationSummary) -> String {
             "TLS 1.3, mutually authenticated"
         }
     );
+    out
+}
+
+/// The post-copy phase: what was missing, how it came, how long the guest waited.
+fn postcopy_lines(pc: &PostcopySummary) -> String {
+    let mut out = format!(
+        "  post-copy    {} pages missing at the handover: {} fetched on demand ({} faults), {} pushed\n",
+        pc.pages_missing, pc.pages_fetched, pc.faults, pc.pages_pushed
+    );
+    out += &format!(
+        "               every page there {:.3} s after the resume; longest fault wait {:.1} ms\n",
+        pc.seconds_until_complete, pc.longest_fault_wait_ms
+    );
+    if pc.reconnects > 0 {
+        out += &format!(
+            "               the link broke and was resumed {} time(s)\n",
+            pc.reconnects
+        );
+    }
     out
 }
 
@@ -157,5 +188,32 @@ mod tests {
         assert!(text.contains("pages 1000, 12 (paused)"), "{text}");
         assert!(text.contains("up to 40%"), "{text}");
         assert!(text.contains("vCPU stall   4.5 ms"), "{text}");
+        assert!(!text.contains("post-copy"), "{text}");
+    }
+
+    #[test]
+    fn summary_names_the_post_copy_phase() {
+        let s = MigrationSummary {
+            live: true,
+            postcopy: Some(PostcopySummary {
+                pages_missing: 1000,
+                pages_fetched: 120,
+                pages_pushed: 880,
+                faults: 118,
+                seconds_until_complete: 0.25,
+                longest_fault_wait_ms: 3.5,
+                reconnects: 1,
+            }),
+            ..Default::default()
+        };
+        let text = describe(&s);
+        assert!(text.contains("1000 pages missing"), "{text}");
+        assert!(
+            text.contains("120 fetched on demand (118 faults), 880 pushed"),
+            "{text}"
+        );
+        assert!(text.contains("0.250 s after the resume"), "{text}");
+        assert!(text.contains("longest fault wait 3.5 ms"), "{text}");
+        assert!(text.contains("resumed 1 time"), "{text}");
     }
 }
