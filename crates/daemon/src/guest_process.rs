@@ -153,6 +153,12 @@ impl Control {
         }
     }
 
+    /// Asks the process to take connection `fd` over with `request` (see [`hand_over`]),
+    /// within the usual request timeouts.
+    pub fn hand_over(&mut self, request: &VmmRequest, fd: RawFd) -> anyhow::Result<()> {
+        hand_over(&mut self.reader, &mut self.writer, request, fd)
+    }
+
     /// Reader and writer, for exchanges longer than one request and reply; no timeouts.
     pub fn parts_mut(&mut self) -> (&mut BufReader<UnixStream>, &mut UnixStream) {
         let _ = self.writer.set_read_timeout(None);

@@ -14,7 +14,7 @@ use tern_vmm::record::{DomainDir, IncomingSpec, IncomingState};
 
 use super::{Life, Registry};
 use crate::admission::{admit_resume, Refusal};
-use crate::guest_process::{self, Control};
+use crate::guest_process::Control;
 
 /// What became of a source's request to resume a post-copy migration.
 pub enum Resumption {
@@ -124,10 +124,8 @@ impl Registry {
         let request = VmmRequest::ResumePostcopy {
             migration_id: migration_id.to_string(),
         };
-        let passed = Control::connect(&dir).and_then(|mut control| {
-            let (reader, writer) = control.parts_mut();
-            guest_process::hand_over(reader, writer, &request, connection.as_raw_fd())
-        });
+        let passed = Control::connect(&dir)
+            .and_then(|mut control| control.hand_over(&request, connection.as_raw_fd()));
         match passed {
             Ok(()) => Resumption::Taken { id },
             Err(e) => {
