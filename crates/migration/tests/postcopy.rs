@@ -23,7 +23,7 @@ use tern_migration::{
     ArrivedReport, GuestRegion, Limits, MigrationError, Offer, RamRegion, ToDestination, ToSource,
     PROTOCOL_VERSION,
 };
-use tern_snapshot::{Info, FORMAT_VERSION};
+use tern_snapshot::{Info, PageRun, RecordType, SnapshotWriter, FORMAT_VERSION};
 use vm_memory::GuestAddress;
 
 const PAGE: usize = 4096;
@@ -669,4 +669,85 @@ fn a_destination_that_dies_in_post_copy_leaves_the_source_paused() {
     assert!(dest.report.is_err());
     assert!(vm.is_paused(), "the last whole copy stays paused");
     assert_eq!(vm.resumes.load(Ordering::Relaxed), 0);
+}
+
+/// A stream as a source writes it: INFO, CONFIG, one page, `between` (records written by the
+/// test), the state and END.
+fn stream(offer: &Offer, between: impl FnOnce(&mut SnapshotWriter<Vec<u8>>)) -> Vec<u8> {
+    let mut w = SnapshotWriter::new(Vec::new(), false).unwrap();
+    w.info(&offer.info).unwrap();
+    w.record(
+        RecordType::CONFIG,
+        &serde_json::to_vec(&offer.config).unwrap(),
+    )
+    .unwrap();
+    let page = vec![7u8; PAGE];
+    let one = |pfn| PageRun {
+        first_pfn: pfn,
+        pages: 1,
+    };
+    w.pages(&[one(FIRST_PFN)], &[&page], 1).unwrap();
+    between(&mut w);
+    w.record(RecordType::MACHINE, b"machine").unwrap();
+    w.record(RecordType::VCPU, b"vcpu0").unwrap();
+    w.finish().unwrap()
+}
+
+/// Feeds `bytes` to a destination over loopback; what it received, or why it refused.
+fn receive(offer: &Offer, bytes: Vec<u8>) -> Result<destination::Received, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let _ = s.write_all(&bytes);
+        let _ = s.shutdown(Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    });
+    let (stream, _) = listener.accept().unwrap();
+    let region = memory(64);
+    let mut ch = Channel::new(stream);
+    let result =
+        destination::receive(&mut ch, &[region], offer, &mut || Ok(())).map_err(|e| e.to_string());
+    drop(ch);
+    writer.join().unwrap();
+    result
+}
+
+#[test]
+fn missing_records_are_held_to_the_protocol() {
+    let run = |first_pfn, pages| PageRun { first_pfn, pages };
+    let postcopy = offer(64);
+    let missing = stream(&postcopy, |w| {
+        w.missing(&[run(FIRST_PFN, 2), run(FIRST_PFN + 10, 5)])
+            .unwrap();
+        w.missing(&[run(FIRST_PFN + 63, 1)]).unwrap();
+    });
+    let got = receive(&postcopy, missing.clone()).unwrap();
+    let set = got.missing.expect("the missing pages");
+    assert_eq!(set.count(), 8);
+    assert!(set.contains(FIRST_PFN + 1) && set.contains(FIRST_PFN + 63));
+
+    let mut plain = offer(64);
+    plain.postcopy = false;
+    let e = receive(&plain, missing).unwrap_err();
+    assert!(e.contains("not for post-copy"), "{e}");
+
+    let page = vec![1u8; PAGE];
+    let late = stream(&postcopy, |w| {
+        w.missing(&[run(FIRST_PFN, 1)]).unwrap();
+        w.pages(&[run(FIRST_PFN + 1, 1)], &[&page], 1).unwrap();
+    });
+    let e = receive(&postcopy, late).unwrap_err();
+    assert!(e.contains("PAGES record after a MISSING record"), "{e}");
+
+    for outside in [
+        run(FIRST_PFN - 1, 1),
+        run(FIRST_PFN + 63, 2),
+        run(FIRST_PFN + 64, 1),
+    ] {
+        let bad = stream(&postcopy, |w| w.missing(&[outside]).unwrap());
+        let e = receive(&postcopy, bad).unwrap_err();
+        assert!(e.contains("outside"), "{outside:?}: {e}");
+    }
 }
