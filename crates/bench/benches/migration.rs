@@ -281,7 +281,11 @@ fn tern_migration(
                 .collect()
         })
         .unwrap_or_default();
-    println!("  tern rounds: {}", rounds.join(" "));
+    println!(
+        "  tern rounds: {} ({})",
+        rounds.join(" "),
+        s["stop_reason"].as_str().unwrap_or("")
+    );
     let last_seq = h2
         .heartbeats("bench")?
         .pop()

@@ -262,8 +262,15 @@ impl SourceVm for MachineSource<'_> {
         self.vmm.machine().stop_dirty_log().map_err(msg)
     }
 
-    fn take_dirty(&self) -> Result<Vec<Vec<u64>>, String> {
-        self.vmm.machine().take_dirty_pages().map_err(msg)
+    fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, String> {
+        self.vmm.machine().dirty_pages().map_err(msg)
+    }
+
+    fn rearm(&self, region: usize, first_page: u64, bits: &[u64]) -> Result<(), String> {
+        self.vmm
+            .machine()
+            .rearm_dirty(region, first_page, bits)
+            .map_err(msg)
     }
 
     fn set_throttle(&self, percent: u8) -> Result<(), String> {
