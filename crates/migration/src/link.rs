@@ -150,6 +150,13 @@ impl Transport for Link {
         }
     }
 
+    fn wait_for_input(&self, timeout: Duration) -> io::Result<bool> {
+        match self {
+            Link::Tls(s) if s.has_buffered_plaintext() => Ok(true),
+            _ => self.tcp().wait_for_input(timeout),
+        }
+    }
+
     fn unacknowledged(&self) -> io::Result<usize> {
         let pending = match self {
             Link::Plain(_) => 0,
