@@ -57,6 +57,8 @@ pub struct Domain {
     pub life: Life,
     /// Recent automatic restarts, to stop a crash loop.
     restarts: Vec<Instant>,
+    /// Its migration to another host, from the request until it ends.
+    outgoing: Option<migrate_out::Outgoing>,
 }
 
 impl Domain {
@@ -69,6 +71,7 @@ impl Domain {
             dir,
             life: Life::Starting,
             restarts: Vec::new(),
+            outgoing: None,
         }
     }
 

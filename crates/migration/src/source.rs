@@ -70,9 +70,15 @@ pub trait SourceVm {
 /// Who watches a migration.
 pub trait Observer {
     fn progress(&mut self, progress: &MigrationProgress);
-    /// Asked between records and just before the commit point; an error cancels the
+    /// Asked between records and while waiting for the destination; an error cancels the
     /// migration (the guest stays here).
     fn keep_going(&mut self) -> Result<(), String>;
+    /// Asked once, at the commit point, just before `Go`: an error cancels the migration as
+    /// [`Observer::keep_going`] does; `Ok` hands the guest over, so from then on the observer
+    /// must refuse to cancel. By default the same question as `keep_going`.
+    fn commit(&mut self) -> Result<(), String> {
+        self.keep_going()
+    }
 }
 
 /// What to migrate, where, and how.
@@ -235,7 +241,7 @@ impl Sender<'_> {
         }
         let ready = Instant::now();
         // The commit point: past it the guest is the destination's.
-        if let Err(reason) = self.observer.keep_going() {
+        if let Err(reason) = self.observer.commit() {
             self.undo(live, was_running);
             return Err(SendError::Failed(MigrationError::Cancelled(reason)));
         }
@@ -571,8 +577,13 @@ impl Sender<'_> {
         w.mark(u64::from(round))
             .map_err(|e| MigrationError::io("send a round mark", e))?;
         let ch = w.get_mut();
+        let observer = &mut self.observer;
         loop {
-            match ch.receive::<ToSource>(STALL_TIMEOUT)? {
+            // The destination may take a while to apply the round: a cancel is noticed meanwhile.
+            let answer = ch.receive_unless(STALL_TIMEOUT, || {
+                observer.keep_going().map_err(MigrationError::Cancelled)
+            });
+            match answer? {
                 ToSource::Marked { seq } if seq == u64::from(round) => return Ok(()),
                 ToSource::Marked { .. } => {}
                 ToSource::Abort { reason } => {
@@ -607,7 +618,11 @@ impl Sender<'_> {
     }
 
     fn await_ready<T: Transport>(&mut self, ch: &mut Channel<T>) -> Result<(), MigrationError> {
-        match ch.receive::<ToSource>(HANDOVER_TIMEOUT)? {
+        let observer = &mut self.observer;
+        let answer = ch.receive_unless(HANDOVER_TIMEOUT, || {
+            observer.keep_going().map_err(MigrationError::Cancelled)
+        });
+        match answer? {
             ToSource::Ready => Ok(()),
             ToSource::Abort { reason } => Err(MigrationError::PeerAborted {
                 side: "destination",

@@ -301,7 +301,13 @@ enum Dest {
     AbortMidStream,
     /// Disappears after Ready: never answers Go.
     VanishAfterReady,
+    /// Takes [`SLOW_ACK`] to acknowledge the first MARK (of a guest small enough that its
+    /// first round is one PAGES record: the MARK is the stream's fourth item).
+    SlowToAcknowledge,
 }
+
+/// How long [`Dest::SlowToAcknowledge`] sits on the first MARK.
+const SLOW_ACK: Duration = Duration::from_secs(4);
 
 struct DestResult {
     memory: Arc<Memory>,
@@ -341,6 +347,9 @@ fn destination(
             records += 1;
             if mode == Dest::AbortMidStream && records > 20 {
                 return Err("the destination ran out of patience".to_string());
+            }
+            if mode == Dest::SlowToAcknowledge && records == 4 {
+                std::thread::sleep(SLOW_ACK);
             }
             Ok(())
         };
@@ -508,6 +517,52 @@ fn cancelling_before_the_commit_point_resumes_the_guest() {
     ));
     assert!(!dest.committed);
     assert!(!vm.is_paused());
+}
+
+#[test]
+fn a_cancel_is_noticed_while_the_destination_applies_a_round() {
+    // 64 pages: round 0 is one record, so the first question is asked while the engine waits
+    // for the destination's acknowledgement, which takes seconds.
+    let vm = FakeVm::new(64, 64, 0..0, 0);
+    vm.set_throttle(30).expect("throttle");
+    let mut watch = Watch {
+        cancel_after: Some(0),
+        ..Watch::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = destination(listener, 64, vm.first_pfn, Dest::SlowToAcknowledge);
+    let plan = Plan {
+        domain: "g".into(),
+        destination: addr.to_string(),
+        offer: offer(&vm),
+        live: true,
+        limits: Limits::default(),
+    };
+    let mut ch = Channel::new(TcpStream::connect(addr).unwrap());
+    let id = tern_migration::source::offer(&mut ch, &plan.offer).unwrap();
+    let started = Instant::now();
+    let result = send(&vm, ch.into_transport().unwrap(), id, &plan, &mut watch);
+    let cancelled_after = started.elapsed();
+    match result {
+        Err(SendError::Failed(MigrationError::Cancelled(reason))) => {
+            assert_eq!(reason, "cancelled by the test")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        cancelled_after < SLOW_ACK / 2,
+        "the cancel waited for the acknowledgement: {cancelled_after:?}"
+    );
+    assert_eq!(watch.asked, 1, "asked once, while waiting");
+    // As before the migration: running, at full speed, no dirty log.
+    assert!(!vm.is_paused());
+    assert_eq!(vm.throttle.load(Ordering::Relaxed), 0);
+    assert!(
+        vm.dirty.lock().unwrap().is_none(),
+        "the dirty log is still on"
+    );
+    assert!(!dest.join().unwrap().committed);
 }
 
 #[test]

@@ -5,6 +5,11 @@
 //! The daemon must stay for the whole transfer: if its connection closes before the commit
 //! point the migration is cancelled and the guest keeps running here (a restarted daemon
 //! adopts it). After the commit point the migration completes without it.
+//!
+//! The user cancels a migration through the lifecycle (`Event::CancelMigration`, on another
+//! control connection): the engine asks [`DaemonObserver`] between records and while it waits
+//! for the destination, and at the commit point the observer moves the lifecycle past it in
+//! one step or refuses because a cancel came first.
 
 use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
@@ -20,11 +25,12 @@ use tern_migration::link::{self, LinkSecurity, Security};
 use tern_migration::source::{send, Observer, Plan, SendError, SourceVm, StateRecords};
 use tern_migration::transport::tune_tcp;
 use tern_migration::{
-    Limits, Offer, Outcome, RamRegion, ToDestination, ToSource, OFFER_TIMEOUT, PROTOCOL_VERSION,
+    Limits, MigrationError, Offer, Outcome, RamRegion, ToDestination, ToSource, OFFER_TIMEOUT,
+    PROTOCOL_VERSION,
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::lifecycle::{Event, ResolverStep, State};
+use crate::lifecycle::{Event, OutStage, ResolverStep, State, CANCELLED_ON_REQUEST};
 use crate::{MainEvent, Vmm};
 
 /// A migration the daemon asked for.
@@ -133,11 +139,24 @@ fn migrate(
             VmmReply::Migrated(summary)
         }
         Ok(Err(SendError::Failed(e))) => {
-            let _ = vmm.life.apply(Event::MigrationFailed);
+            let before = vmm.life.apply(Event::MigrationFailed);
+            let here = where_the_guest_stays(&vmm.life.state());
+            if let Ok(State::MigratingOut {
+                stage: OutStage::Cancelling,
+                ..
+            }) = before
+            {
+                log::info!(
+                    "migration to {} cancelled on request ({e})",
+                    request.destination
+                );
+                return error(format!(
+                    "the migration of '{}' to {} was cancelled; {here}",
+                    vmm.record.config.name, request.destination
+                ));
+            }
             log::warn!("migration to {} failed: {e}", request.destination);
-            error(format!(
-                "the migration failed: {e}; the guest keeps running here"
-            ))
+            error(format!("the migration failed: {e}; {here}"))
         }
         Ok(Err(SendError::Unresolved(e))) => {
             log::error!(
@@ -176,11 +195,19 @@ fn offer_and_send(
     }
     let mut ch = link::open(stream, &security, &request.server_name).map_err(SendError::Failed)?;
     let offer = ToDestination::Offer(Box::new(plan.offer.clone()));
-    let destination_id = match link::ask(&mut ch, &offer, OFFER_TIMEOUT) {
+    // The destination builds the guest's machine before it answers: a cancel is heard meanwhile.
+    let answer = link::ask_unless(&mut ch, &offer, OFFER_TIMEOUT, || {
+        observer.keep_going().map_err(MigrationError::Cancelled)
+    });
+    let destination_id = match answer {
         Ok(answer) => tern_migration::source::accepted(answer),
         Err(e) => Err(e),
     }
     .map_err(SendError::Failed)?;
+    // A cancel that came with the answer: stop before the stream starts.
+    observer
+        .keep_going()
+        .map_err(|reason| SendError::Failed(MigrationError::Cancelled(reason)))?;
     let stream =
         link::reopen_for_stream(ch, &security, &request.server_name).map_err(SendError::Failed)?;
     let mut summary = send(source, stream, destination_id, plan, observer)?;
@@ -190,6 +217,18 @@ fn offer_and_send(
 
 fn error(message: String) -> VmmReply {
     VmmReply::Error { message }
+}
+
+/// Where the guest is after a migration that did not happen, in `state`.
+fn where_the_guest_stays(state: &State) -> &'static str {
+    match state {
+        State::Paused => "the guest stays here, paused",
+        State::Unresolved { .. } => {
+            "the guest stays paused here (its earlier migration is still unresolved)"
+        }
+        State::Ending => "the guest is ending",
+        _ => "the guest keeps running here",
+    }
 }
 
 /// What to send: the offer from the running machine, and the user's options.
@@ -292,8 +331,8 @@ impl SourceVm for MachineSource<'_> {
     }
 }
 
-/// Reports to the daemon and stops the migration if the daemon goes away or the guest is
-/// being destroyed.
+/// Reports to the daemon and stops the migration if the user cancels it, the daemon goes away
+/// or the guest is being destroyed.
 struct DaemonObserver<'a> {
     vmm: &'a Vmm,
     daemon: &'a mut UnixStream,
@@ -312,10 +351,20 @@ impl Observer for DaemonObserver<'_> {
         if self.vmm.life.ending() {
             return Err("the guest is being destroyed".into());
         }
+        if self.vmm.life.cancel_requested() {
+            return Err(CANCELLED_ON_REQUEST.into());
+        }
         if peer_closed(self.daemon) {
             return Err("the daemon went away".into());
         }
         Ok(())
+    }
+
+    /// Passes the commit point in the lifecycle, unless a cancel (or a destroy) came first:
+    /// from here on a cancel is refused.
+    fn commit(&mut self) -> Result<(), String> {
+        self.keep_going()?;
+        self.vmm.life.apply(Event::CommitPoint).map(|_| ())
     }
 }
 
