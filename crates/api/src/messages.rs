@@ -54,6 +54,12 @@ pub enum Request {
         #[serde(flatten)]
         options: MigrateOptions,
     },
+    /// Cancel the outgoing migration of a guest of this host (before the handover's commit
+    /// point: the guest stays here as it was and the destination discards what it built).
+    /// Answered with a [`MigrationCancel`] once the migration has stopped.
+    CancelMigration {
+        domain: String,
+    },
     /// This host's relocation key fingerprint (`sha256:…`).
     Fingerprint,
     /// Trust the host whose key has `fingerprint` for migrations in both directions.
@@ -355,6 +361,22 @@ impl MigrationSummary {
     }
 }
 
+/// What cancelling a migration did (the confirmation `tern migrate --cancel` prints).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationCancel {
+    pub domain: String,
+    /// Where the guest was going (the relocation server's address), when this daemon started
+    /// the migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    /// The migration has ended and the guest is here as before it. False: the cancel is
+    /// recorded but the migration had not stopped yet when the daemon stopped waiting (it
+    /// stops at its next check, and cannot pass the commit point any more).
+    pub stopped: bool,
+    /// The guest's state here afterwards.
+    pub state: DomainState,
+}
+
 /// The parts of a migration's downtime, in milliseconds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DowntimeParts {
@@ -410,6 +432,16 @@ mod tests {
             Request::Migrate { options, .. } => assert!(!options.force),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn cancel_names_the_domain() {
+        let r = Request::CancelMigration {
+            domain: "g1".into(),
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"op":"cancel_migration","domain":"g1"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
     }
 
     #[test]

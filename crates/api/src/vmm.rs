@@ -45,6 +45,11 @@ pub enum VmmRequest {
     ResumePostcopy {
         migration_id: String,
     },
+    /// Cancel the migration under way: the engine gives up at its next check (within a
+    /// record or a short wait) unless it is past the commit point. Answered at once: `Ok` if
+    /// the cancel is accepted (it cannot pass the commit point any more), `Error` saying why
+    /// not (not migrating, or already handing over).
+    CancelMigration,
 }
 
 /// How a guest process secures a relocation connection, as its daemon tells it: paths and

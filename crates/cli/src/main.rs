@@ -107,11 +107,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Move a running guest to the daemon whose relocation server listens at HOST[:PORT].
+    /// Move a running guest to the daemon whose relocation server listens at HOST[:PORT]
+    /// (Ctrl-C cancels it until the handover); or, with --cancel, cancel its migration.
     Migrate {
         domain: String,
         /// HOST or HOST:PORT (port 8002 unless given).
-        destination: String,
+        #[arg(required_unless_present = "cancel")]
+        destination: Option<String>,
+        /// Cancel the guest's migration under way (from any terminal): before the handover the
+        /// guest stays here as it was and the destination removes what it built.
+        #[arg(long, conflicts_with_all = ["destination", "live", "resource", "max_downtime", "force", "postcopy"])]
+        cancel: bool,
         /// Copy memory while the guest runs; pause it only for the last pages.
         #[arg(short, long)]
         live: bool,
@@ -250,22 +256,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate {
             domain,
             destination,
+            cancel,
             live,
             resource,
             max_downtime,
             force,
             postcopy,
             json,
-        } => {
-            let options = MigrateOptions {
-                live,
-                resource_mbit: resource,
-                max_downtime_ms: max_downtime,
-                force,
-                postcopy,
-            };
-            migrate::migrate(socket, &domain, &destination, options, json)?
-        }
+        } => match destination {
+            _ if cancel => migrate::cancel(socket, &domain, json)?,
+            Some(destination) => {
+                let options = MigrateOptions {
+                    live,
+                    resource_mbit: resource,
+                    max_downtime_ms: max_downtime,
+                    force,
+                    postcopy,
+                };
+                migrate::migrate(socket, &domain, &destination, options, json)?
+            }
+            None => anyhow::bail!("tern migrate needs a destination (or --cancel)"),
+        },
         Command::Fingerprint { json } => {
             let data = client::call(socket, &Request::Fingerprint)?;
             if json {

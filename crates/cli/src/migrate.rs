@@ -1,9 +1,16 @@
-//! `tern migrate`.
+//! `tern migrate`, and cancelling a migration: `tern migrate --cancel`, or Ctrl-C on the
+//! `tern migrate` that started it.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
-use tern_api::{MigrateOptions, MigrationProgress, MigrationSummary, PostcopySummary, Request};
+use anyhow::{bail, Context};
+use tern_api::{
+    DomainState, MigrateOptions, MigrationCancel, MigrationProgress, MigrationSummary,
+    PostcopySummary, Request,
+};
 
 use crate::client;
 use crate::progress::{bytes, ProgressLine};
@@ -15,6 +22,7 @@ pub fn migrate(
     options: MigrateOptions,
     json: bool,
 ) -> anyhow::Result<()> {
+    let progress_seen = cancel_on_ctrl_c(socket, domain)?;
     let mut conn = client::send(
         socket,
         &Request::Migrate {
@@ -25,6 +33,7 @@ pub fn migrate(
     )?;
     let mut line = ProgressLine::new(&format!("migrating {domain}"));
     let result = client::finish(&mut conn, |data| {
+        progress_seen.store(true, Ordering::Release);
         if let Ok(p) = serde_json::from_value::<MigrationProgress>(data.clone()) {
             line.draw(|| progress_text(&p));
         }
@@ -43,6 +52,148 @@ pub fn migrate(
         print!("{}", describe(&summary));
     }
     Ok(())
+}
+
+/// `tern migrate --cancel`: cancels the guest's migration and says how it ended.
+pub fn cancel(socket: &Path, domain: &str, json: bool) -> anyhow::Result<()> {
+    let data = client::call(
+        socket,
+        &Request::CancelMigration {
+            domain: domain.into(),
+        },
+    )?;
+    let outcome: MigrationCancel =
+        serde_json::from_value(data).context("the daemon sent a malformed answer to the cancel")?;
+    if json {
+        println!("{}", serde_json::to_string(&outcome)?);
+    } else {
+        println!("{}", describe_cancel(&outcome));
+    }
+    Ok(())
+}
+
+/// The one-line confirmation of a cancel.
+fn describe_cancel(c: &MigrationCancel) -> String {
+    let to = c
+        .destination
+        .as_deref()
+        .map_or_else(String::new, |d| format!(" to {d}"));
+    if !c.stopped {
+        return format!(
+            "Cancelling the migration of {}{to}: it can no longer hand the guest over and stops \
+             at its next check (tern list shows when)",
+            c.domain
+        );
+    }
+    let here = match c.state {
+        DomainState::Running | DomainState::Blocked => "it keeps running here".to_string(),
+        DomainState::Paused => "it stays here, paused".to_string(),
+        other => format!("it is {} here", other.as_str()),
+    };
+    format!("Cancelled the migration of {}{to}; {here}", c.domain)
+}
+
+/// Makes Ctrl-C cancel the migration this command starts rather than end the command and
+/// leave the migration running: SIGINT is blocked in this thread (and so in any it starts)
+/// and taken by a thread of its own, which asks the daemon to cancel; the migration's end is
+/// then reported as usual. Returns the flag to raise once the daemon relays progress (the
+/// migration is then under way, so a refusal to cancel is final).
+fn cancel_on_ctrl_c(socket: &Path, domain: &str) -> anyhow::Result<Arc<AtomicBool>> {
+    let progress_seen = Arc::new(AtomicBool::new(false));
+    if sigint_ignored() {
+        // Started with SIGINT ignored (in the background of a script, under nohup): leave it so.
+        return Ok(progress_seen);
+    }
+    let signals = sigint_only();
+    // SAFETY: changes the signal mask of this thread, before it starts any other.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+    if rc != 0 {
+        bail!(
+            "cannot take over Ctrl-C: {}",
+            std::io::Error::from_raw_os_error(rc)
+        );
+    }
+    let seen = progress_seen.clone();
+    let (socket, domain) = (socket.to_path_buf(), domain.to_string());
+    std::thread::Builder::new()
+        .name("ctrl-c".into())
+        .spawn(move || cancel_when_interrupted(&socket, &domain, &seen))
+        .context("cannot take over Ctrl-C")?;
+    Ok(progress_seen)
+}
+
+/// Whether this process ignores SIGINT (as programs started in the background by a shell
+/// without job control do).
+fn sigint_ignored() -> bool {
+    // SAFETY: sigaction with a null new action only reads the current one into `current`.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGINT, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+/// A signal set holding SIGINT alone.
+fn sigint_only() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set; sigaddset adds a valid signal number.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Waits for the next SIGINT (blocked, so it waits here rather than ending the process).
+fn wait_for_sigint() -> bool {
+    let signals = sigint_only();
+    let mut signal = 0;
+    // SAFETY: sigwait reads the set and writes one int.
+    unsafe { libc::sigwait(&signals, &mut signal) == 0 }
+}
+
+/// The Ctrl-C thread: on the first Ctrl-C, asks the daemon to cancel the migration of
+/// `domain`; on a second, stops waiting for it to end.
+fn cancel_when_interrupted(socket: &Path, domain: &str, progress_seen: &AtomicBool) {
+    if !wait_for_sigint() {
+        return;
+    }
+    eprintln!(
+        "\nCtrl-C: cancelling the migration of {domain} (Ctrl-C again stops waiting for it to end)"
+    );
+    let name = domain.to_string();
+    let _ = std::thread::Builder::new()
+        .name("ctrl-c-again".into())
+        .spawn(move || {
+            if wait_for_sigint() {
+                eprintln!(
+                    "Error: stopped waiting; the migration of '{name}' is being cancelled \
+                     (tern list shows it)"
+                );
+                std::process::exit(130);
+            }
+        });
+    let request = Request::CancelMigration {
+        domain: domain.to_string(),
+    };
+    loop {
+        // Progress relayed before this attempt: the daemon had the migration, so its answer
+        // is final. Before that it may not have started it yet: try again shortly.
+        let under_way = progress_seen.load(Ordering::Acquire);
+        match client::call(socket, &request) {
+            // The migration's own answer reports the cancellation.
+            Ok(_) => return,
+            Err(e) if under_way => {
+                eprintln!("Warning: cannot cancel: {}", one_line(&format!("{e:#}")));
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The progress text: phase, round, pages left, rate, ETA, throttle.
@@ -158,6 +309,24 @@ fn postcopy_lines(pc: &PostcopySummary) -> String {
 mod tests {
     use super::*;
     use tern_api::MigrationRound;
+
+    #[test]
+    fn a_cancel_says_where_the_guest_is() {
+        let mut c = MigrationCancel {
+            domain: "g".into(),
+            destination: Some("10.0.0.2:8002".into()),
+            stopped: true,
+            state: DomainState::Blocked,
+        };
+        assert_eq!(
+            describe_cancel(&c),
+            "Cancelled the migration of g to 10.0.0.2:8002; it keeps running here"
+        );
+        c.state = DomainState::Paused;
+        assert!(describe_cancel(&c).ends_with("it stays here, paused"));
+        c.stopped = false;
+        assert!(describe_cancel(&c).starts_with("Cancelling the migration of g to"));
+    }
 
     #[test]
     fn summary_names_rounds_and_throttling() {

@@ -58,6 +58,8 @@ pub struct Domain {
     pub life: Life,
     /// Recent automatic restarts, to stop a crash loop.
     restarts: Vec<Instant>,
+    /// Its migration to another host, from the request until it ends.
+    outgoing: Option<migrate_out::Outgoing>,
 }
 
 impl Domain {
@@ -70,6 +72,7 @@ impl Domain {
             dir,
             life: Life::Starting,
             restarts: Vec::new(),
+            outgoing: None,
         }
     }
 

@@ -145,6 +145,9 @@ fn handle(
             })?;
             serde_json::to_value(summary)?
         }
+        Request::CancelMigration { domain } => {
+            serde_json::to_value(registry.cancel_migration(&domain)?)?
+        }
         Request::Fingerprint => serde_json::json!({
             "fingerprint": registry.trust().fingerprint().to_string()
         }),

@@ -7,6 +7,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;
+pub mod dirty_log;
 pub mod layout;
 pub mod memory;
 pub mod state;
@@ -209,7 +210,8 @@ impl Machine {
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
         // RAM before the irqchip: with an in-kernel irqchip present, the VM's first memory
         // slot costs several milliseconds on some hosts (7 ms here), without it well under one.
-        let ram = GuestRam::new_memfd(mem_mib)?;
+        let mut ram = GuestRam::new_memfd(mem_mib)?;
+        ram.set_manual_protect(dirty_log::enable_manual_protect(&vm));
         ram.register(&vm)?;
         vm.set_tss_address(0xfffb_d000)
             .map_err(kvm_err("set TSS address"))?;
@@ -405,20 +407,39 @@ impl Machine {
         Ok(self.ram.set_dirty_logging(&self.vm, false)?)
     }
 
-    /// The pages written since tracking started or since the last call, by vCPUs or devices:
-    /// one bitmap per RAM slot (in [`GuestRam::slots`] order, bit i = page i of the slot).
-    pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>, MachineError> {
+    /// The pages written since tracking started or since they were last re-armed (by vCPUs),
+    /// or since the last call (by devices): one bitmap per RAM slot (in [`GuestRam::slots`]
+    /// order, bit i = page i of the slot). Whoever reads the pages re-arms them first with
+    /// [`Machine::rearm_dirty`]; without manual protection this call already did.
+    pub fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, MachineError> {
         self.ram
             .slots()
             .iter()
             .map(|slot| {
-                let mut bits = self.ram.take_dirty_bitmap(&self.vm, slot)?;
+                let mut bits = self.ram.dirty_bitmap(&self.vm, slot)?;
                 for (b, d) in bits.iter_mut().zip(self.ram.take_device_dirty(slot)) {
                     *b |= d;
                 }
                 Ok(bits)
             })
             .collect()
+    }
+
+    /// Re-arms the dirty log for the pages `bits` of slot number `slot_index` (in
+    /// [`GuestRam::slots`] order) from page `first_page` (a multiple of 64): just before they
+    /// are read, so that a write after the read shows in the next [`Machine::dirty_pages`].
+    pub fn rearm_dirty(
+        &self,
+        slot_index: usize,
+        first_page: u64,
+        bits: &[u64],
+    ) -> Result<(), MachineError> {
+        let slot = self
+            .ram
+            .slots()
+            .get(slot_index)
+            .ok_or(MachineError::BadState("no such memory slot"))?;
+        Ok(self.ram.rearm_dirty(&self.vm, slot, first_page, bits)?)
     }
 
     /// Stops and joins every vCPU thread. The machine cannot run again afterwards.

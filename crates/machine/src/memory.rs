@@ -49,6 +49,12 @@ pub enum MemoryError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("cannot re-arm the dirty log of slot {slot}: {source}")]
+    Rearm {
+        slot: u32,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The mapping of one slot of guest RAM (vm-memory: bounds-checked `VolatileSlice`s of it,
@@ -90,6 +96,9 @@ pub struct GuestRam {
     slots: Vec<RamSlot>,
     backing: RamBacking,
     size: u64,
+    /// KVM's manual dirty-log protection is on (see [`crate::dirty_log`]): reading the log
+    /// leaves pages writable until [`GuestRam::rearm_dirty`].
+    manual_protect: bool,
 }
 
 impl GuestRam {
@@ -106,6 +115,7 @@ impl GuestRam {
             slots,
             backing: RamBacking::Memfd(file),
             size,
+            manual_protect: false,
         })
     }
 
@@ -174,13 +184,53 @@ impl GuestRam {
         discard(self.backing_file(), &self.slots, gpa, len)
     }
 
-    /// Fetches and clears the dirty bitmap of one slot (bit i = page i of the slot).
+    /// Says whether KVM's manual dirty-log protection was turned on for the VM.
+    pub fn set_manual_protect(&mut self, on: bool) {
+        self.manual_protect = on;
+    }
+
+    /// Whether pages stay writable after the log is read, until re-armed.
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect
+    }
+
+    /// Fetches and clears the dirty bitmap of one slot (bit i = page i of the slot): every
+    /// page it reports is write-protected again.
     pub fn take_dirty_bitmap(&self, vm: &VmFd, slot: &RamSlot) -> Result<Vec<u64>, MemoryError> {
+        let bits = self.dirty_bitmap(vm, slot)?;
+        self.rearm_dirty(vm, slot, 0, &bits)?;
+        Ok(bits)
+    }
+
+    /// The dirty bitmap of one slot. With manual protection the bits stay set and the pages
+    /// writable until [`GuestRam::rearm_dirty`]; without it, reading clears and protects them.
+    pub fn dirty_bitmap(&self, vm: &VmFd, slot: &RamSlot) -> Result<Vec<u64>, MemoryError> {
         vm.get_dirty_log(slot.slot, slot.size as usize)
             .map_err(|source| MemoryError::DirtyLog {
                 slot: slot.slot,
                 source,
             })
+    }
+
+    /// Clears the dirty bits `bits` of `slot` from page `first_page` (a multiple of 64) on
+    /// and write-protects those pages, so that their next write is logged. Nothing to do
+    /// without manual protection (reading the log did it).
+    pub fn rearm_dirty(
+        &self,
+        vm: &VmFd,
+        slot: &RamSlot,
+        first_page: u64,
+        bits: &[u64],
+    ) -> Result<(), MemoryError> {
+        if !self.manual_protect || bits.iter().all(|&w| w == 0) {
+            return Ok(());
+        }
+        crate::dirty_log::clear(vm, slot.slot, slot.size / PAGE_SIZE, first_page, bits).map_err(
+            |e| MemoryError::Rearm {
+                slot: slot.slot,
+                source: e,
+            },
+        )
     }
 }
 

@@ -813,14 +813,15 @@ impl VcpuRunner {
                     let _ = ack.send(());
                 }
                 Command::Resume => self.paused = false,
-                // A vCPU that has not run since its last hold (its thread woke late on a busy
-                // host) is not held again: holds must not add up to a freeze.
-                Command::Throttle(pause) if self.held_since.is_none() => {
+                // A vCPU that has not run since its last hold began (its thread woke late on
+                // a busy host) is held on, but never past two holds from that start: holds
+                // must not add up to a freeze, and skipping one would let the vCPU run a
+                // whole cycle.
+                Command::Throttle(pause) => {
                     let now = Instant::now();
-                    self.held_since = Some(now);
-                    self.throttled_until = Some(now + pause);
+                    let since = *self.held_since.get_or_insert(now);
+                    self.throttled_until = Some((now + pause).min(since + pause * 2));
                 }
-                Command::Throttle(_) => {}
                 Command::Capture(reply) => {
                     let _ = reply.send(self.vcpu.capture());
                 }

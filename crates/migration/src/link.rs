@@ -155,10 +155,10 @@ impl Transport for Link {
         }
     }
 
-    fn wait_input(&self, timeout: Duration) -> io::Result<bool> {
+    fn wait_for_input(&self, timeout: Duration) -> io::Result<bool> {
         match self {
             Link::Tls(s) if s.has_buffered_plaintext() => Ok(true),
-            _ => self.tcp().wait_input(timeout),
+            _ => self.tcp().wait_for_input(timeout),
         }
     }
 
@@ -229,11 +229,22 @@ pub fn ask(
     message: &ToDestination,
     timeout: Duration,
 ) -> Result<ToSource, MigrationError> {
+    ask_unless(ch, message, timeout, || Ok(()))
+}
+
+/// [`ask`], asking `check` while it waits for the answer: an error from it ends the wait
+/// (see [`Channel::receive_unless`]).
+pub fn ask_unless(
+    ch: &mut Channel<Link>,
+    message: &ToDestination,
+    timeout: Duration,
+    check: impl FnMut() -> Result<(), MigrationError>,
+) -> Result<ToSource, MigrationError> {
     ch.send(message)?;
     if let Link::Tls(s) = ch.transport_mut() {
         s.close_write().map_err(secure_err)?;
     }
-    ch.receive(timeout)
+    ch.receive_unless(timeout, check)
 }
 
 /// A plaintext server answered a TLS client: its refusal if it sent one.

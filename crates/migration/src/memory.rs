@@ -333,43 +333,109 @@ impl PageSet {
 
     /// The pages as maximal runs in increasing pfn order; a run never spans two regions.
     pub fn runs(&self) -> Vec<PageRun> {
-        let mut runs: Vec<PageRun> = Vec::new();
+        let mut runs = Vec::new();
         for (r, bits) in self.regions.iter().zip(&self.bits) {
-            let mut open: Option<PageRun> = None;
-            for (w, &word) in bits.iter().enumerate() {
-                if word == 0 {
-                    if let Some(run) = open.take() {
-                        runs.push(run);
-                    }
-                    continue;
-                }
-                for b in 0..64 {
-                    let set = word & (1 << b) != 0;
-                    let pfn = r.start + w as u64 * 64 + b;
-                    match (&mut open, set) {
-                        (Some(run), true) if run.pages < u32::MAX => run.pages += 1,
-                        (open_run, true) => {
-                            if let Some(run) = open_run.take() {
-                                runs.push(run);
-                            }
-                            *open_run = Some(PageRun {
-                                first_pfn: pfn,
-                                pages: 1,
-                            });
-                        }
-                        (open_run, false) => {
-                            if let Some(run) = open_run.take() {
-                                runs.push(run);
-                            }
-                        }
-                    }
-                }
-            }
-            if let Some(run) = open {
-                runs.push(run);
-            }
+            push_runs(&mut runs, r.start, bits);
         }
         runs
+    }
+
+    /// The pages in chunks of at most `words` bitmap words (64 pages each), in increasing
+    /// pfn order, leaving out chunks with no page.
+    pub fn chunks(&self, words: usize) -> impl Iterator<Item = Chunk<'_>> {
+        let words = words.max(1);
+        self.regions
+            .iter()
+            .zip(&self.bits)
+            .enumerate()
+            .flat_map(move |(region, (r, bits))| {
+                bits.chunks(words)
+                    .enumerate()
+                    .filter(|(_, c)| c.iter().any(|&w| w != 0))
+                    .map(move |(i, c)| Chunk {
+                        region,
+                        region_start: r.start,
+                        first_page: (i * words * 64) as u64,
+                        bits: c,
+                    })
+            })
+    }
+
+    /// The pages of every region not in this set.
+    pub fn complement(&self) -> PageSet {
+        let mut set = PageSet {
+            regions: self.regions.clone(),
+            bits: self
+                .bits
+                .iter()
+                .map(|b| b.iter().map(|w| !w).collect())
+                .collect(),
+        };
+        set.clear_tails();
+        set
+    }
+
+    /// Each region's bitmap, with the region's index.
+    pub fn bitmaps(&self) -> impl Iterator<Item = (usize, &[u64])> {
+        self.bits.iter().map(Vec::as_slice).enumerate()
+    }
+}
+
+/// Part of a [`PageSet`] within one region.
+#[derive(Clone, Copy, Debug)]
+pub struct Chunk<'a> {
+    /// The region's index.
+    pub region: usize,
+    region_start: u64,
+    /// The chunk's first page, counted from the region's first (a multiple of 64).
+    pub first_page: u64,
+    /// Bit i: page `first_page + i` of the region.
+    pub bits: &'a [u64],
+}
+
+impl Chunk<'_> {
+    /// The chunk's pages as maximal runs.
+    pub fn runs(&self) -> Vec<PageRun> {
+        let mut runs = Vec::new();
+        push_runs(&mut runs, self.region_start + self.first_page, self.bits);
+        runs
+    }
+}
+
+/// Appends the runs of `bits` (bit i: page `first_pfn + i`) to `runs`.
+fn push_runs(runs: &mut Vec<PageRun>, first_pfn: u64, bits: &[u64]) {
+    let mut open: Option<PageRun> = None;
+    for (w, &word) in bits.iter().enumerate() {
+        if word == 0 {
+            if let Some(run) = open.take() {
+                runs.push(run);
+            }
+            continue;
+        }
+        for b in 0..64 {
+            let set = word & (1 << b) != 0;
+            let pfn = first_pfn + w as u64 * 64 + b;
+            match (&mut open, set) {
+                (Some(run), true) if run.pages < u32::MAX => run.pages += 1,
+                (open_run, true) => {
+                    if let Some(run) = open_run.take() {
+                        runs.push(run);
+                    }
+                    *open_run = Some(PageRun {
+                        first_pfn: pfn,
+                        pages: 1,
+                    });
+                }
+                (open_run, false) => {
+                    if let Some(run) = open_run.take() {
+                        runs.push(run);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(run) = open {
+        runs.push(run);
     }
 }
 
@@ -446,6 +512,32 @@ mod tests {
         assert!(!runs.insert_run(99, 2), "across a region's end");
         assert!(!runs.insert_run(u64::MAX, 2));
         assert_eq!(runs, PageSet::from_ranges(&r, &[3..93, 1000..1070]));
+    }
+
+    #[test]
+    fn chunks_cover_the_set_and_its_complement_the_rest() {
+        let r = regions();
+        let set = PageSet::from_ranges(&r, &[3..7, 70..99, 1065..1070]);
+        let chunks: Vec<_> = set.chunks(1).collect();
+        assert_eq!(
+            chunks
+                .iter()
+                .map(|c| (c.region, c.first_page))
+                .collect::<Vec<_>>(),
+            [(0, 0), (0, 64), (1, 64)]
+        );
+        let pages: Vec<u64> = chunks
+            .iter()
+            .flat_map(|c| c.runs())
+            .flat_map(|run| run.first_pfn..run.end_pfn())
+            .collect();
+        let expected: Vec<u64> = (3..7).chain(70..99).chain(1065..1070).collect();
+        assert_eq!(pages, expected);
+        let rest = set.complement();
+        assert_eq!(rest.count() + set.count(), 170);
+        let mut both = rest.clone();
+        both.union_with(&set);
+        assert_eq!(both.count(), 170);
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub const THROTTLE_STEPS: [u8; 7] = [20, 40, 60, 80, 90, 95, 99];
 const MIN_TIME_BOUND: Duration = Duration::from_secs(5);
 /// What auto-converge aims for: each round at most this share of the one before.
 const TARGET_RATIO: f64 = 0.3;
+/// A guest only a little over the budget is slowed just enough to reach it in this many
+/// rounds.
+const ROUNDS_TO_BUDGET: f64 = 3.0;
 /// A round is "not shrinking" if the next one would be at least this share of it.
 const STALL_RATIO: f64 = 0.9;
 
@@ -199,7 +202,7 @@ impl Convergence {
         // touching its memory for the first time, so its rounds look slower than the link.
         let ratio = dirty as f64 / (round.pages.max(1)) as f64;
         if self.rounds > 1 && !self.converges_unaided(ratio, dirty, total_bytes) {
-            if let Some(throttle) = self.throttle_harder(ratio) {
+            if let Some(throttle) = self.throttle_harder(ratio, dirty) {
                 return Decision::Continue { throttle };
             }
             if ratio >= STALL_RATIO {
@@ -223,12 +226,7 @@ impl Convergence {
             return false;
         }
         let rate = self.planning_rate();
-        let budget = self
-            .limits
-            .max_downtime
-            .saturating_sub(FIXED_DOWNTIME)
-            .as_secs_f64();
-        let budget_pages = (budget * rate / PAGE_SIZE as f64).max(1.0);
+        let budget_pages = self.budget_pages();
         let rounds_needed = ((budget_pages / dirty.max(1) as f64).ln() / ratio.ln())
             .ceil()
             .max(1.0);
@@ -271,23 +269,38 @@ impl Convergence {
     }
 
     /// The next throttle step, if auto-converge may go further: the smallest step that should
-    /// make the rounds shrink to [`TARGET_RATIO`], judging by `ratio` (pages dirtied during
-    /// the round over pages it sent) under the current throttle, and at least one step up.
-    /// On a slow link every round is long, so going one step at a time could use up the
-    /// round and byte limits before the guest is slow enough.
-    fn throttle_harder(&mut self, ratio: f64) -> Option<u8> {
+    /// make the rounds shrink enough, judging by `ratio` (pages dirtied during the round over
+    /// pages it sent) under the current throttle, and at least one step up. Far from the
+    /// budget "enough" is [`TARGET_RATIO`]: on a slow link every round is long, so going one
+    /// step at a time could use up the round and byte limits before the guest is slow
+    /// enough. Close to it (`dirty` pages are only a little over budget) a gentle step that
+    /// gets there in [`ROUNDS_TO_BUDGET`] rounds is enough.
+    fn throttle_harder(&mut self, ratio: f64, dirty: u64) -> Option<u8> {
         if !self.limits.auto_converge {
             return None;
         }
         let running = 1.0 - f64::from(self.throttle()) / 100.0;
         let unthrottled = ratio / running.max(0.01);
-        let wanted = (1.0 - TARGET_RATIO / unthrottled) * 100.0;
+        let enough = (self.budget_pages() / dirty.max(1) as f64)
+            .powf(1.0 / ROUNDS_TO_BUDGET)
+            .clamp(TARGET_RATIO, STALL_RATIO);
+        let wanted = (1.0 - enough / unthrottled) * 100.0;
         let first = self.throttle_step.map_or(0, |s| s + 1);
         let next = (first..THROTTLE_STEPS.len())
             .find(|&i| f64::from(THROTTLE_STEPS[i]) + 0.5 >= wanted)
             .or_else(|| (first < THROTTLE_STEPS.len()).then_some(THROTTLE_STEPS.len() - 1))?;
         self.throttle_step = Some(next);
         Some(THROTTLE_STEPS[next])
+    }
+
+    /// Pages that fit the downtime budget at the planning rate.
+    fn budget_pages(&self) -> f64 {
+        let budget = self
+            .limits
+            .max_downtime
+            .saturating_sub(FIXED_DOWNTIME)
+            .as_secs_f64();
+        (budget * self.planning_rate() / PAGE_SIZE as f64).max(1.0)
     }
 }
 
@@ -372,6 +385,16 @@ mod tests {
         // Now they shrink fast: the throttle stays, no stronger.
         let d = c.after_round(round(340, 3.4), 100 * PAGES_PER_MIB, 1252 << 20);
         assert_eq!(d, Decision::Continue { throttle: 80 });
+    }
+
+    #[test]
+    fn a_guest_a_little_over_the_budget_is_slowed_gently() {
+        let mut c = Convergence::new(Limits::default(), GIB);
+        c.after_round(round(512, 5.0), 100 * PAGES_PER_MIB, 512 << 20);
+        // Rounds of about 5 MiB that stopped shrinking, 2 MiB over the budget (about 2.7 MiB
+        // at 100 MiB/s): the smallest step does.
+        let d = c.after_round(round(5, 0.05), 5 * PAGES_PER_MIB, 517 << 20);
+        assert_eq!(d, Decision::Continue { throttle: 20 });
     }
 
     #[test]

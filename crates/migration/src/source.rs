@@ -48,11 +48,18 @@ pub trait SourceVm {
     fn is_paused(&self) -> bool;
     fn pause(&self) -> Result<(), String>;
     fn resume(&self) -> Result<(), String>;
-    /// Starts recording written pages (vCPUs and devices), with a clean slate.
+    /// Starts recording written pages (vCPUs and devices). Pages may start out dirty (KVM's
+    /// manual protection with every page initially set), until re-armed.
     fn start_dirty_log(&self) -> Result<(), String>;
     fn stop_dirty_log(&self) -> Result<(), String>;
-    /// Pages written since the last call, one bitmap per region.
-    fn take_dirty(&self) -> Result<Vec<Vec<u64>>, String>;
+    /// Pages written since they were last re-armed (or since the log started), one bitmap
+    /// per region. Reading may re-arm them (a plain KVM dirty log does).
+    fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, String>;
+    /// Re-arms the log for the pages `bits` of region `region` from its page `first_page` (a
+    /// multiple of 64), just before the engine reads them: a later write shows in the next
+    /// [`SourceVm::dirty_pages`]. Re-arming only the pages about to be sent spreads the
+    /// write-protection faults the guest takes over the round.
+    fn rearm(&self, region: usize, first_page: u64, bits: &[u64]) -> Result<(), String>;
     /// Slows the vCPUs to run `100 - percent` percent of the time.
     fn set_throttle(&self, percent: u8) -> Result<(), String>;
     /// The longest any vCPU was kept out of the guest by throttling since the last call.
@@ -64,9 +71,15 @@ pub trait SourceVm {
 /// Who watches a migration.
 pub trait Observer {
     fn progress(&mut self, progress: &MigrationProgress);
-    /// Asked between records and just before the commit point; an error cancels the
+    /// Asked between records and while waiting for the destination; an error cancels the
     /// migration (the guest stays here).
     fn keep_going(&mut self) -> Result<(), String>;
+    /// Asked once, at the commit point, just before `Go`: an error cancels the migration as
+    /// [`Observer::keep_going`] does; `Ok` hands the guest over, so from then on the observer
+    /// must refuse to cancel. By default the same question as `keep_going`.
+    fn commit(&mut self) -> Result<(), String> {
+        self.keep_going()
+    }
     /// Post-copy: `Go` went out; the guest is the destination's from now on, and this host
     /// serves it the pages it lacks.
     fn postcopy_started(&mut self) {}
@@ -186,6 +199,20 @@ struct Tally {
     bytes: u64,
 }
 
+/// A round's pages on their way out: the PAGES record being assembled and the tally.
+#[derive(Default)]
+struct Outgoing {
+    round: u32,
+    first_pass: bool,
+    /// Pages of the round not yet copied.
+    left: u64,
+    tally: Tally,
+    /// The runs of the record being assembled; their pages are the first `filled` pages of
+    /// the sender's buffer.
+    batch: Vec<PageRun>,
+    filled: usize,
+}
+
 /// When the guest paused and what the stop-and-copy cost, for the summary.
 struct StopTimes {
     paused: Instant,
@@ -268,7 +295,7 @@ impl Sender<'_> {
         }
         let ready = Instant::now();
         // The commit point: past it the guest is the destination's.
-        if let Err(reason) = self.observer.keep_going() {
+        if let Err(reason) = self.observer.commit() {
             self.undo(live, was_running);
             return Err(SendError::Failed(MigrationError::Cancelled(reason)));
         }
@@ -397,9 +424,16 @@ impl Sender<'_> {
         w: &mut SnapshotWriter<Channel<T>>,
     ) -> Result<StopTimes, MigrationError> {
         // The log first, then the pages in use: a page first written in between is then in
-        // both, never in neither.
+        // both, never in neither. Pages never touched are re-armed at once (they have no
+        // mappings to protect, so it costs nothing); the pages in use are re-armed chunk by
+        // chunk as the first pass sends them. Any page touched after the first look is
+        // either re-armed after its write (so in the second look) or dirty again.
         self.vm.start_dirty_log().map_err(vm_err)?;
         self.vm.take_longest_throttle_hold();
+        let untouched = self.populated()?.complement();
+        for (region, bits) in untouched.bitmaps() {
+            self.vm.rearm(region, 0, bits).map_err(vm_err)?;
+        }
         let first = self.populated()?;
         let memory_bytes = self.plan.offer.info.memory_bytes;
         let mut convergence = Convergence::new(self.plan.limits.clone(), memory_bytes);
@@ -588,7 +622,7 @@ impl Sender<'_> {
     }
 
     fn take_dirty(&self) -> Result<PageSet, MigrationError> {
-        let bits = self.vm.take_dirty().map_err(vm_err)?;
+        let bits = self.vm.dirty_pages().map_err(vm_err)?;
         PageSet::from_bitmaps(&self.regions, bits)
     }
 
@@ -625,73 +659,96 @@ impl Sender<'_> {
         first_pass: bool,
     ) -> Result<Tally, MigrationError> {
         let start_bytes = w.get_ref().sent();
-        let mut tally = Tally::default();
-        let mut left = set.count();
-        let mut batch: Vec<PageRun> = Vec::new();
-        let mut filled = 0usize;
+        let mut out = Outgoing {
+            round,
+            first_pass,
+            left: set.count(),
+            ..Outgoing::default()
+        };
         self.zero_buf.clear();
         // The regions hold the mappings; a clone (of their `Arc`s) leaves `self` free to flush.
         let regions = self.regions.clone();
-        for run in set.runs() {
-            let pages = guest_slice(&regions, run.first_pfn, u64::from(run.pages))
-                .ok_or_else(|| MigrationError::Vm("a page to send is outside guest RAM".into()))?;
-            for i in 0..u64::from(run.pages) {
-                let pfn = run.first_pfn + i;
-                let dst = &mut self.buf[filled * PAGE..(filled + 1) * PAGE];
-                // The one copy of a page on its way out (the record's checksums must match what
-                // is sent). The guest may write the page meanwhile: the copy is then stale and
-                // the page dirty again, sent in a later round.
-                let page = pages
-                    .subslice(i as usize * PAGE, PAGE)
-                    .map_err(|e| MigrationError::Vm(format!("a page to send: {e}")))?;
-                page.copy_to(dst);
-                if is_zero_page(dst) {
-                    tally.zero_pages += 1;
-                    if !first_pass {
-                        push_page(&mut self.zero_buf, pfn);
-                    }
-                } else {
-                    push_page(&mut batch, pfn);
-                    filled += 1;
-                    tally.pages += 1;
-                }
-                left -= 1;
-                if filled == RECORD_PAGES {
-                    self.flush_pages(w, &mut batch, &mut filled)?;
-                    self.between_records(w, round, left)?;
-                }
+        // A paused guest writes nothing: its pages need no re-arming.
+        let rearm = !self.vm.is_paused();
+        for chunk in set.chunks(RECORD_PAGES / 64) {
+            if rearm {
+                self.vm
+                    .rearm(chunk.region, chunk.first_page, chunk.bits)
+                    .map_err(vm_err)?;
+            }
+            for run in chunk.runs() {
+                self.send_run(w, &regions, run, &mut out)?;
             }
         }
-        self.flush_pages(w, &mut batch, &mut filled)?;
+        self.flush_pages(w, &mut out)?;
         for chunk in self.zero_buf.chunks(ZERO_RUNS_PER_RECORD) {
             w.zeros(chunk)
                 .map_err(|e| MigrationError::io("send zero pages", e))?;
         }
-        tally.bytes = w.get_ref().sent() - start_bytes;
-        Ok(tally)
+        out.tally.bytes = w.get_ref().sent() - start_bytes;
+        Ok(out.tally)
+    }
+
+    /// Copies the pages of `run` into the PAGES record being assembled (data) or the zero
+    /// runs (zeros), sending each record once it is full.
+    fn send_run<T: Transport>(
+        &mut self,
+        w: &mut SnapshotWriter<Channel<T>>,
+        regions: &[RamRegion],
+        run: PageRun,
+        out: &mut Outgoing,
+    ) -> Result<(), MigrationError> {
+        let pages = guest_slice(regions, run.first_pfn, u64::from(run.pages))
+            .ok_or_else(|| MigrationError::Vm("a page to send is outside guest RAM".into()))?;
+        for i in 0..u64::from(run.pages) {
+            let pfn = run.first_pfn + i;
+            let dst = &mut self.buf[out.filled * PAGE..(out.filled + 1) * PAGE];
+            // The one copy of a page on its way out (the record's checksums must match what
+            // is sent). The guest may write the page meanwhile: the copy is then stale and
+            // the page dirty again, sent in a later round.
+            let page = pages
+                .subslice(i as usize * PAGE, PAGE)
+                .map_err(|e| MigrationError::Vm(format!("a page to send: {e}")))?;
+            page.copy_to(dst);
+            if is_zero_page(dst) {
+                out.tally.zero_pages += 1;
+                if !out.first_pass {
+                    push_page(&mut self.zero_buf, pfn);
+                }
+            } else {
+                push_page(&mut out.batch, pfn);
+                out.filled += 1;
+                out.tally.pages += 1;
+            }
+            out.left -= 1;
+            if out.filled == RECORD_PAGES {
+                self.flush_pages(w, out)?;
+                self.between_records(w, out.round, out.left)?;
+            }
+        }
+        Ok(())
     }
 
     /// Sends the assembled PAGES record, if any.
     fn flush_pages<T: Transport>(
         &mut self,
         w: &mut SnapshotWriter<Channel<T>>,
-        batch: &mut Vec<PageRun>,
-        filled: &mut usize,
+        out: &mut Outgoing,
     ) -> Result<(), MigrationError> {
-        if batch.is_empty() {
+        if out.batch.is_empty() {
             return Ok(());
         }
-        let mut slices = Vec::with_capacity(batch.len());
+        let mut slices = Vec::with_capacity(out.batch.len());
         let mut off = 0usize;
-        for run in batch.iter() {
+        for run in out.batch.iter() {
             let len = run.pages as usize * PAGE;
             slices.push(&self.buf[off..off + len]);
             off += len;
         }
-        w.pages(batch, &slices, BLOCK_PAGES)
+        w.pages(&out.batch, &slices, BLOCK_PAGES)
             .map_err(|e| MigrationError::io("send pages", e))?;
-        batch.clear();
-        *filled = 0;
+        out.batch.clear();
+        out.filled = 0;
         Ok(())
     }
 
@@ -737,8 +794,13 @@ impl Sender<'_> {
         w.mark(u64::from(round))
             .map_err(|e| MigrationError::io("send a round mark", e))?;
         let ch = w.get_mut();
+        let observer = &mut self.observer;
         loop {
-            match ch.receive::<ToSource>(STALL_TIMEOUT)? {
+            // The destination may take a while to apply the round: a cancel is noticed meanwhile.
+            let answer = ch.receive_unless(STALL_TIMEOUT, || {
+                observer.keep_going().map_err(MigrationError::Cancelled)
+            });
+            match answer? {
                 ToSource::Marked { seq } if seq == u64::from(round) => return Ok(()),
                 ToSource::Marked { .. } => {}
                 ToSource::Abort { reason } => {
@@ -773,7 +835,11 @@ impl Sender<'_> {
     }
 
     fn await_ready<T: Transport>(&mut self, ch: &mut Channel<T>) -> Result<(), MigrationError> {
-        match ch.receive::<ToSource>(HANDOVER_TIMEOUT)? {
+        let observer = &mut self.observer;
+        let answer = ch.receive_unless(HANDOVER_TIMEOUT, || {
+            observer.keep_going().map_err(MigrationError::Cancelled)
+        });
+        match answer? {
             ToSource::Ready => Ok(()),
             ToSource::Abort { reason } => Err(MigrationError::PeerAborted {
                 side: "destination",

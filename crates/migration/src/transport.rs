@@ -20,18 +20,18 @@ use crate::error::{is_timeout, MigrationError};
 pub trait Transport: Read + Write + Send {
     /// Whether data (or the end of the connection) is waiting to be read; never blocks.
     fn has_input(&self) -> io::Result<bool>;
-    /// Waits up to `timeout` for data (or the end of the connection) to read.
-    fn wait_input(&self, timeout: Duration) -> io::Result<bool> {
+    /// Waits up to `timeout` for [`Transport::has_input`] to hold; whether it does. The
+    /// default looks every millisecond; transports with a descriptor wait on it instead.
+    fn wait_for_input(&self, timeout: Duration) -> io::Result<bool> {
         let deadline = Instant::now() + timeout;
         loop {
             if self.has_input()? {
                 return Ok(true);
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return Ok(false);
             }
-            std::thread::sleep((deadline - now).min(Duration::from_millis(1)));
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
     /// Bytes written but not yet acknowledged by the peer's host.
@@ -56,8 +56,28 @@ impl Transport for TcpStream {
         poll_readable(&[self.as_raw_fd()], Duration::ZERO).map(|r| r[0])
     }
 
-    fn wait_input(&self, timeout: Duration) -> io::Result<bool> {
-        poll_readable(&[self.as_raw_fd()], timeout).map(|r| r[0])
+    fn wait_for_input(&self, timeout: Duration) -> io::Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Rounded up, so that a wait never ends before `timeout`.
+            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            // SAFETY: polling one descriptor we own.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            return Ok(n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0);
+        }
     }
 
     fn unacknowledged(&self) -> io::Result<usize> {
@@ -183,6 +203,9 @@ impl TokenBucket {
     }
 }
 
+/// How often [`Channel::receive_unless`] asks whether to go on waiting.
+pub const CHECK_EVERY: Duration = Duration::from_millis(50);
+
 /// Largest piece handed to the transport in one write.
 const MAX_WRITE: usize = 4 << 20;
 
@@ -257,6 +280,36 @@ impl<T: Transport> Channel<T> {
         })
     }
 
+    /// Receives one message, waiting at most `timeout`, and asks `check` every
+    /// [`CHECK_EVERY`] while nothing arrives: an error from it ends the wait at once (a
+    /// migration cancelled while the peer is busy). A message is only read once its first
+    /// bytes are there, so a check never interrupts one half read.
+    pub fn receive_unless<M: DeserializeOwned>(
+        &mut self,
+        timeout: Duration,
+        mut check: impl FnMut() -> Result<(), MigrationError>,
+    ) -> Result<M, MigrationError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !self.inner.buffer().is_empty() || left.is_zero() {
+                break;
+            }
+            let waiting = self
+                .inner
+                .get_ref()
+                .wait_for_input(left.min(CHECK_EVERY))
+                .map_err(|e| MigrationError::io("wait for the peer", e))?;
+            if waiting {
+                break;
+            }
+            check()?;
+        }
+        // A zero timeout is not a timeout to the socket: wait a moment at least.
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.receive(left.max(Duration::from_millis(1)))
+    }
+
     /// A message if one is waiting (or the connection ended); never blocks for long.
     pub fn poll<M: DeserializeOwned>(&mut self) -> Result<Option<M>, MigrationError> {
         let waiting = !self.inner.buffer().is_empty()
@@ -279,7 +332,8 @@ impl<T: Transport> Channel<T> {
     /// Waits up to `timeout` for input (buffered or unread); an error counts as input (the
     /// next read reports it).
     pub fn wait_input(&self, timeout: Duration) -> bool {
-        !self.inner.buffer().is_empty() || self.inner.get_ref().wait_input(timeout).unwrap_or(true)
+        !self.inner.buffer().is_empty()
+            || self.inner.get_ref().wait_for_input(timeout).unwrap_or(true)
     }
 
     /// Reads and drops whatever the peer still sends, for up to `timeout` or until it closes,

@@ -73,6 +73,9 @@ struct FakeVm {
     throttle: Arc<AtomicU64>,
     writer: Option<JoinHandle<()>>,
     resumes: AtomicU64,
+    /// Behave like KVM's manual dirty-log protection: every page starts dirty, reading the
+    /// log clears nothing, and only `rearm` clears bits.
+    manual: AtomicBool,
 }
 
 impl FakeVm {
@@ -133,7 +136,14 @@ impl FakeVm {
             throttle,
             writer: Some(writer),
             resumes: AtomicU64::new(0),
+            manual: AtomicBool::new(false),
         }
+    }
+
+    /// The same machine with manual dirty-log protection.
+    fn manual(self) -> FakeVm {
+        self.manual.store(true, Ordering::Relaxed);
+        self
     }
 
     fn region(&self) -> RamRegion {
@@ -181,7 +191,12 @@ impl SourceVm for FakeVm {
     }
 
     fn start_dirty_log(&self) -> Result<(), String> {
-        *self.dirty.lock().unwrap() = Some(vec![0; self.memory.pages().div_ceil(64)]);
+        let initially = if self.manual.load(Ordering::Relaxed) {
+            u64::MAX
+        } else {
+            0
+        };
+        *self.dirty.lock().unwrap() = Some(vec![initially; self.memory.pages().div_ceil(64)]);
         Ok(())
     }
 
@@ -190,9 +205,27 @@ impl SourceVm for FakeVm {
         Ok(())
     }
 
-    fn take_dirty(&self) -> Result<Vec<Vec<u64>>, String> {
+    fn rearm(&self, region: usize, first_page: u64, bits: &[u64]) -> Result<(), String> {
+        assert_eq!(region, 0);
+        assert_eq!(first_page % 64, 0);
+        if !self.manual.load(Ordering::Relaxed) {
+            return Ok(()); // reading the log re-armed it, as a plain KVM dirty log does
+        }
+        let mut d = self.dirty.lock().unwrap();
+        let log = d.as_mut().ok_or("no dirty log")?;
+        let first_word = (first_page / 64) as usize;
+        for (w, clear) in log[first_word..].iter_mut().zip(bits) {
+            *w &= !clear;
+        }
+        Ok(())
+    }
+
+    fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, String> {
         let mut d = self.dirty.lock().unwrap();
         let bits = d.as_mut().ok_or("no dirty log")?;
+        if self.manual.load(Ordering::Relaxed) {
+            return Ok(vec![bits.clone()]);
+        }
         Ok(vec![std::mem::replace(bits, vec![0; bits.len()])])
     }
 
@@ -269,7 +302,13 @@ enum Dest {
     AbortMidStream,
     /// Disappears after Ready: never answers Go.
     VanishAfterReady,
+    /// Takes [`SLOW_ACK`] to acknowledge the first MARK (of a guest small enough that its
+    /// first round is one PAGES record: the MARK is the stream's fourth item).
+    SlowToAcknowledge,
 }
+
+/// How long [`Dest::SlowToAcknowledge`] sits on the first MARK.
+const SLOW_ACK: Duration = Duration::from_secs(4);
 
 struct DestResult {
     memory: Arc<Memory>,
@@ -309,6 +348,9 @@ fn destination(
             records += 1;
             if mode == Dest::AbortMidStream && records > 20 {
                 return Err("the destination ran out of patience".to_string());
+            }
+            if mode == Dest::SlowToAcknowledge && records == 4 {
+                std::thread::sleep(SLOW_ACK);
             }
             Ok(())
         };
@@ -400,7 +442,17 @@ fn warm_migration_copies_every_page() {
 
 #[test]
 fn live_migration_converges_and_copies_the_final_memory() {
-    let mut vm = FakeVm::new(8192, 6000, 100..1100, 20);
+    live_migration_copies_the_final_memory(FakeVm::new(8192, 6000, 100..1100, 20));
+}
+
+/// With manual protection, pages are re-armed only as they are sent (and untouched pages
+/// at the start): nothing written may be missed.
+#[test]
+fn live_migration_with_manual_dirty_protection_copies_the_final_memory() {
+    live_migration_copies_the_final_memory(FakeVm::new(8192, 6000, 100..1100, 20).manual());
+}
+
+fn live_migration_copies_the_final_memory(mut vm: FakeVm) {
     let mut watch = Watch::default();
     let (result, dest) = migrate(&vm, true, Limits::default(), Dest::Good, &mut watch);
     let summary = result.unwrap();
@@ -467,6 +519,53 @@ fn cancelling_before_the_commit_point_resumes_the_guest() {
     ));
     assert!(!dest.committed);
     assert!(!vm.is_paused());
+}
+
+#[test]
+fn a_cancel_is_noticed_while_the_destination_applies_a_round() {
+    // 64 pages: round 0 is one record, so the first question is asked while the engine waits
+    // for the destination's acknowledgement, which takes seconds.
+    let vm = FakeVm::new(64, 64, 0..0, 0);
+    vm.set_throttle(30).expect("throttle");
+    let mut watch = Watch {
+        cancel_after: Some(0),
+        ..Watch::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = destination(listener, 64, vm.first_pfn, Dest::SlowToAcknowledge);
+    let plan = Plan {
+        domain: "g".into(),
+        destination: addr.to_string(),
+        offer: offer(&vm),
+        live: true,
+        postcopy: false,
+        limits: Limits::default(),
+    };
+    let mut ch = Channel::new(TcpStream::connect(addr).unwrap());
+    let id = tern_migration::source::offer(&mut ch, &plan.offer).unwrap();
+    let started = Instant::now();
+    let result = send(&vm, ch.into_transport().unwrap(), id, &plan, &mut watch);
+    let cancelled_after = started.elapsed();
+    match result {
+        Err(SendError::Failed(MigrationError::Cancelled(reason))) => {
+            assert_eq!(reason, "cancelled by the test")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        cancelled_after < SLOW_ACK / 2,
+        "the cancel waited for the acknowledgement: {cancelled_after:?}"
+    );
+    assert_eq!(watch.asked, 1, "asked once, while waiting");
+    // As before the migration: running, at full speed, no dirty log.
+    assert!(!vm.is_paused());
+    assert_eq!(vm.throttle.load(Ordering::Relaxed), 0);
+    assert!(
+        vm.dirty.lock().unwrap().is_none(),
+        "the dirty log is still on"
+    );
+    assert!(!dest.join().unwrap().committed);
 }
 
 #[test]

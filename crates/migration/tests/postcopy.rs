@@ -179,10 +179,15 @@ impl SourceVm for FakeSource {
         Ok(())
     }
 
-    fn take_dirty(&self) -> Result<Vec<Vec<u64>>, String> {
+    /// A plain dirty log: reading it re-arms it.
+    fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, String> {
         let mut d = self.dirty.lock().unwrap();
         let bits = d.as_mut().ok_or("no dirty log")?;
         Ok(vec![std::mem::replace(bits, vec![0; bits.len()])])
+    }
+
+    fn rearm(&self, _region: usize, _first_page: u64, _bits: &[u64]) -> Result<(), String> {
+        Ok(())
     }
 
     fn set_throttle(&self, percent: u8) -> Result<(), String> {

@@ -127,6 +127,11 @@ impl Vmm {
             VmmRequest::PowerButton => self.life.apply(Event::PowerButton).map(|_| {
                 self.machine().press_power_button();
             }),
+            VmmRequest::CancelMigration => self.life.apply(Event::CancelMigration).map(|before| {
+                if let State::MigratingOut { destination, .. } = before {
+                    log::info!("the migration to {destination} is cancelled on request");
+                }
+            }),
             VmmRequest::Destroy => {
                 let _ = self.life.apply(Event::Destroy);
                 let _ = self.main.send(MainEvent::Destroy);

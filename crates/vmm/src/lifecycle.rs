@@ -10,6 +10,11 @@
 //! refuses it with a message for the user and changes nothing. [`next`] is the whole table;
 //! ARCHITECTURE.md has it as a table too.
 //!
+//! An outgoing migration has stages of its own ([`OutStage`]): a cancel is accepted while the
+//! guest is still this host's and refused once the engine passed the commit point; the engine
+//! asks to pass it ([`Event::CommitPoint`]) in the same check-and-set, so a cancel and the
+//! handover never both succeed.
+//!
 //! The state says what the machine should be doing; the thread that made the transition then
 //! does it (pauses, resumes, writes, sends). A long operation owns the machine while its state
 //! lasts (`Saving`, `MigratingOut`, `Incoming`), so requests that would touch the machine are
@@ -30,11 +35,13 @@ pub(crate) enum State {
     /// runs on afterwards if it is kept running (or if the save fails).
     Saving { path: String, resume: bool },
     /// The guest is being sent to `destination`. `back` is the state a failed migration
-    /// returns to (`Running`, `Paused` or `Unresolved`); `progress` what `tern list` shows.
+    /// returns to (`Running`, `Paused` or `Unresolved`); `progress` what `tern list` shows;
+    /// `stage` whether it may still be cancelled.
     MigratingOut {
         destination: String,
         back: Box<State>,
         progress: Option<String>,
+        stage: OutStage,
     },
     /// `Go` was sent to `destination` for `migration_id` and not confirmed: the guest stays
     /// paused here until that host says whether it runs it (the resolver asks), or the user
@@ -64,6 +71,28 @@ pub(crate) enum State {
     Ending,
 }
 
+/// Where an outgoing migration is with respect to its commit point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OutStage {
+    /// Sending the guest: it is still this host's, and a cancel is accepted.
+    Sending,
+    /// Cancelled on request: the engine gives up at its next check and may not pass the
+    /// commit point.
+    Cancelling,
+    /// Past the commit point (`Go` is going out): the guest is the destination's; a cancel is
+    /// refused. (A post-copy migration goes on in [`State::PostcopyOut`], where a cancel is
+    /// refused too: [`POSTCOPY_REFUSAL`].)
+    HandingOver,
+}
+
+/// Why a migration in post-copy cannot be cancelled.
+pub(crate) const POSTCOPY_REFUSAL: &str = "cancel is refused during post-copy: the guest runs on \
+     the destination and its memory is split between the hosts";
+
+/// Why the engine may not pass the commit point after a cancel (the engine's reason for
+/// giving up).
+pub(crate) const CANCELLED_ON_REQUEST: &str = "cancelled on request";
+
 /// A request, or the outcome of a long operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Event {
@@ -86,6 +115,10 @@ pub(crate) enum Event {
         destination: String,
         force: bool,
     },
+    /// Cancel the outgoing migration (`tern migrate --cancel`, or Ctrl-C on `tern migrate`).
+    CancelMigration,
+    /// The engine reached the commit point and asks to hand the guest over.
+    CommitPoint,
     /// The destination confirmed it runs the guest.
     Migrated,
     /// The migration failed before the commit point; the guest is here as before.
@@ -181,15 +214,35 @@ pub(crate) fn next(state: &State, event: &Event, name: &str) -> Result<State, St
             destination: destination.clone(),
             back: Box::new(state.clone()),
             progress: None,
+            stage: OutStage::Sending,
         }),
+        (
+            S::MigratingOut {
+                stage: OutStage::Sending | OutStage::Cancelling,
+                ..
+            },
+            E::CancelMigration,
+        ) => Ok(with_stage(state, OutStage::Cancelling)),
+        (
+            S::MigratingOut {
+                stage: OutStage::Sending,
+                ..
+            },
+            E::CommitPoint,
+        ) => Ok(with_stage(state, OutStage::HandingOver)),
         (S::MigratingOut { .. } | S::PostcopyOut { .. }, E::Migrated) => Ok(S::Ending),
-        (S::MigratingOut { destination, .. }, E::PostcopyStarted { migration_id }) => {
-            Ok(S::PostcopyOut {
-                destination: destination.clone(),
-                migration_id: migration_id.clone(),
-                progress: None,
-            })
-        }
+        (
+            S::MigratingOut {
+                destination,
+                stage: OutStage::HandingOver,
+                ..
+            },
+            E::PostcopyStarted { migration_id },
+        ) => Ok(S::PostcopyOut {
+            destination: destination.clone(),
+            migration_id: migration_id.clone(),
+            progress: None,
+        }),
         // The destination never ran it: it resumed here.
         (S::PostcopyOut { .. }, E::MigrationFailed) => Ok(S::Running),
         (S::PostcopyOut { destination, .. }, E::PostcopyLost { reason }) => Ok(S::PostcopyLost {
@@ -227,9 +280,36 @@ pub(crate) fn next(state: &State, event: &Event, name: &str) -> Result<State, St
     }
 }
 
+/// `state` (an outgoing migration) at `stage`.
+fn with_stage(state: &State, stage: OutStage) -> State {
+    let mut next = state.clone();
+    if let State::MigratingOut { stage: s, .. } = &mut next {
+        *s = stage;
+    }
+    next
+}
+
 /// Why `event` cannot happen in `state`, in the user's terms.
 fn refusal(state: &State, event: &Event, name: &str) -> String {
     match (state, event) {
+        (State::MigratingOut { destination, .. }, Event::CancelMigration) => format!(
+            "too late to cancel the migration of '{name}': it is past its commit point (the \
+             handover to {destination} has begun), so the guest is already {destination}'s"
+        ),
+        (State::PostcopyOut { .. }, Event::CancelMigration) => POSTCOPY_REFUSAL.to_string(),
+        (State::MigratingOut { .. }, Event::CommitPoint) => CANCELLED_ON_REQUEST.to_string(),
+        (State::Unresolved { destination, .. }, Event::CancelMigration) => format!(
+            "'{name}' is not migrating: its migration to {destination} is past its commit point \
+             and unresolved (the guest stays paused here until {destination} says whether it \
+             runs it), so there is nothing to cancel"
+        ),
+        (State::Incoming { source }, Event::CancelMigration) => format!(
+            "'{name}' is arriving from {source}, not leaving: cancel its migration there \
+             (tern migrate --cancel on {source})"
+        ),
+        (State::Running | State::Paused | State::Saving { .. }, Event::CancelMigration) => {
+            format!("'{name}' is not migrating")
+        }
         (State::Saving { .. }, _) => format!("'{name}' is being saved"),
         (State::MigratingOut { destination, .. }, Event::Migrate { .. }) => {
             format!("'{name}' is already migrating (to {destination})")
@@ -333,6 +413,17 @@ impl Lifecycle {
         self.lock().clone()
     }
 
+    /// Whether the user cancelled the outgoing migration under way (it gives up).
+    pub fn cancel_requested(&self) -> bool {
+        matches!(
+            *self.lock(),
+            State::MigratingOut {
+                stage: OutStage::Cancelling,
+                ..
+            }
+        )
+    }
+
     /// Whether the process is ending (a migration or save under way gives up).
     pub fn ending(&self) -> bool {
         *self.lock() == State::Ending
@@ -390,6 +481,14 @@ impl Lifecycle {
             State::Running => (VmmRunState::Blocked, None),
             State::Paused => (VmmRunState::Paused, None),
             State::Saving { path, .. } => (VmmRunState::Saving, Some(format!("saving to {path}"))),
+            State::MigratingOut {
+                destination,
+                stage: OutStage::Cancelling,
+                ..
+            } => (
+                VmmRunState::Migrating,
+                Some(format!("cancelling the migration to {destination}")),
+            ),
             State::MigratingOut {
                 destination,
                 progress,
@@ -505,6 +604,74 @@ mod tests {
     }
 
     #[test]
+    fn a_migration_is_cancelled_before_its_commit_point_only() {
+        let migrating = step(&State::Paused, migrate(false)).unwrap();
+        let cancelling = step(&migrating, Event::CancelMigration).unwrap();
+        assert!(matches!(
+            cancelling,
+            State::MigratingOut {
+                stage: OutStage::Cancelling,
+                ..
+            }
+        ));
+        // Asked twice, still one cancel; the engine may no longer hand the guest over.
+        assert_eq!(
+            step(&cancelling, Event::CancelMigration),
+            Ok(cancelling.clone())
+        );
+        assert_eq!(
+            step(&cancelling, Event::CommitPoint),
+            Err(CANCELLED_ON_REQUEST.into())
+        );
+        // It gives up: the guest is as before the migration.
+        assert_eq!(step(&cancelling, Event::MigrationFailed), Ok(State::Paused));
+
+        // Past the commit point a cancel is refused, saying why.
+        let handing_over = step(&migrating, Event::CommitPoint).unwrap();
+        let err = step(&handing_over, Event::CancelMigration).unwrap_err();
+        assert!(err.starts_with("too late to cancel"), "{err}");
+        assert!(err.contains("already 10.0.0.3:8002's"), "{err}");
+        assert_eq!(step(&handing_over, Event::Migrated), Ok(State::Ending));
+        let post_copy = step(
+            &handing_over,
+            Event::PostcopyStarted {
+                migration_id: "m1".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            step(&post_copy, Event::CancelMigration),
+            Err(POSTCOPY_REFUSAL.into())
+        );
+
+        // Nothing to cancel.
+        for state in [State::Running, State::Paused] {
+            assert_eq!(
+                step(&state, Event::CancelMigration),
+                Err("'web' is not migrating".into())
+            );
+        }
+        let err = step(&unresolved(), Event::CancelMigration).unwrap_err();
+        assert!(err.starts_with("'web' is not migrating: "), "{err}");
+        let incoming = State::Incoming {
+            source: "10.0.0.1".into(),
+        };
+        let err = step(&incoming, Event::CancelMigration).unwrap_err();
+        assert!(err.contains("cancel its migration there"), "{err}");
+
+        let life = Lifecycle::new("web", State::Running);
+        life.apply(migrate(false)).unwrap();
+        assert!(!life.cancel_requested());
+        life.apply(Event::CancelMigration).unwrap();
+        assert!(life.cancel_requested());
+        let (_, note) = life.report(true);
+        assert_eq!(
+            note.as_deref(),
+            Some("cancelling the migration to 10.0.0.3:8002")
+        );
+    }
+
+    #[test]
     fn an_unresolved_guest_stays_paused_unless_forced() {
         let u = unresolved();
         for event in [Event::Unpause { force: false }, migrate(false)] {
@@ -588,8 +755,16 @@ mod tests {
     #[test]
     fn post_copy_out_serves_until_the_pages_arrived_or_the_guest_is_lost() {
         let migrating = step(&State::Running, migrate(false)).unwrap();
+        let started = Event::PostcopyStarted {
+            migration_id: "m1".into(),
+        };
+        assert!(
+            step(&migrating, started.clone()).is_err(),
+            "before the commit point"
+        );
+        let handing_over = step(&migrating, Event::CommitPoint).unwrap();
         let out = step(
-            &migrating,
+            &handing_over,
             Event::PostcopyStarted {
                 migration_id: "m1".into(),
             },
@@ -613,6 +788,10 @@ mod tests {
         }
         let err = step(&out, Event::Unpause { force: false }).unwrap_err();
         assert!(err.contains("--force"), "{err}");
+        assert_eq!(
+            step(&out, Event::CancelMigration),
+            Err(POSTCOPY_REFUSAL.into())
+        );
         assert_eq!(step(&out, Event::Migrated), Ok(State::Ending));
         assert_eq!(step(&out, Event::MigrationFailed), Ok(State::Running));
         assert_eq!(

@@ -5,6 +5,11 @@
 //! The daemon must stay for the whole transfer: if its connection closes before the commit
 //! point the migration is cancelled and the guest keeps running here (a restarted daemon
 //! adopts it). After the commit point the migration completes without it.
+//!
+//! The user cancels a migration through the lifecycle (`Event::CancelMigration`, on another
+//! control connection): the engine asks [`DaemonObserver`] between records and while it waits
+//! for the destination, and at the commit point the observer moves the lifecycle past it in
+//! one step or refuses because a cancel came first.
 
 use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
@@ -26,7 +31,7 @@ use tern_migration::{
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::lifecycle::{Event, ResolverStep, State};
+use crate::lifecycle::{Event, OutStage, ResolverStep, State, CANCELLED_ON_REQUEST};
 use crate::{MainEvent, Vmm};
 
 /// A migration the daemon asked for.
@@ -140,11 +145,24 @@ fn migrate(
             VmmReply::Migrated(summary)
         }
         Ok(Err(SendError::Failed(e))) => {
-            let _ = vmm.life.apply(Event::MigrationFailed);
+            let before = vmm.life.apply(Event::MigrationFailed);
+            let here = where_the_guest_stays(&vmm.life.state());
+            if let Ok(State::MigratingOut {
+                stage: OutStage::Cancelling,
+                ..
+            }) = before
+            {
+                log::info!(
+                    "migration to {} cancelled on request ({e})",
+                    request.destination
+                );
+                return error(format!(
+                    "the migration of '{}' to {} was cancelled; {here}",
+                    vmm.record.config.name, request.destination
+                ));
+            }
             log::warn!("migration to {} failed: {e}", request.destination);
-            error(format!(
-                "the migration failed: {e}; the guest keeps running here"
-            ))
+            error(format!("the migration failed: {e}; {here}"))
         }
         Ok(Err(SendError::Lost(reason))) => {
             log::error!(
@@ -205,11 +223,19 @@ fn offer_and_send(
     }
     let mut ch = link::open(stream, &security, &request.server_name).map_err(SendError::Failed)?;
     let offer = ToDestination::Offer(Box::new(plan.offer.clone()));
-    let destination_id = match link::ask(&mut ch, &offer, OFFER_TIMEOUT) {
+    // The destination builds the guest's machine before it answers: a cancel is heard meanwhile.
+    let answer = link::ask_unless(&mut ch, &offer, OFFER_TIMEOUT, || {
+        observer.keep_going().map_err(MigrationError::Cancelled)
+    });
+    let destination_id = match answer {
         Ok(answer) => tern_migration::source::accepted(answer),
         Err(e) => Err(e),
     }
     .map_err(|e| SendError::Failed(postcopy_hint(e, plan.postcopy)))?;
+    // A cancel that came with the answer: stop before the stream starts.
+    observer
+        .keep_going()
+        .map_err(|reason| SendError::Failed(MigrationError::Cancelled(reason)))?;
     let stream =
         link::reopen_for_stream(ch, &security, &request.server_name).map_err(SendError::Failed)?;
     let mut redial = Redialer {
@@ -236,6 +262,18 @@ fn postcopy_hint(e: MigrationError, postcopy: bool) -> MigrationError {
 
 fn error(message: String) -> VmmReply {
     VmmReply::Error { message }
+}
+
+/// Where the guest is after a migration that did not happen, in `state`.
+fn where_the_guest_stays(state: &State) -> &'static str {
+    match state {
+        State::Paused => "the guest stays here, paused",
+        State::Unresolved { .. } => {
+            "the guest stays paused here (its earlier migration is still unresolved)"
+        }
+        State::Ending => "the guest is ending",
+        _ => "the guest keeps running here",
+    }
 }
 
 /// What to send: the offer from the running machine, and the user's options.
@@ -312,8 +350,15 @@ impl SourceVm for MachineSource<'_> {
         self.vmm.machine().stop_dirty_log().map_err(msg)
     }
 
-    fn take_dirty(&self) -> Result<Vec<Vec<u64>>, String> {
-        self.vmm.machine().take_dirty_pages().map_err(msg)
+    fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, String> {
+        self.vmm.machine().dirty_pages().map_err(msg)
+    }
+
+    fn rearm(&self, region: usize, first_page: u64, bits: &[u64]) -> Result<(), String> {
+        self.vmm
+            .machine()
+            .rearm_dirty(region, first_page, bits)
+            .map_err(msg)
     }
 
     fn set_throttle(&self, percent: u8) -> Result<(), String> {
@@ -335,9 +380,9 @@ impl SourceVm for MachineSource<'_> {
     }
 }
 
-/// Reports to the daemon and stops the migration if the daemon goes away or the guest is
-/// being destroyed (before the commit point); in post-copy, serves until the pages arrived,
-/// the guest is destroyed here or the user ran this copy.
+/// Reports to the daemon and stops the migration if the user cancels it, the daemon goes away
+/// or the guest is being destroyed (before the commit point); in post-copy, serves until the
+/// pages arrived, the guest is destroyed here or the user ran this copy.
 struct DaemonObserver<'a> {
     vmm: &'a Vmm,
     daemon: &'a mut UnixStream,
@@ -363,10 +408,20 @@ impl Observer for DaemonObserver<'_> {
         if self.vmm.life.ending() {
             return Err("the guest is being destroyed".into());
         }
+        if self.vmm.life.cancel_requested() {
+            return Err(CANCELLED_ON_REQUEST.into());
+        }
         if peer_closed(self.daemon) {
             return Err("the daemon went away".into());
         }
         Ok(())
+    }
+
+    /// Passes the commit point in the lifecycle, unless a cancel (or a destroy) came first:
+    /// from here on a cancel is refused.
+    fn commit(&mut self) -> Result<(), String> {
+        self.keep_going()?;
+        self.vmm.life.apply(Event::CommitPoint).map(|_| ())
     }
 
     fn postcopy_started(&mut self) {

@@ -54,9 +54,9 @@ pub struct Share {
 }
 
 /// Most pages handled in one step, so heartbeats stay punctual: a heartbeat waits for the
-/// step in progress, which takes about 1.5 ms at full speed but several times that when
+/// step in progress, which takes under a millisecond at full speed but several times that when
 /// every write takes a fault (a dirty log just re-armed) and the vCPU is throttled.
-const STEP_PAGES: u64 = 128;
+const STEP_PAGES: u64 = 64;
 /// Unpaid work older than this is forgiven: a guest slowed down (paused, throttled) does
 /// not catch up in a burst.
 const MAX_DEBT_NS: u64 = 100_000_000;

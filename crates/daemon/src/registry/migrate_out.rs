@@ -1,5 +1,13 @@
 //! Sending a running domain to another host: connecting to the destination's relocation
-//! server and handing the connection to the domain's guest process, which migrates it.
+//! server and handing the connection to the domain's guest process, which migrates it; and
+//! cancelling that.
+//!
+//! From the request until it ends, a migration is recorded in its domain ([`Outgoing`]), so
+//! that a cancel finds it at every step: while this daemon still connects, the record takes
+//! the cancel and the migration stops before it starts (or the cancel is handed on once the
+//! guest process has the connection); afterwards the cancel goes to the guest process, whose
+//! engine gives up unless it passed the commit point. Either way the canceller waits for the
+//! record to go, which is when the guest is as before the migration.
 
 use std::io::BufReader;
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
@@ -8,16 +16,49 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tern_api::vmm::{VmmReply, VmmRequest};
-use tern_api::{read_message, MigrateOptions, MigrationProgress, MigrationSummary};
+use tern_api::vmm::{VmmReply, VmmRequest, VmmRunState};
+use tern_api::{
+    read_message, MigrateOptions, MigrationCancel, MigrationProgress, MigrationSummary,
+};
 
-use super::Registry;
+use super::{list_state, Life, Registry};
 use crate::guest_process::{self, Control};
 
 /// How long connecting to another host's relocation server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The relocation server's port when a destination names none.
 const DEFAULT_PORT: u16 = 8002;
+/// How long `tern migrate --cancel` waits for the migration to stop. The engine looks between
+/// records and every 50 ms while it waits for the destination; only a link that accepts
+/// nothing (up to the engine's 10 s stall timeout) or a slow connect keeps it longer.
+const CANCEL_WAIT: Duration = Duration::from_secs(15);
+
+/// A domain's migration to another host, from the request until it ends.
+#[derive(Clone, Debug)]
+pub(super) struct Outgoing {
+    /// The destination's relocation server.
+    destination: String,
+    /// The user cancelled it before the guest process had the connection: the migration stops
+    /// before it starts, or the cancel is handed on to the guest process with it.
+    cancel_requested: bool,
+    /// The guest process runs it: cancels go to it.
+    handed_over: bool,
+}
+
+/// Ends a domain's [`Outgoing`] record when its migration ends, however it does.
+struct OutgoingRecord<'a> {
+    registry: &'a Registry,
+    id: u32,
+}
+
+impl Drop for OutgoingRecord<'_> {
+    fn drop(&mut self) {
+        if let Some(d) = self.registry.lock().get_mut(&self.id) {
+            d.outgoing = None;
+        }
+        self.registry.changed.notify_all();
+    }
+}
 
 impl Registry {
     /// Migrates a running domain to the relocation server at `destination` (`host[:port]`);
@@ -52,8 +93,10 @@ impl Registry {
     ) -> anyhow::Result<MigrationSummary> {
         let (id, dir) = self.find_live(key)?;
         let addr = resolve(destination)?;
+        let _record = self.begin_outgoing(id, &addr.to_string())?;
         let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
             .with_context(|| format!("cannot reach the relocation server at {addr}"))?;
+        self.stop_if_cancelled(id, &addr.to_string())?;
         let migration_id = uuid::Uuid::new_v4().to_string();
         log::info!("migrating domain {id} to {addr} (migration {migration_id})");
         let mut control = Control::connect(&dir)?;
@@ -66,11 +109,156 @@ impl Registry {
             security: self.trust.outgoing(),
         };
         hand_over_connection(reader, writer, &request, stream)?;
+        if self.outgoing_handed_over(id) {
+            // Cancelled while the guest process took the connection: hand the cancel on.
+            if let Err(e) = guest_process::request(&dir, &VmmRequest::CancelMigration) {
+                log::warn!("cannot hand on the cancel of domain {id}'s migration: {e:#}");
+            }
+        }
         let summary = follow_migration(reader, progress)?;
         if !self.wait_gone(id, Duration::from_secs(30)) {
             bail!("migrated, but domain '{key}' did not stop here afterwards");
         }
         Ok(summary)
+    }
+}
+
+impl Registry {
+    /// Records that domain `id` is about to migrate to `destination`; refused if it already is.
+    fn begin_outgoing(&self, id: u32, destination: &str) -> anyhow::Result<OutgoingRecord<'_>> {
+        let mut domains = self.lock();
+        let domain = domains
+            .get_mut(&id)
+            .with_context(|| format!("domain {id} is gone"))?;
+        if let Some(o) = &domain.outgoing {
+            bail!(
+                "'{}' is already migrating (to {})",
+                domain.config.name,
+                o.destination
+            );
+        }
+        domain.outgoing = Some(Outgoing {
+            destination: destination.to_string(),
+            cancel_requested: false,
+            handed_over: false,
+        });
+        Ok(OutgoingRecord { registry: self, id })
+    }
+
+    /// Fails if the user cancelled domain `id`'s migration before it started.
+    fn stop_if_cancelled(&self, id: u32, destination: &str) -> anyhow::Result<()> {
+        let domains = self.lock();
+        let Some(domain) = domains.get(&id) else {
+            bail!("domain {id} is gone");
+        };
+        if domain.outgoing.as_ref().is_some_and(|o| o.cancel_requested) {
+            bail!(
+                "the migration of '{}' to {destination} was cancelled before it started; \
+                 nothing changed here",
+                domain.config.name
+            );
+        }
+        Ok(())
+    }
+
+    /// Notes that the guest process of domain `id` has its migration now; whether the user
+    /// cancelled it meanwhile (the cancel is then the caller's to hand on).
+    fn outgoing_handed_over(&self, id: u32) -> bool {
+        let mut domains = self.lock();
+        match domains.get_mut(&id).and_then(|d| d.outgoing.as_mut()) {
+            Some(o) => {
+                o.handed_over = true;
+                o.cancel_requested
+            }
+            None => false,
+        }
+    }
+
+    /// Cancels the outgoing migration of a domain and waits (a while) for it to stop: the
+    /// guest is then here as before the migration and the destination discards what it built.
+    /// Refused if the domain is not migrating, or once the migration passed its commit point.
+    pub fn cancel_migration(&self, key: &str) -> anyhow::Result<MigrationCancel> {
+        let (id, dir, life) = self.find(key)?;
+        let name = self
+            .lock()
+            .get(&id)
+            .map(|d| d.config.name.clone())
+            .with_context(|| format!("no domain '{key}' on this host"))?;
+        match life {
+            Life::Live { .. } => {}
+            Life::Incoming { source, .. } => bail!(
+                "'{name}' is arriving from {source}, not leaving: cancel its migration there \
+                 (tern migrate --cancel on {source})"
+            ),
+            Life::Starting | Life::Ended(_) => bail!("'{name}' is not migrating"),
+        }
+        let outgoing = {
+            let mut domains = self.lock();
+            domains
+                .get_mut(&id)
+                .and_then(|d| d.outgoing.as_mut())
+                .map(|o| {
+                    if !o.handed_over {
+                        o.cancel_requested = true;
+                    }
+                    o.clone()
+                })
+        };
+        let Some(outgoing) = outgoing else {
+            // No migration of this daemon's: the guest process says why there is nothing to
+            // cancel (or, if one is still unwinding, cancels it).
+            guest_process::request(&dir, &VmmRequest::CancelMigration)?;
+            let stopped = wait_not_migrating(&dir, CANCEL_WAIT);
+            return Ok(MigrationCancel {
+                domain: name,
+                destination: None,
+                stopped,
+                state: list_state(&dir, Life::Live { pid: 0 }).0,
+            });
+        };
+        if outgoing.handed_over {
+            guest_process::request(&dir, &VmmRequest::CancelMigration)?;
+        }
+        log::info!(
+            "cancelling the migration of '{name}' to {}",
+            outgoing.destination
+        );
+        let stopped = self.wait_until(CANCEL_WAIT, |domains| {
+            domains.get(&id).is_none_or(|d| d.outgoing.is_none())
+        });
+        let life = self.lock().get(&id).map(|d| d.life.clone());
+        let state = match life {
+            Some(life) => list_state(&dir, life).0,
+            None => bail!(
+                "the migration of '{name}' to {} completed before the cancel reached it: the \
+                 guest runs there now",
+                outgoing.destination
+            ),
+        };
+        Ok(MigrationCancel {
+            domain: name,
+            destination: Some(outgoing.destination),
+            stopped,
+            state,
+        })
+    }
+}
+
+/// Waits until the guest process of `dir` is no longer migrating, or `timeout` passes;
+/// whether it stopped.
+fn wait_not_migrating(dir: &tern_vmm::record::DomainDir, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let migrating = Control::connect(dir)
+            .and_then(|mut c| c.status())
+            .is_ok_and(|s| s.state == VmmRunState::Migrating);
+        if !migrating {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
