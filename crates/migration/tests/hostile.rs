@@ -886,7 +886,7 @@ fn forged() -> impl Strategy<Value = Forged> {
         prop::sample::select(&[0usize, 1, 7, 9, 16][..]).prop_map(|len| Forged::MarkLength { len }),
         Just(Forged::OtherInfo),
         Just(Forged::OtherConfig),
-        prop_oneof![Just(0u32), Just(9), Just(0x7fff_ffff), 9u32..0x8000_0000]
+        prop_oneof![Just(0u32), Just(10), Just(0x7fff_ffff), 10u32..0x8000_0000]
             .prop_map(|ty| Forged::Mandatory { ty }),
         prop_oneof![Just(0u32), Just(2), Just(u32::MAX), any::<u32>()]
             .prop_map(|count| Forged::ZerosCount { count }),
@@ -1527,7 +1527,7 @@ fn each_listed_attack_is_refused_with_a_clear_error() {
         ),
         (
             "an unknown mandatory record",
-            forged_at(Forged::Mandatory { ty: 9 }, 2),
+            forged_at(Forged::Mandatory { ty: 10 }, 2),
             "needs a newer tern",
         ),
         (
