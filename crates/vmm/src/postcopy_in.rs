@@ -143,6 +143,13 @@ pub(crate) fn serve(
             Ok(())
         }
     };
+    // Recorded before the source hears that every page is here.
+    let mut whole = || {
+        if let Err(e) = IncomingState::Committed.store(state_file) {
+            log::error!("{e:#}");
+        }
+        let _ = vmm.life.apply(Event::PostcopyArrived);
+    };
     let regions = postcopy.target.regions.clone();
     let destination = PostcopyDestination::new(
         &postcopy.target,
@@ -151,15 +158,12 @@ pub(crate) fn serve(
         resumed,
         &links,
         &mut keep_going,
-    );
+    )
+    .on_complete(&mut whole);
     let result = destination.run(ch);
     *vmm.postcopy_links.lock().unwrap_or_else(|p| p.into_inner()) = None;
     match result {
         Ok(report) => {
-            if let Err(e) = IncomingState::Committed.store(state_file) {
-                log::error!("{e:#}");
-            }
-            let _ = vmm.life.apply(Event::PostcopyArrived);
             log::info!(
                 "post-copy complete {:.3} s after the resume: {} pages fetched on demand, {} \
                  pushed, longest fault wait {:.1} ms",

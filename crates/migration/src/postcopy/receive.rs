@@ -99,6 +99,8 @@ pub struct PostcopyDestination<'a, T> {
     resumed: Instant,
     links: &'a Receiver<T>,
     keep_going: &'a mut dyn FnMut() -> Result<(), String>,
+    /// Called once every page is in, before the source hears of it.
+    on_complete: Option<&'a mut dyn FnMut()>,
 }
 
 impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
@@ -123,7 +125,15 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
             resumed,
             links,
             keep_going,
+            on_complete: None,
         }
+    }
+
+    /// Calls `f` once every page is in, before the source hears of it (to record that the
+    /// guest is whole here first).
+    pub fn on_complete(mut self, f: &'a mut dyn FnMut()) -> Self {
+        self.on_complete = Some(f);
+        self
     }
 
     /// Pages still missing.
@@ -390,6 +400,9 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
         self.target
             .finish()
             .map_err(|e| fatal(format!("cannot end post-copy: {e}")))?;
+        if let Some(f) = self.on_complete.as_mut() {
+            f();
+        }
         if let Err(e) = reader.get_mut().send(&ToSource::Arrived(self.report)) {
             // The guest is whole here either way; the source learns it from the daemon.
             log::warn!("post-copy: cannot tell the source that every page arrived: {e}");
