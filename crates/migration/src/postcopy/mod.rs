@@ -30,8 +30,10 @@
 //!
 //! * [`schedule`]: which pages the source sends next (requests first, then the push).
 //! * [`serve`]: the source's side, with reconnection.
-//! * [`receive`]: the destination's side, over any [`PostcopyTarget`] (userfaultfd).
+//! * [`receive`]: the destination's side, over any [`PostcopyTarget`] (userfaultfd), with
+//!   its faults read by a thread of their own (`faults`).
 
+mod faults;
 pub mod receive;
 pub mod schedule;
 pub mod serve;

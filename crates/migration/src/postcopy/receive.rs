@@ -1,15 +1,17 @@
 //! The destination's side of post-copy: the guest runs, its faults on missing pages become
 //! requests, and pages from the source are installed where still missing, until none is.
 //!
-//! One loop polls the faults (the target's descriptor) and the connection. A lost connection
-//! ends nothing: the guest's threads wait in their faults, faults on pages that were never
-//! written are still served (zero pages), and the loop waits for the source to come back
-//! through the daemon, which passes the new connection on `links`.
+//! A thread reads the faults ([`super::faults`]); one loop polls its queue and the connection.
+//! A lost connection ends nothing: the guest's threads wait in their faults, faults on pages
+//! that were never written are still served (zero pages), and the loop waits for the source
+//! to come back through the daemon, which passes the new connection on `links`.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tern_snapshot::{PageRun, RecordType, StreamItem, StreamReader, PAGE_SIZE};
@@ -17,13 +19,12 @@ use tern_snapshot::{PageRun, RecordType, StreamItem, StreamReader, PAGE_SIZE};
 use crate::destination::MAX_RECORD_PAGES;
 use crate::error::MigrationError;
 use crate::memory::{push_page, PageSet, RamRegion};
+use crate::postcopy::faults::{self, FaultEvent, FaultQueue};
 use crate::postcopy::{message_runs, MAX_MESSAGE_RUNS, MAX_WANT_PAGES};
 use crate::protocol::{ArrivedReport, Run, ToSource};
 use crate::transport::{poll_readable, Channel, Transport};
 use crate::STALL_TIMEOUT;
 
-/// Faults read at most between two looks at the connection.
-const FAULTS_PER_TURN: usize = 4096;
 /// How long one wait for faults or input lasts (new connections are looked for between).
 const TURN: Duration = Duration::from_millis(100);
 /// How long the destination reads the rest of the stream after it reported `Arrived`.
@@ -88,9 +89,12 @@ impl From<MigrationError> for Break {
 
 /// The post-copy phase at the destination.
 pub struct PostcopyDestination<'a, T> {
-    target: &'a dyn PostcopyTarget,
+    target: &'a (dyn PostcopyTarget + Sync),
     ranges: Vec<Range<u64>>,
-    missing: PageSet,
+    /// Shared with the fault thread, which serves faults on other pages itself.
+    missing: Arc<Mutex<PageSet>>,
+    /// Faults on missing pages, from the fault thread (while it runs).
+    faults: Option<FaultQueue>,
     /// Pages faults wait for, since when.
     waiting: HashMap<u64, Instant>,
     /// Waiting pages not asked for on the current connection yet.
@@ -108,7 +112,7 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
     /// runs since `resumed`. New connections from the source arrive on `links`; `keep_going`
     /// is asked on every turn, and an error from it ends post-copy (the guest is destroyed).
     pub fn new(
-        target: &'a dyn PostcopyTarget,
+        target: &'a (dyn PostcopyTarget + Sync),
         regions: &[RamRegion],
         missing: PageSet,
         resumed: Instant,
@@ -118,7 +122,8 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
         PostcopyDestination {
             target,
             ranges: regions.iter().map(|r| r.first_pfn()..r.end_pfn()).collect(),
-            missing,
+            missing: Arc::new(Mutex::new(missing)),
+            faults: None,
             waiting: HashMap::new(),
             unasked: Vec::new(),
             report: ArrivedReport::default(),
@@ -136,14 +141,33 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
         self
     }
 
-    /// Pages still missing.
-    pub fn missing(&self) -> u64 {
-        self.missing.count()
+    /// The pages still missing.
+    fn missing(&self) -> MutexGuard<'_, PageSet> {
+        self.missing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs post-copy over `first` (the connection of the handover), then over whatever
-    /// connections the source comes back on, until every page is in.
+    /// connections the source comes back on, until every page is in. The faults are read by
+    /// a thread of their own meanwhile.
     pub fn run(mut self, first: Channel<T>) -> Result<ArrivedReport, MigrationError> {
+        let stop = AtomicBool::new(false);
+        let (reader, queue) = faults::pair(self.target, self.missing.clone(), &stop)
+            .map_err(|e| MigrationError::io("start reading page faults", e))?;
+        std::thread::scope(|scope| {
+            let spawned = std::thread::Builder::new()
+                .name("postcopy-faults".into())
+                .spawn_scoped(scope, move || reader.run());
+            if let Err(e) = spawned {
+                return Err(MigrationError::io("start reading page faults", e));
+            }
+            self.faults = Some(queue);
+            let result = self.serve_all(first);
+            stop.store(true, Ordering::Release);
+            result
+        })
+    }
+
+    fn serve_all(&mut self, first: Channel<T>) -> Result<ArrivedReport, MigrationError> {
         let mut next = Some((first, false));
         loop {
             let (ch, resumed) = match next.take() {
@@ -159,7 +183,7 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
                 Served::Lost(e) => log::warn!(
                     "post-copy: lost the connection to the source ({e}); the guest waits for \
                      {} pages until the source comes back",
-                    self.missing.count()
+                    self.missing().count()
                 ),
             }
         }
@@ -193,7 +217,7 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
             }
             self.take_faults()?;
             self.ask(reader.get_mut())?;
-            if self.missing.is_empty() {
+            if self.missing().is_empty() {
                 self.complete(&mut reader)?;
                 return Ok(Served::Complete);
             }
@@ -205,7 +229,7 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
                 None => {
                     return Err(Break::Lost(MigrationError::Protocol(format!(
                         "the source ended the post-copy stream with {} pages missing",
-                        self.missing.count()
+                        self.missing().count()
                     ))))
                 }
             }
@@ -214,7 +238,7 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
 
     /// On a resumed connection: every page still missing, then the pages faults wait for.
     fn say_lacking(&mut self, ch: &mut Channel<T>) -> Result<(), MigrationError> {
-        let messages = message_runs(&self.missing);
+        let messages = message_runs(&self.missing());
         let count = messages.len();
         if count == 0 {
             ch.send(&ToSource::Lacking {
@@ -237,31 +261,35 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
         if ch.input_waiting() {
             return Ok(true);
         }
-        let fds = [self.target.fault_fd(), ch.transport().as_raw_fd()];
+        let mut fds = vec![ch.transport().as_raw_fd()];
+        fds.extend(self.faults.as_ref().map(FaultQueue::fd));
         let ready =
             poll_readable(&fds, TURN).map_err(|e| MigrationError::io("wait for input", e))?;
-        Ok(ready.get(1).copied().unwrap_or(false))
+        Ok(ready.first().copied().unwrap_or(false))
     }
 
-    /// Reads waiting faults: pages still to come are asked for, others (never written, or
-    /// installed meanwhile) get a zero page or a wake-up at once.
+    /// Takes the faults the fault thread queued: each page still to come is asked for once
+    /// (a fault on a page installed meanwhile was woken by the install).
     fn take_faults(&mut self) -> Result<(), Break> {
-        for _ in 0..FAULTS_PER_TURN {
-            let pfn = match self.target.next_fault() {
-                Ok(Some(pfn)) => pfn,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(fatal(format!("cannot read a page fault: {e}"))),
-            };
-            if self.missing.contains(pfn) {
-                if let std::collections::hash_map::Entry::Vacant(slot) = self.waiting.entry(pfn) {
-                    slot.insert(Instant::now());
-                    self.unasked.push(pfn);
-                    self.report.faults += 1;
+        let events = self
+            .faults
+            .as_mut()
+            .map(FaultQueue::drain)
+            .unwrap_or_default();
+        for event in events {
+            match event {
+                FaultEvent::Missing { pfn, since } => {
+                    if !self.missing().contains(pfn) {
+                        continue;
+                    }
+                    if let std::collections::hash_map::Entry::Vacant(slot) = self.waiting.entry(pfn)
+                    {
+                        slot.insert(since);
+                        self.unasked.push(pfn);
+                        self.report.faults += 1;
+                    }
                 }
-            } else {
-                self.target
-                    .install_zeros(pfn, 1)
-                    .map_err(|e| fatal(format!("cannot serve a fault on page {pfn:#x}: {e}")))?;
+                FaultEvent::Failed(message) => return Err(fatal(message)),
             }
         }
         Ok(())
@@ -354,12 +382,12 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
         let pages = u64::from(run.pages);
         let mut i = 0u64;
         while i < pages {
-            if !self.missing.contains(run.first_pfn + i) {
+            if !self.missing().contains(run.first_pfn + i) {
                 i += 1;
                 continue;
             }
             let start = i;
-            while i < pages && self.missing.contains(run.first_pfn + i) {
+            while i < pages && self.missing().contains(run.first_pfn + i) {
                 i += 1;
             }
             let first = run.first_pfn + start;
@@ -382,7 +410,7 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
 
     /// Page `pfn` is in.
     fn arrived(&mut self, pfn: u64) {
-        self.missing.remove(pfn);
+        self.missing().remove(pfn);
         match self.waiting.remove(&pfn) {
             Some(since) => {
                 self.report.fetched += 1;
@@ -418,7 +446,8 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
         Ok(())
     }
 
-    /// Between connections: serves what can be served here and waits for the source.
+    /// Between connections: waits for the source (the fault thread serves what can be served
+    /// here meanwhile, and stamps the rest).
     fn await_link(&mut self) -> Result<T, MigrationError> {
         loop {
             (self.keep_going)().map_err(MigrationError::Cancelled)?;
@@ -426,17 +455,15 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
                 Ok(()) => {}
                 Err(Break::Lost(e) | Break::Fatal(e)) => return Err(e),
             }
-            match self.links.try_recv() {
+            match self.links.recv_timeout(TURN) {
                 Ok(t) => return Ok(t),
-                Err(TryRecvError::Empty) => {}
-                Err(TryRecvError::Disconnected) => {
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
                     return Err(MigrationError::Cancelled(
                         "nothing can bring the source back".into(),
                     ))
                 }
             }
-            poll_readable(&[self.target.fault_fd()], Duration::from_millis(20))
-                .map_err(|e| MigrationError::io("wait for page faults", e))?;
         }
     }
 }
