@@ -220,4 +220,39 @@ mod tests {
         assert_eq!(protocol_for(false), 1);
         assert_eq!(protocol_for(true), 2);
     }
+
+    #[test]
+    fn an_offer_without_post_copy_reads_as_the_previous_release_wrote_it() {
+        let offer = Offer {
+            protocol: protocol_for(false),
+            stream_format: 2,
+            migration_id: "m".into(),
+            live: true,
+            postcopy: false,
+            info: Info {
+                tern_version: "0.2.0".into(),
+                created_unix: 0,
+                host: "h".into(),
+                guest_name: "g".into(),
+                guest_uuid: "u".into(),
+                memory_bytes: 1 << 20,
+                vcpus: 1,
+                cpu_features: vec![],
+            },
+            config: serde_json::json!({}),
+            vcpu_cpuid: vec![],
+        };
+        let text = serde_json::to_string(&offer).unwrap();
+        assert!(!text.contains("postcopy"), "{text}");
+        assert!(text.contains(r#""protocol":1"#), "{text}");
+        let back: Offer = serde_json::from_str(&text).unwrap();
+        assert!(!back.postcopy);
+        let with = Offer {
+            protocol: protocol_for(true),
+            postcopy: true,
+            ..offer
+        };
+        let text = serde_json::to_string(&with).unwrap();
+        assert!(text.contains(r#""postcopy":true"#), "{text}");
+    }
 }

@@ -625,3 +625,22 @@ fn query(destination: &Destination, migration_id: &str) -> anyhow::Result<Outcom
         other => anyhow::bail!("unexpected answer {other:?}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_old_destination_refusing_post_copy_is_explained() {
+        // What tern 0.1 (relocation protocol 1 only) answers a post-copy offer.
+        let old = "this host speaks relocation protocol version 1, the source version 2";
+        let e = postcopy_hint(MigrationError::Refused(old.into()), true).to_string();
+        assert!(e.contains(old), "{e}");
+        assert!(e.contains("migrate without --postcopy"), "{e}");
+        // Other refusals, and refusals of other migrations, are left as they are.
+        let e = postcopy_hint(MigrationError::Refused(old.into()), false).to_string();
+        assert!(!e.contains("--postcopy"), "{e}");
+        let e = postcopy_hint(MigrationError::Refused("no memory".into()), true).to_string();
+        assert_eq!(e, "the destination refused it: no memory");
+    }
+}
