@@ -57,10 +57,9 @@ fn wait_note(host: &Host, name: &str, text: &str, timeout: Duration) {
     );
 }
 
-/// Runs `tern migrate --json` on `host` in the background.
-fn spawn_migrate(host: &Host, name: &str, args: &[&str]) -> Child {
-    let destination = host2();
-    let mut all = vec!["migrate", name, destination.as_str(), "--json"];
+/// Runs `tern migrate NAME DESTINATION --json ARGS…` on `host` in the background.
+fn spawn_migrate(host: &Host, name: &str, destination: &str, args: &[&str]) -> Child {
+    let mut all = vec!["migrate", name, destination, "--json"];
     all.extend_from_slice(args);
     let mut cmd = host.command(&all);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -156,7 +155,12 @@ fn post_copy_of_a_fast_writer_arrives_with_every_page_verified() {
     create_net_guest(&pair.h1, "pc", WRITER);
     let before = pair.h1.last_beat("pc");
     let started = Instant::now();
-    let out = finish(spawn_migrate(&pair.h1, "pc", &["--live", "--postcopy"]));
+    let out = finish(spawn_migrate(
+        &pair.h1,
+        "pc",
+        &host2(),
+        &["--live", "--postcopy"],
+    ));
     let summary = summary_of(&out, &pair.h1);
     let pc = postcopy_of(&summary);
     assert!(
@@ -184,7 +188,7 @@ fn a_link_cut_during_post_copy_is_resumed_and_the_guest_arrives_whole() {
     let pair = Pair::start();
     create_net_guest(&pair.h1, "lc", WRITER);
     let before = pair.h1.last_beat("lc");
-    let child = spawn_migrate(&pair.h1, "lc", SLOW_POSTCOPY);
+    let child = spawn_migrate(&pair.h1, "lc", &host2(), SLOW_POSTCOPY);
     wait_note(&pair.h1, "lc", "post-copy", Duration::from_secs(120));
     // The guest's memory is split between the hosts: too late to cancel.
     let refused = pair.h1.fails(&["migrate", "--cancel", "lc"]);
@@ -209,7 +213,7 @@ fn a_link_cut_during_post_copy_is_resumed_and_the_guest_arrives_whole() {
 fn a_destination_killed_during_post_copy_leaves_the_paused_copy_on_the_source() {
     let pair = Pair::start();
     create_net_guest(&pair.h1, "dk", WRITER);
-    let child = spawn_migrate(&pair.h1, "dk", SLOW_POSTCOPY);
+    let child = spawn_migrate(&pair.h1, "dk", &host2(), SLOW_POSTCOPY);
     wait_note(&pair.h1, "dk", "post-copy", Duration::from_secs(120));
     let pid = pair.h2.guest_pid("dk");
     kill9(pid);

@@ -89,14 +89,17 @@ pub struct PostcopyReport {
 }
 
 /// Why post-copy did not complete.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PostcopyFailure {
     /// The destination's guest process ended before every page arrived.
+    #[error("the destination lost the guest during post-copy: {0}")]
     Lost(String),
     /// The destination never ran the guest: this copy is the guest.
+    #[error("the destination never ran the guest")]
     NeverRan,
     /// The source stopped serving pages: the guest was destroyed here, or the user ran this
     /// copy instead.
+    #[error("post-copy stopped: {0}")]
     Abandoned(String),
 }
 
