@@ -350,8 +350,8 @@ impl Sender<'_> {
                     load_ms: ms(ready.duration_since(state_sent)),
                     handover_ms: ms(go_sent.duration_since(ready) + one_way + resume),
                 };
-                Ok(self.summary(
-                    &ch,
+                Ok(self.summary_of(
+                    ch.sent(),
                     destination_id,
                     live,
                     &stop,
@@ -894,28 +894,6 @@ impl Sender<'_> {
             eta_seconds: eta,
             throttle_percent: self.throttle,
         });
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn summary<T: Transport>(
-        &self,
-        ch: &Channel<T>,
-        destination_id: u32,
-        live: bool,
-        stop: &StopTimes,
-        downtime: Duration,
-        parts: tern_api::DowntimeParts,
-        resumed_unix_ns: u64,
-    ) -> MigrationSummary {
-        self.summary_of(
-            ch.sent(),
-            destination_id,
-            live,
-            stop,
-            downtime,
-            parts,
-            resumed_unix_ns,
-        )
     }
 
     #[allow(clippy::too_many_arguments)]
