@@ -13,7 +13,8 @@
 //! shaped link and on the unshaped one.
 //!
 //! `TERN_BENCH_QEMU=off` leaves QEMU out; `TERN_BENCH_RATES=0,256` runs some rates only
-//! (`TERN_BENCH_RATES=none`: none); `TERN_BENCH_ENCRYPTION=off` leaves the encryption part out.
+//! (`TERN_BENCH_RATES=none`: none); `TERN_BENCH_ENCRYPTION=off` leaves the encryption part out;
+//! `TERN_BENCH_POSTCOPY=off` leaves tern's `--postcopy` rows out.
 //! `TERN_BENCH_DUMP=FILE` writes every heartbeat of tern's last run (host time, seq, pages
 //! written, pages verified) after a line with the migration's start, end, pause and resume,
 //! to see where a gap falls.
@@ -149,7 +150,9 @@ fn run() -> anyhow::Result<()> {
         let t = tern_once(&lab, &tern, &w).with_context(|| format!("tern at {}", label(rate)))?;
         print_row(&t, link_bps);
         results.push(t);
-        if rate >= POSTCOPY_FROM_MIBPS {
+        if rate >= POSTCOPY_FROM_MIBPS
+            && std::env::var("TERN_BENCH_POSTCOPY").as_deref() != Ok("off")
+        {
             let (p, _) = tern_migration(&lab, &tern, &w, "", &["--postcopy"])
                 .with_context(|| format!("tern --postcopy at {}", label(rate)))?;
             print_row(&p, link_bps);
@@ -303,6 +306,9 @@ fn tern_migration(
         rounds.join(" "),
         s["stop_reason"].as_str().unwrap_or("")
     );
+    if !s["postcopy"].is_null() {
+        println!("  tern post-copy: {}", s["postcopy"]);
+    }
     let last_seq = h2
         .heartbeats("bench")?
         .pop()
@@ -569,9 +575,9 @@ fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&
          downtime limit, no bandwidth cap, auto-converge. tern migrates over TLS 1.3 (its\n\
          default); QEMU in clear (a `tcp:` URI, its default). A QEMU migration still running\n\
          after {} s is cancelled and shown as not converging. At 256 MiB/s and faster tern is also\n\
-         measured with `--postcopy` (the guest runs on the destination after the first pass and\n\
-         a round or two, its missing pages fetched on demand and pushed behind; total time runs\n\
-         until every page arrived).\n\n\
+         measured with `--postcopy` (the guest runs on the destination as soon as pre-copy would\n\
+         send much of its memory twice, its missing pages fetched on demand and pushed behind;\n\
+         total time runs until every page arrived).\n\n\
          **What the guest felt** comes first, measured the same way for both tools from the\n\
          guest's own heartbeats (one every {} ms of guest time, each stamped with the host clock\n\
          as it reaches the console): the *longest gap* between two heartbeats from the start of\n\

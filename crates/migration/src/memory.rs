@@ -361,6 +361,36 @@ impl PageSet {
             })
     }
 
+    /// Pages of the set before page `first_page` of region `region` (and in the regions
+    /// before it).
+    pub fn count_before(&self, region: usize, first_page: u64) -> u64 {
+        let ones = |words: &[u64]| words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+        let whole: u64 = self.bits.iter().take(region).map(|b| ones(b)).sum();
+        let Some(bits) = self.bits.get(region) else {
+            return whole;
+        };
+        let words = ((first_page / 64) as usize).min(bits.len());
+        let mut part = ones(&bits[..words]);
+        let tail = first_page % 64;
+        if tail != 0 {
+            if let Some(w) = bits.get(words) {
+                part += u64::from((w & ((1u64 << tail) - 1)).count_ones());
+            }
+        }
+        whole + part
+    }
+
+    /// Removes the pages of `chunk` (of a set over the same regions).
+    pub fn remove_chunk(&mut self, chunk: &Chunk<'_>) {
+        let Some(bits) = self.bits.get_mut(chunk.region) else {
+            return;
+        };
+        let first = (chunk.first_page / 64) as usize;
+        for (w, c) in bits.iter_mut().skip(first).zip(chunk.bits) {
+            *w &= !c;
+        }
+    }
+
     /// The pages of every region not in this set.
     pub fn complement(&self) -> PageSet {
         let mut set = PageSet {

@@ -15,7 +15,7 @@ use tern_snapshot::{is_zero_page, PageRun, RecordType, SnapshotWriter, PAGE_SIZE
 use crate::error::MigrationError;
 use crate::memory::{guest_slice, push_page, PageSet, RamRegion};
 use crate::policy::{Convergence, Decision, Limits, RoundMeasure, StopReason};
-use crate::postcopy::{self, PostcopyFailure, PostcopyReport, PostcopySource, Redial};
+use crate::postcopy::{PostcopyFailure, PostcopyReport, PostcopySource, Redial, SwitchWatch};
 use crate::protocol::{Offer, ToDestination, ToSource};
 use crate::transport::{Channel, Transport};
 use crate::{HANDOVER_TIMEOUT, OFFER_TIMEOUT, STALL_TIMEOUT};
@@ -211,6 +211,14 @@ struct Outgoing {
     /// the sender's buffer.
     batch: Vec<PageRun>,
     filled: usize,
+}
+
+/// A first pass that post-copy cut short.
+struct Cut {
+    /// The pages of the pass left unsent.
+    unsent: PageSet,
+    /// Why, for the summary.
+    reason: String,
 }
 
 /// When the guest paused and what the stop-and-copy cost, for the summary.
@@ -437,24 +445,41 @@ impl Sender<'_> {
         let first = self.populated()?;
         let memory_bytes = self.plan.offer.info.memory_bytes;
         let mut convergence = Convergence::new(self.plan.limits.clone(), memory_bytes);
+        // Post-copy's pre-copy is never throttled and ends early (see `postcopy::switch`).
+        let mut watch = self.plan.postcopy.then(|| SwitchWatch::new(&first));
         let mut set = first;
         let mut round = 0u32;
         let reason = loop {
             let started = Instant::now();
-            let tally = self.send_pages(w, &set, round, round == 0)?;
+            let first_pass = round == 0;
+            let (tally, cut) = if first_pass {
+                self.send_pages_watched(w, &set, round, true, watch.as_mut())?
+            } else {
+                (self.send_pages(w, &set, round, false)?, None)
+            };
             self.end_round(w, round)?;
             let took = started.elapsed();
             self.record_round(round, tally, took, false);
             set = self.take_dirty()?;
+            if let Some(watch) = watch.as_mut() {
+                set.union_with(&watch.take_written_again());
+            }
+            if let Some(cut) = cut {
+                set.union_with(&cut.unsent);
+                break format!(
+                    "switched to post-copy during the first pass: {}",
+                    cut.reason
+                );
+            }
+            let pages = tally.pages + tally.zero_pages;
             let measure = RoundMeasure {
-                pages: tally.pages + tally.zero_pages,
+                pages,
                 bytes: tally.bytes,
                 seconds: took.as_secs_f64(),
             };
             let decision = convergence.after_round(measure, set.count(), w.get_ref().sent());
-            if self.plan.postcopy {
-                // Never throttled: a guest that outruns the link is what post-copy is for.
-                if let Some(why) = postcopy::precopy_ends(round, decision) {
+            if let Some(watch) = watch.as_mut() {
+                if let Some(why) = watch.after_round(round, pages, set.count(), decision) {
                     break format!("switched to post-copy after round {round}: {why}");
                 }
             } else {
@@ -658,6 +683,20 @@ impl Sender<'_> {
         round: u32,
         first_pass: bool,
     ) -> Result<Tally, MigrationError> {
+        self.send_pages_watched(w, set, round, first_pass, None)
+            .map(|(tally, _)| tally)
+    }
+
+    /// [`Sender::send_pages`], cut short when `watch` (post-copy's first pass) says to
+    /// switch: then also the pages of `set` left unsent.
+    fn send_pages_watched<T: Transport>(
+        &mut self,
+        w: &mut SnapshotWriter<Channel<T>>,
+        set: &PageSet,
+        round: u32,
+        first_pass: bool,
+        mut watch: Option<&mut SwitchWatch>,
+    ) -> Result<(Tally, Option<Cut>), MigrationError> {
         let start_bytes = w.get_ref().sent();
         let mut out = Outgoing {
             round,
@@ -670,7 +709,28 @@ impl Sender<'_> {
         let regions = self.regions.clone();
         // A paused guest writes nothing: its pages need no re-arming.
         let rearm = !self.vm.is_paused();
+        let mut cut: Option<Cut> = None;
         for chunk in set.chunks(RECORD_PAGES / 64) {
+            if let Some(cut) = cut.as_mut() {
+                for run in chunk.runs() {
+                    cut.unsent.insert_run(run.first_pfn, u64::from(run.pages));
+                }
+                continue;
+            }
+            if let Some(watch) = watch.as_deref_mut() {
+                if watch.look_due() {
+                    let dirty = self.take_dirty()?;
+                    if let Some(reason) = watch.look(&dirty, &chunk) {
+                        let mut unsent = set.cleared();
+                        for run in chunk.runs() {
+                            unsent.insert_run(run.first_pfn, u64::from(run.pages));
+                        }
+                        cut = Some(Cut { unsent, reason });
+                        continue;
+                    }
+                }
+                watch.sending(&chunk);
+            }
             if rearm {
                 self.vm
                     .rearm(chunk.region, chunk.first_page, chunk.bits)
@@ -686,7 +746,7 @@ impl Sender<'_> {
                 .map_err(|e| MigrationError::io("send zero pages", e))?;
         }
         out.tally.bytes = w.get_ref().sent() - start_bytes;
-        Ok(out.tally)
+        Ok((out.tally, cut))
     }
 
     /// Copies the pages of `run` into the PAGES record being assembled (data) or the zero

@@ -53,9 +53,7 @@ pub struct Share {
     writes_left: u64,
 }
 
-/// Most pages handled in one step, so heartbeats stay punctual: a heartbeat waits for the
-/// step in progress, which takes under a millisecond at full speed but several times that when
-/// every write takes a fault (a dirty log just re-armed) and the vCPU is throttled.
+/// Most pages handled in one step (a step also breaks off when a heartbeat is due).
 const STEP_PAGES: u64 = 64;
 /// Unpaid work older than this is forgiven: a guest slowed down (paused, throttled) does
 /// not catch up in a burst.
@@ -166,8 +164,11 @@ impl Share {
         next(write_rate, self.writes_done).min(next(self.verify_rate, self.verifies_done))
     }
 
-    /// Does whatever writing and verifying is due at `now`.
-    pub fn step(&mut self, now: u64) {
+    /// Does whatever writing and verifying is due at `now`, breaking off at guest time
+    /// `until` (CPU 0's next heartbeat): a timer interrupt would preempt a real guest's work
+    /// there, and a heartbeat that waited for a whole step would measure the step's length
+    /// (long when every write takes a fault and the vCPU is throttled), not the guest's.
+    pub fn step(&mut self, now: u64, until: u64) {
         if self.count == 0 {
             return;
         }
@@ -176,26 +177,28 @@ impl Share {
         } else {
             self.write_rate
         };
-        let writes =
-            Self::due(rate, self.start_ns, now, &mut self.writes_done).min(self.writes_left);
-        if self.writes_left != u64::MAX {
-            self.writes_left -= writes;
-        }
-        for _ in 0..writes {
+        let due = Self::due(rate, self.start_ns, now, &mut self.writes_done).min(self.writes_left);
+        let mut writes = 0;
+        while writes < due && !self.past(until) {
             let page = self.first + self.write_cursor;
             self.write_page(page);
             self.write_cursor = (self.write_cursor + 1) % self.count;
+            writes += 1;
+        }
+        if self.writes_left != u64::MAX {
+            self.writes_left -= writes;
         }
         self.writes_done += writes;
         WRITTEN[self.cpu].fetch_add(writes, Ordering::Relaxed);
 
-        let verifies = Self::due(
+        let due = Self::due(
             self.verify_rate,
             self.start_ns,
             now,
             &mut self.verifies_done,
         );
-        for _ in 0..verifies {
+        let mut verifies = 0;
+        while verifies < due && !self.past(until) {
             let page = self.first + self.verify_cursor;
             self.verify_page(page);
             self.verify_cursor += 1;
@@ -203,9 +206,14 @@ impl Share {
                 self.verify_cursor = 0;
                 PASSES[self.cpu].fetch_add(1, Ordering::Relaxed);
             }
+            verifies += 1;
         }
         self.verifies_done += verifies;
         VERIFIED[self.cpu].fetch_add(verifies, Ordering::Relaxed);
+    }
+
+    fn past(&self, until: u64) -> bool {
+        until != u64::MAX && crate::clock::now_ns(self.cpu) >= until
     }
 
     fn write_page(&self, page: u64) {

@@ -268,7 +268,9 @@ fn run(cpu: usize, mut net: Option<Net>, mut disk: Option<Disk>) -> ! {
             d.step(now);
             wake = wake.min(now.saturating_add(d.next_due_in(now).max(QUANTUM_NS)));
         }
-        share.step(now);
+        // CPU 0 breaks off its share of the work when the next heartbeat is due.
+        let until = if cpu == 0 { next_hb } else { u64::MAX };
+        share.step(now, until);
         let now = now_ns(cpu);
         let due_in = share.next_due_in(now);
         if due_in == 0 || busy {

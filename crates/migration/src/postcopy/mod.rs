@@ -1,8 +1,8 @@
 //! Post-copy: the guest runs on the destination before all its pages have arrived.
 //!
-//! A post-copy migration pre-copies as usual, but briefly: the first pass and at most
-//! [`MAX_EXTRA_ROUNDS`] rounds more, fewer if the convergence policy would stop or slow the
-//! guest down ([`precopy_ends`]; a post-copy migration is never throttled). Then the source
+//! A post-copy migration pre-copies as usual, but briefly: never throttled, and only while
+//! little of what it sends is written again before the switch ([`switch`]: the first pass,
+//! cut short if the guest writes fast, and at most two rounds more). Then the source
 //! pauses the guest and sends, instead of the last dirty pages, MISSING records naming them,
 //! then the machine state and END. The destination drops what it holds of those pages (they
 //! are stale) so that touching them faults, and the usual handover follows: `Ready`, `Go`,
@@ -28,6 +28,7 @@
 //! connection to the guest process; that one first says what it still lacks (`Lacking`), and
 //! the push starts over with those pages. See `docs/migration-protocol.md`.
 //!
+//! * [`switch`]: when pre-copy ends.
 //! * [`schedule`]: which pages the source sends next (requests first, then the push).
 //! * [`serve`]: the source's side, with reconnection.
 //! * [`receive`]: the destination's side, over any [`PostcopyTarget`] (userfaultfd), with
@@ -37,18 +38,17 @@ mod faults;
 pub mod receive;
 pub mod schedule;
 pub mod serve;
+pub mod switch;
 
 use crate::error::MigrationError;
 use crate::memory::PageSet;
-use crate::policy::Decision;
 use crate::protocol::Run;
 
 pub use receive::{drop_stale, PostcopyDestination, PostcopyTarget};
 pub use schedule::PushSchedule;
 pub use serve::{PostcopyFailure, PostcopyReport, PostcopySource, Redial, Redialed};
+pub use switch::SwitchWatch;
 
-/// Pre-copy rounds a post-copy migration runs after the first pass, at most.
-pub const MAX_EXTRA_ROUNDS: u32 = 2;
 /// Most runs in one `Want` or `Lacking` message (a JSON line of about 40 KiB).
 pub const MAX_MESSAGE_RUNS: usize = 1024;
 /// Most pages one `Want` may ask for.
@@ -59,21 +59,6 @@ pub const PUSH_RECORD_PAGES: usize = 64;
 /// Bytes the source lets wait unsent in its socket while it pushes: what a wanted page waits
 /// behind (2 ms at 1 Gbit/s).
 pub const MAX_IN_FLIGHT: usize = 256 << 10;
-
-/// Whether a post-copy migration ends its pre-copy after round `round` (0: the first pass),
-/// given what the convergence policy decided; why, if so.
-pub fn precopy_ends(round: u32, decision: Decision) -> Option<String> {
-    match decision {
-        Decision::Stop(reason) => Some(reason.describe().to_string()),
-        Decision::Continue { throttle } if throttle > 0 => {
-            Some("the guest dirtied memory faster than it could be sent".to_string())
-        }
-        Decision::Continue { .. } if round >= MAX_EXTRA_ROUNDS => Some(format!(
-            "the first pass and {MAX_EXTRA_ROUNDS} more rounds are done"
-        )),
-        Decision::Continue { .. } => None,
-    }
-}
 
 /// The runs of `set` as messages of at most [`MAX_MESSAGE_RUNS`] runs each (runs longer than
 /// a `u32` of pages do not exist: [`PageSet::runs`] splits them).
@@ -125,25 +110,12 @@ pub fn add_runs(set: &mut PageSet, runs: &[Run], max_pages: u64) -> Result<u64, 
 mod tests {
     use super::*;
     use crate::memory::{GuestRegion, RamRegion};
-    use crate::policy::StopReason;
     use std::sync::Arc;
     use vm_memory::GuestAddress;
 
     fn regions() -> Vec<RamRegion> {
         let mapping = GuestRegion::from_range(GuestAddress(0x10_0000), 4096 * 4096, None).unwrap();
         vec![RamRegion::new(Arc::new(mapping))]
-    }
-
-    #[test]
-    fn the_pre_copy_of_a_post_copy_migration_is_short() {
-        let go_on = Decision::Continue { throttle: 0 };
-        assert_eq!(precopy_ends(0, go_on), None);
-        assert_eq!(precopy_ends(1, go_on), None);
-        assert!(precopy_ends(MAX_EXTRA_ROUNDS, go_on).is_some());
-        let slow = precopy_ends(0, Decision::Continue { throttle: 20 }).unwrap();
-        assert!(slow.contains("faster"), "{slow}");
-        let fits = precopy_ends(1, Decision::Stop(StopReason::FitsBudget)).unwrap();
-        assert!(fits.contains("budget"), "{fits}");
     }
 
     #[test]

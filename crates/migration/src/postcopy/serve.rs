@@ -125,6 +125,8 @@ pub struct PostcopySource<'a> {
     last_progress: Option<Instant>,
     /// Most `Lacking` messages a resumed connection may bring.
     max_lacking_messages: u64,
+    /// What the current connection had sent before the post-copy stream.
+    sent_before: u64,
 }
 
 impl<'a> PostcopySource<'a> {
@@ -154,6 +156,7 @@ impl<'a> PostcopySource<'a> {
             started: Instant::now(),
             last_progress: None,
             max_lacking_messages: total_pages / (2 * MAX_MESSAGE_RUNS as u64) + 1,
+            sent_before: 0,
         }
     }
 
@@ -207,9 +210,11 @@ impl<'a> PostcopySource<'a> {
     /// One connection: the post-copy stream until the destination reports `Arrived`.
     fn serve<T: Transport>(&mut self, ch: Channel<T>) -> Result<ArrivedReport, Stop> {
         let lost = |what| move |e| Stop::Lost(MigrationError::io(what, e));
+        // The handover's connection counts the pre-copy too.
+        self.sent_before = ch.sent();
         let mut w = SnapshotWriter::new(ch, false).map_err(lost("start the post-copy stream"))?;
         let result = self.serve_stream(&mut w);
-        self.report.bytes += w.get_ref().sent();
+        self.report.bytes += w.get_ref().sent() - self.sent_before;
         if result.is_ok() {
             // The destination reads to END and closes; nothing waits on it.
             if let Err(e) = w.finish() {
@@ -429,7 +434,10 @@ impl<'a> PostcopySource<'a> {
             return;
         }
         self.last_progress = Some(now);
-        self.report_phase("post-copy", self.report.bytes + ch.sent());
+        self.report_phase(
+            "post-copy",
+            self.report.bytes + ch.sent() - self.sent_before,
+        );
     }
 
     fn report_phase(&mut self, phase: &str, bytes: u64) {
