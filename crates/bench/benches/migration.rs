@@ -580,7 +580,9 @@ fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&
          total time runs until every page arrived).\n\n\
          **What the guest felt** comes first, measured the same way for both tools from the\n\
          guest's own heartbeats (one every {} ms of guest time, each stamped with the host clock\n\
-         as it reaches the console): the *longest gap* between two heartbeats from the start of\n\
+         as its first byte reaches the console; every byte of a line is an exit to the host,\n\
+         about 40 µs on this machine, so printing a line takes the guest about 5 ms, and a line\n\
+         the pause cuts in two is lost for both tools): the *longest gap* between two heartbeats from the start of\n\
          the migration until {:.0} s after it ended; the *gap at the switch* from the last\n\
          heartbeat on the source to the first on the destination; the *speed kept*, the guest's\n\
          work rate (pages written and verified per second) during the migration over its rate\n\

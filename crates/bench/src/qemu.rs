@@ -15,7 +15,7 @@
 //!   without the stored run state the destination starts the guest as soon as it is loaded,
 //!   like `tern restore` and `xm restore`, with no `cont` round trip to measure.
 
-use std::io::{BufRead, BufReader};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -234,22 +234,44 @@ fn shell_safe(p: &Path) -> anyhow::Result<&str> {
     Ok(s)
 }
 
-/// Collects QEMU's serial output line by line, stamping each with the host time it arrived.
-fn spawn_reader(out: ChildStdout, lines: Arc<Mutex<Vec<Stamped>>>) -> JoinHandle<()> {
+/// Collects QEMU's serial output line by line, stamping each with the host time its first
+/// byte arrived: the way tern's console log stamps lines, so that both tools' heartbeats are
+/// timed alike.
+fn spawn_reader(mut out: ChildStdout, lines: Arc<Mutex<Vec<Stamped>>>) -> JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut reader = BufReader::new(out);
-        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let mut line: Vec<u8> = Vec::new();
+        let mut started = 0.0;
         loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
+            let n = match out.read(&mut chunk) {
                 Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let at = crate::unix_now();
-                    let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                Ok(n) => n,
+            };
+            let at = crate::unix_now();
+            for &b in &chunk[..n] {
+                if line.is_empty() {
+                    started = at;
+                }
+                line.push(b);
+                if b == b'\n' {
+                    let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                    line.clear();
                     if let Ok(mut l) = lines.lock() {
-                        l.push(Stamped { at, line });
+                        l.push(Stamped {
+                            at: started,
+                            line: text,
+                        });
                     }
                 }
+            }
+        }
+        if !line.is_empty() {
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+            if let Ok(mut l) = lines.lock() {
+                l.push(Stamped {
+                    at: started,
+                    line: text,
+                });
             }
         }
     })

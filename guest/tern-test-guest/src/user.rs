@@ -205,8 +205,8 @@ fn ap_main(cpu: usize) -> ! {
     run(cpu, None, disk)
 }
 
-/// How often CPU 0 looks at the ACPI power button at most.
-const POLL_NS: u64 = 20_000_000;
+/// How often CPU 0 looks at the ACPI power button.
+const POLL_NS: u64 = 10_000_000;
 /// Work is batched: a CPU with nothing due sleeps at least this long. A trip through the CPL0
 /// sleep path is expensive on an emulating host (~0.1 ms), so waking per page would cost a core.
 const QUANTUM_NS: u64 = 2_000_000;
@@ -234,6 +234,7 @@ fn run(cpu: usize, mut net: Option<Net>, mut disk: Option<Disk>) -> ! {
     let mut next_hb = start;
     let mut seq = 0u64;
     let mut power_button = true;
+    let mut next_poll = start;
     loop {
         // Before the devices are polled: an interrupt from now on cancels the next sleep.
         clock::clear_wake(cpu);
@@ -249,9 +250,13 @@ fn run(cpu: usize, mut net: Option<Net>, mut disk: Option<Disk>) -> ! {
                 }
             }
             wake = wake.min(next_hb);
-            if power_button {
+            // Each look is an exit to the host (~40 µs here): at most one per POLL_NS, not one
+            // per turn of this loop (thousands a second while the writer is busy).
+            if power_button && now >= next_poll {
                 power_button = poll_power_button();
+                next_poll = now + POLL_NS;
             }
+            wake = wake.min(next_poll);
         }
         let mut busy = false;
         if let Some(n) = net.as_mut() {
