@@ -4,248 +4,27 @@
 
 use std::net::{TcpListener, TcpStream};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tern_api::MigrationProgress;
 use tern_migration::destination::{self, Received};
-use tern_migration::source::{send, Observer, Plan, SendError, SourceVm, StateRecords};
+use tern_migration::source::{send, Observer, Plan, SendError, SourceVm};
 use tern_migration::transport::Channel;
 use tern_migration::{
-    GuestRegion, GuestSlice, Limits, MigrationError, Offer, RamRegion, ToDestination, ToSource,
-    PROTOCOL_VERSION,
+    Limits, MigrationError, Offer, RamRegion, ToDestination, ToSource, PROTOCOL_VERSION,
 };
 use tern_snapshot::{Info, FORMAT_VERSION};
-use vm_memory::GuestAddress;
 
-const PAGE: usize = 4096;
+mod common;
 
-/// Guest memory shared by the simulated guest and the engine.
-struct Memory {
-    region: RamRegion,
-}
+use common::{memory, same_memory, FakeVm, Writes, PAGE};
 
-impl Memory {
-    fn new(first_pfn: u64, pages: usize) -> Arc<Memory> {
-        let mapping =
-            GuestRegion::from_range(GuestAddress(first_pfn * PAGE as u64), pages * PAGE, None)
-                .expect("guest memory");
-        Arc::new(Memory {
-            region: RamRegion::new(Arc::new(mapping)),
-        })
-    }
-
-    fn pages(&self) -> usize {
-        self.region.pages() as usize
-    }
-
-    fn page(&self, p: usize) -> GuestSlice<'_> {
-        self.region
-            .slice(self.region.first_pfn() + p as u64, 1)
-            .expect("page in memory")
-    }
-
-    /// Writes `value` over page `p` (the guest's store; racing with the engine's reads is
-    /// what a real guest does too).
-    fn write_page(&self, p: usize, value: u64) {
-        let words: Vec<u64> = (0..PAGE as u64 / 8).map(|i| value ^ i).collect();
-        self.page(p).copy_from(&words);
-    }
-
-    fn read_page(&self, p: usize) -> Vec<u8> {
-        let mut out = vec![0u8; PAGE];
-        self.page(p).copy_to(&mut out[..]);
-        out
-    }
-}
-
-/// A simulated machine: memory, a writer thread, dirty tracking, pause and throttle.
-struct FakeVm {
-    memory: Arc<Memory>,
-    first_pfn: u64,
-    /// Held by the writer while it writes one page; pausing takes it too.
-    gate: Arc<Mutex<()>>,
-    paused: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    dirty: Arc<Mutex<Option<Vec<u64>>>>,
-    throttle: Arc<AtomicU64>,
-    writer: Option<JoinHandle<()>>,
-    resumes: AtomicU64,
-    /// Behave like KVM's manual dirty-log protection: every page starts dirty, reading the
-    /// log clears nothing, and only `rearm` clears bits.
-    manual: AtomicBool,
-}
-
-impl FakeVm {
-    /// A machine with `pages` pages, the first `prefilled` of them written, and a writer
-    /// that dirties `hot` pages at `pages_per_ms`.
-    fn new(pages: usize, prefilled: usize, hot: Range<usize>, pages_per_ms: u64) -> FakeVm {
-        let first_pfn = 0x100;
-        let memory = Memory::new(first_pfn, pages);
-        for p in 0..prefilled {
-            memory.write_page(p, p as u64 * 7 + 1);
-        }
-        let gate = Arc::new(Mutex::new(()));
-        let paused = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let dirty: Arc<Mutex<Option<Vec<u64>>>> = Arc::new(Mutex::new(None));
-        let throttle = Arc::new(AtomicU64::new(0));
-        let writer = {
-            let (memory, gate, paused, stop, dirty, throttle) = (
-                memory.clone(),
-                gate.clone(),
-                paused.clone(),
-                stop.clone(),
-                dirty.clone(),
-                throttle.clone(),
-            );
-            std::thread::spawn(move || {
-                let mut seq = 1u64;
-                let mut page = hot.start;
-                while !stop.load(Ordering::Relaxed) && pages_per_ms > 0 && !hot.is_empty() {
-                    for _ in 0..pages_per_ms {
-                        let _g = gate.lock().unwrap();
-                        if paused.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        memory.write_page(page, seq);
-                        if let Some(bits) = dirty.lock().unwrap().as_mut() {
-                            bits[page / 64] |= 1 << (page % 64);
-                        }
-                        seq += 1;
-                        page = if page + 1 >= hot.end {
-                            hot.start
-                        } else {
-                            page + 1
-                        };
-                    }
-                    let t = throttle.load(Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_micros(1000 + t * 200));
-                }
-            })
-        };
-        FakeVm {
-            memory,
-            first_pfn,
-            gate,
-            paused,
-            stop,
-            dirty,
-            throttle,
-            writer: Some(writer),
-            resumes: AtomicU64::new(0),
-            manual: AtomicBool::new(false),
-        }
-    }
-
-    /// The same machine with manual dirty-log protection.
-    fn manual(self) -> FakeVm {
-        self.manual.store(true, Ordering::Relaxed);
-        self
-    }
-
-    fn region(&self) -> RamRegion {
-        self.memory.region.clone()
-    }
-
-    fn stop_writer(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(w) = self.writer.take() {
-            w.join().unwrap();
-        }
-    }
-}
-
-impl Drop for FakeVm {
-    fn drop(&mut self) {
-        self.stop_writer();
-    }
-}
-
-impl SourceVm for FakeVm {
-    fn regions(&self) -> Vec<RamRegion> {
-        vec![self.region()]
-    }
-
-    fn populated(&self) -> Result<Vec<Range<u64>>, String> {
-        let all = self.first_pfn..self.first_pfn + self.memory.pages() as u64;
-        Ok(std::iter::once(all).collect())
-    }
-
-    fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::Relaxed)
-    }
-
-    fn pause(&self) -> Result<(), String> {
-        let _g = self.gate.lock().unwrap();
-        self.paused.store(true, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn resume(&self) -> Result<(), String> {
-        self.paused.store(false, Ordering::Relaxed);
-        self.resumes.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn start_dirty_log(&self) -> Result<(), String> {
-        let initially = if self.manual.load(Ordering::Relaxed) {
-            u64::MAX
-        } else {
-            0
-        };
-        *self.dirty.lock().unwrap() = Some(vec![initially; self.memory.pages().div_ceil(64)]);
-        Ok(())
-    }
-
-    fn stop_dirty_log(&self) -> Result<(), String> {
-        *self.dirty.lock().unwrap() = None;
-        Ok(())
-    }
-
-    fn rearm(&self, region: usize, first_page: u64, bits: &[u64]) -> Result<(), String> {
-        assert_eq!(region, 0);
-        assert_eq!(first_page % 64, 0);
-        if !self.manual.load(Ordering::Relaxed) {
-            return Ok(()); // reading the log re-armed it, as a plain KVM dirty log does
-        }
-        let mut d = self.dirty.lock().unwrap();
-        let log = d.as_mut().ok_or("no dirty log")?;
-        let first_word = (first_page / 64) as usize;
-        for (w, clear) in log[first_word..].iter_mut().zip(bits) {
-            *w &= !clear;
-        }
-        Ok(())
-    }
-
-    fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, String> {
-        let mut d = self.dirty.lock().unwrap();
-        let bits = d.as_mut().ok_or("no dirty log")?;
-        if self.manual.load(Ordering::Relaxed) {
-            return Ok(vec![bits.clone()]);
-        }
-        Ok(vec![std::mem::replace(bits, vec![0; bits.len()])])
-    }
-
-    fn set_throttle(&self, percent: u8) -> Result<(), String> {
-        self.throttle.store(u64::from(percent), Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn take_longest_throttle_hold(&self) -> Duration {
-        Duration::ZERO
-    }
-
-    fn capture(&self) -> Result<StateRecords, String> {
-        assert!(self.is_paused(), "state is captured from a paused machine");
-        Ok(StateRecords {
-            machine: b"machine".to_vec(),
-            vcpus: vec![b"vcpu0".to_vec()],
-            devices: vec![("serial0".into(), b"uart".to_vec())],
-        })
-    }
+/// A machine with `pages` pages, the first `prefilled` written, and a writer dirtying `hot`
+/// at `pages_per_ms`.
+fn vm(pages: usize, prefilled: usize, hot: Range<usize>, pages_per_ms: u64) -> FakeVm {
+    FakeVm::new(pages, |p| p < prefilled, Writes::new(hot, pages_per_ms))
 }
 
 #[derive(Default)]
@@ -282,7 +61,7 @@ fn offer(vm: &FakeVm) -> Offer {
             host: "src".into(),
             guest_name: "g".into(),
             guest_uuid: "00000000-0000-0000-0000-000000000001".into(),
-            memory_bytes: (vm.memory.pages() * PAGE) as u64,
+            memory_bytes: (vm.pages * PAGE) as u64,
             vcpus: 1,
             cpu_features: vec![],
         },
@@ -311,20 +90,15 @@ enum Dest {
 const SLOW_ACK: Duration = Duration::from_secs(4);
 
 struct DestResult {
-    memory: Arc<Memory>,
+    memory: RamRegion,
     received: Option<Received>,
     committed: bool,
 }
 
-fn destination(
-    listener: TcpListener,
-    pages: usize,
-    first_pfn: u64,
-    mode: Dest,
-) -> JoinHandle<DestResult> {
+fn destination(listener: TcpListener, pages: usize, mode: Dest) -> JoinHandle<DestResult> {
     std::thread::spawn(move || {
-        let memory = Memory::new(first_pfn, pages);
-        let regions = [memory.region.clone()];
+        let memory = memory(pages);
+        let regions = [memory.clone()];
         let (stream, _) = listener.accept().unwrap();
         let mut ch = Channel::new(stream);
         let offer = match ch.receive::<ToDestination>(Duration::from_secs(5)).unwrap() {
@@ -394,7 +168,7 @@ fn migrate(
 ) -> (Result<tern_api::MigrationSummary, SendError>, DestResult) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let dest = destination(listener, vm.memory.pages(), vm.first_pfn, mode);
+    let dest = destination(listener, vm.pages, mode);
     let stream = TcpStream::connect(addr).unwrap();
     let plan = Plan {
         domain: "g".into(),
@@ -412,13 +186,9 @@ fn migrate(
     (result, dest.join().unwrap())
 }
 
-fn same_memory(a: &Memory, b: &Memory) -> bool {
-    a.pages() == b.pages() && (0..a.pages()).all(|p| a.read_page(p) == b.read_page(p))
-}
-
 #[test]
 fn warm_migration_copies_every_page() {
-    let mut vm = FakeVm::new(2048, 1500, 0..1500, 5);
+    let mut vm = vm(2048, 1500, 0..1500, 5);
     let mut watch = Watch::default();
     let (result, dest) = migrate(&vm, false, Limits::default(), Dest::Good, &mut watch);
     let summary = result.unwrap();
@@ -442,14 +212,14 @@ fn warm_migration_copies_every_page() {
 
 #[test]
 fn live_migration_converges_and_copies_the_final_memory() {
-    live_migration_copies_the_final_memory(FakeVm::new(8192, 6000, 100..1100, 20));
+    live_migration_copies_the_final_memory(vm(8192, 6000, 100..1100, 20));
 }
 
 /// With manual protection, pages are re-armed only as they are sent (and untouched pages
 /// at the start): nothing written may be missed.
 #[test]
 fn live_migration_with_manual_dirty_protection_copies_the_final_memory() {
-    live_migration_copies_the_final_memory(FakeVm::new(8192, 6000, 100..1100, 20).manual());
+    live_migration_copies_the_final_memory(vm(8192, 6000, 100..1100, 20).manual());
 }
 
 fn live_migration_copies_the_final_memory(mut vm: FakeVm) {
@@ -473,7 +243,7 @@ fn live_migration_copies_the_final_memory(mut vm: FakeVm) {
 
 #[test]
 fn a_refusal_leaves_the_guest_running() {
-    let vm = FakeVm::new(256, 10, 0..10, 1);
+    let vm = vm(256, 10, 0..10, 1);
     let mut watch = Watch::default();
     let (result, _) = migrate(&vm, true, Limits::default(), Dest::Refuse, &mut watch);
     match result {
@@ -485,7 +255,7 @@ fn a_refusal_leaves_the_guest_running() {
 
 #[test]
 fn a_destination_that_gives_up_is_heard_and_the_guest_runs_on() {
-    let vm = FakeVm::new(16384, 16000, 0..100, 5);
+    let vm = vm(16384, 16000, 0..100, 5);
     let mut watch = Watch::default();
     let (result, dest) = migrate(
         &vm,
@@ -507,7 +277,7 @@ fn a_destination_that_gives_up_is_heard_and_the_guest_runs_on() {
 
 #[test]
 fn cancelling_before_the_commit_point_resumes_the_guest() {
-    let vm = FakeVm::new(4096, 4000, 0..100, 5);
+    let vm = vm(4096, 4000, 0..100, 5);
     let mut watch = Watch {
         cancel_after: Some(3),
         ..Watch::default()
@@ -525,7 +295,7 @@ fn cancelling_before_the_commit_point_resumes_the_guest() {
 fn a_cancel_is_noticed_while_the_destination_applies_a_round() {
     // 64 pages: round 0 is one record, so the first question is asked while the engine waits
     // for the destination's acknowledgement, which takes seconds.
-    let vm = FakeVm::new(64, 64, 0..0, 0);
+    let vm = vm(64, 64, 0..0, 0);
     vm.set_throttle(30).expect("throttle");
     let mut watch = Watch {
         cancel_after: Some(0),
@@ -533,7 +303,7 @@ fn a_cancel_is_noticed_while_the_destination_applies_a_round() {
     };
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let dest = destination(listener, 64, vm.first_pfn, Dest::SlowToAcknowledge);
+    let dest = destination(listener, 64, Dest::SlowToAcknowledge);
     let plan = Plan {
         domain: "g".into(),
         destination: addr.to_string(),
@@ -561,16 +331,13 @@ fn a_cancel_is_noticed_while_the_destination_applies_a_round() {
     // As before the migration: running, at full speed, no dirty log.
     assert!(!vm.is_paused());
     assert_eq!(vm.throttle.load(Ordering::Relaxed), 0);
-    assert!(
-        vm.dirty.lock().unwrap().is_none(),
-        "the dirty log is still on"
-    );
+    assert!(!vm.dirty_log_on(), "the dirty log is still on");
     assert!(!dest.join().unwrap().committed);
 }
 
 #[test]
 fn a_missing_confirmation_leaves_the_guest_paused_and_unresolved() {
-    let vm = FakeVm::new(512, 100, 0..10, 1);
+    let vm = vm(512, 100, 0..10, 1);
     let mut watch = Watch::default();
     let (result, dest) = migrate(
         &vm,
@@ -594,7 +361,7 @@ fn a_missing_confirmation_leaves_the_guest_paused_and_unresolved() {
 #[test]
 fn the_rate_cap_holds() {
     // 12 MiB of data at 40 Mbit/s (5 MB/s): about 2.5 s.
-    let vm = FakeVm::new(4096, 3072, 0..0, 0);
+    let vm = vm(4096, 3072, 0..0, 0);
     let mut watch = Watch::default();
     let limits = Limits {
         rate_limit: Some(5_000_000),
@@ -617,7 +384,7 @@ fn the_rate_cap_holds() {
 fn auto_converge_slows_a_guest_that_outruns_the_link() {
     // The link is capped at 4 MB/s; the guest dirties about 2000 pages (8 MB) a second
     // among 1000 hot pages: the rounds do not shrink until it is slowed down.
-    let mut vm = FakeVm::new(4096, 1000, 0..1000, 2);
+    let mut vm = vm(4096, 1000, 0..1000, 2);
     let mut watch = Watch::default();
     let limits = Limits {
         rate_limit: Some(4_000_000),

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -17,196 +17,29 @@ use tern_api::{MigrationProgress, MigrationSummary};
 use tern_machine::uffd::Uffd;
 use tern_migration::destination;
 use tern_migration::postcopy::{drop_stale, PostcopyDestination, PostcopyTarget, Redial, Redialed};
-use tern_migration::source::{send_postcopy, Observer, Plan, SendError, SourceVm, StateRecords};
+use tern_migration::source::{send_postcopy, Observer, Plan, SendError, SourceVm};
 use tern_migration::transport::Channel;
 use tern_migration::{
-    ArrivedReport, GuestRegion, Limits, MigrationError, Offer, RamRegion, ToDestination, ToSource,
+    ArrivedReport, Limits, MigrationError, Offer, RamRegion, ToDestination, ToSource,
     PROTOCOL_VERSION,
 };
 use tern_snapshot::{Info, PageRun, RecordType, SnapshotWriter, FORMAT_VERSION};
-use vm_memory::GuestAddress;
 
-const PAGE: usize = 4096;
-const FIRST_PFN: u64 = 0x100;
+mod common;
 
-/// Anonymous guest memory.
-fn memory(pages: usize) -> RamRegion {
-    let mapping =
-        GuestRegion::from_range(GuestAddress(FIRST_PFN * PAGE as u64), pages * PAGE, None)
-            .expect("guest memory");
-    RamRegion::new(Arc::new(mapping))
-}
+use common::{memory, read_page, same_memory, FakeVm, Writes, FIRST_PFN, PAGE};
 
-fn write_page(m: &RamRegion, p: usize, value: u64) {
-    let words: Vec<u64> = (0..PAGE as u64 / 8).map(|i| value ^ i).collect();
-    m.slice(FIRST_PFN + p as u64, 1)
-        .expect("page")
-        .copy_from(&words);
-}
-
-fn read_page(m: &RamRegion, p: usize) -> Vec<u8> {
-    let mut out = vec![0u8; PAGE];
-    m.slice(FIRST_PFN + p as u64, 1)
-        .expect("page")
-        .copy_to(&mut out[..]);
-    out
-}
-
-/// The source machine: memory, a writer dirtying `hot` pages until paused, dirty tracking.
-struct FakeSource {
-    memory: RamRegion,
-    pages: usize,
-    gate: Arc<Mutex<()>>,
-    paused: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    dirty: Arc<Mutex<Option<Vec<u64>>>>,
-    max_throttle: AtomicU8,
-    resumes: AtomicU64,
-    writer: Option<JoinHandle<()>>,
-}
-
-impl FakeSource {
-    fn new(pages: usize, hot: Range<usize>, pages_per_ms: u64) -> FakeSource {
-        let memory = memory(pages);
-        for p in 0..pages {
-            // Every other page of the cold part stays zero, as never-written memory does.
-            if hot.contains(&p) || p % 2 == 0 {
-                write_page(&memory, p, p as u64 * 7 + 1);
-            }
-        }
-        let gate = Arc::new(Mutex::new(()));
-        let paused = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let dirty: Arc<Mutex<Option<Vec<u64>>>> = Arc::new(Mutex::new(None));
-        let writer = {
-            let (m, gate, paused, stop, dirty) = (
-                memory.clone(),
-                gate.clone(),
-                paused.clone(),
-                stop.clone(),
-                dirty.clone(),
-            );
-            std::thread::spawn(move || {
-                let mut seq = 1u64;
-                let mut page = hot.start;
-                while !stop.load(Ordering::Relaxed) {
-                    for _ in 0..pages_per_ms {
-                        let _g = gate.lock().unwrap();
-                        if paused.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        // Every tenth stamp is a zero page: post-copy sends those as ZEROS.
-                        if seq % 10 == 0 {
-                            m.slice(FIRST_PFN + page as u64, 1)
-                                .unwrap()
-                                .copy_from(&[0u8; PAGE][..]);
-                        } else {
-                            write_page(&m, page, seq);
-                        }
-                        if let Some(bits) = dirty.lock().unwrap().as_mut() {
-                            bits[page / 64] |= 1 << (page % 64);
-                        }
-                        seq += 1;
-                        page = if page + 1 >= hot.end {
-                            hot.start
-                        } else {
-                            page + 1
-                        };
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            })
-        };
-        FakeSource {
-            memory,
-            pages,
-            gate,
-            paused,
-            stop,
-            dirty,
-            max_throttle: AtomicU8::new(0),
-            resumes: AtomicU64::new(0),
-            writer: Some(writer),
-        }
-    }
-
-    fn stop_writer(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(w) = self.writer.take() {
-            w.join().unwrap();
-        }
-    }
-}
-
-impl Drop for FakeSource {
-    fn drop(&mut self) {
-        self.stop_writer();
-    }
-}
-
-impl SourceVm for FakeSource {
-    fn regions(&self) -> Vec<RamRegion> {
-        vec![self.memory.clone()]
-    }
-
-    fn populated(&self) -> Result<Vec<Range<u64>>, String> {
-        Ok(std::iter::once(FIRST_PFN..FIRST_PFN + self.pages as u64).collect())
-    }
-
-    fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::Relaxed)
-    }
-
-    fn pause(&self) -> Result<(), String> {
-        let _g = self.gate.lock().unwrap();
-        self.paused.store(true, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn resume(&self) -> Result<(), String> {
-        self.paused.store(false, Ordering::Relaxed);
-        self.resumes.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn start_dirty_log(&self) -> Result<(), String> {
-        *self.dirty.lock().unwrap() = Some(vec![0; self.pages.div_ceil(64)]);
-        Ok(())
-    }
-
-    fn stop_dirty_log(&self) -> Result<(), String> {
-        *self.dirty.lock().unwrap() = None;
-        Ok(())
-    }
-
-    /// A plain dirty log: reading it re-arms it.
-    fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, String> {
-        let mut d = self.dirty.lock().unwrap();
-        let bits = d.as_mut().ok_or("no dirty log")?;
-        Ok(vec![std::mem::replace(bits, vec![0; bits.len()])])
-    }
-
-    fn rearm(&self, _region: usize, _first_page: u64, _bits: &[u64]) -> Result<(), String> {
-        Ok(())
-    }
-
-    fn set_throttle(&self, percent: u8) -> Result<(), String> {
-        self.max_throttle.fetch_max(percent, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn take_longest_throttle_hold(&self) -> Duration {
-        Duration::ZERO
-    }
-
-    fn capture(&self) -> Result<StateRecords, String> {
-        assert!(self.is_paused(), "state is captured from a paused machine");
-        Ok(StateRecords {
-            machine: b"machine".to_vec(),
-            vcpus: vec![b"vcpu0".to_vec()],
-            devices: vec![("serial0".into(), b"uart".to_vec())],
-        })
-    }
+/// A source machine with `pages` pages (the `hot` ones and every other cold one written, the
+/// rest zero, as never-written memory is) and a writer dirtying `hot` at `pages_per_ms`, every
+/// tenth page it writes a zero page (post-copy sends those as ZEROS).
+fn source(pages: usize, hot: Range<usize>, pages_per_ms: u64) -> FakeVm {
+    let filled = |p: usize| hot.contains(&p) || p % 2 == 0;
+    let writes = Writes {
+        hot: hot.clone(),
+        pages_per_ms,
+        zero_every: 10,
+    };
+    FakeVm::new(pages, filled, writes)
 }
 
 /// Destination memory behind a real userfaultfd.
@@ -478,7 +311,7 @@ fn destination(
 /// Runs a post-copy migration of `vm`; `cut_after` breaks the first connection that long
 /// after post-copy began.
 fn migrate(
-    vm: &FakeSource,
+    vm: &FakeVm,
     limits: Limits,
     how: Comeback,
     cut_after: Option<Duration>,
@@ -555,13 +388,9 @@ fn migrate(
     (result, dest.join().unwrap(), redial.attempts)
 }
 
-fn same_memory(a: &RamRegion, b: &RamRegion, pages: usize) -> bool {
-    (0..pages).all(|p| read_page(a, p) == read_page(b, p))
-}
-
 #[test]
 fn post_copy_arrives_whole_with_faults_served_first() {
-    let mut vm = FakeSource::new(6144, 1000..3000, 40);
+    let mut vm = source(6144, 1000..3000, 40);
     // 8 MB/s: the guest touches the missing pages faster than the push brings them.
     let limits = Limits {
         rate_limit: Some(8_000_000),
@@ -571,10 +400,7 @@ fn post_copy_arrives_whole_with_faults_served_first() {
     let summary = result.unwrap();
     vm.stop_writer();
     let report = dest.report.unwrap();
-    assert!(
-        same_memory(&vm.memory, &dest.memory, vm.pages),
-        "memory differs"
-    );
+    assert!(same_memory(&vm.memory, &dest.memory), "memory differs");
     assert_eq!(
         dest.touched,
         vm.pages + report.fetched as usize + report.pushed as usize
@@ -612,7 +438,7 @@ fn post_copy_arrives_whole_with_faults_served_first() {
 #[test]
 fn a_guest_that_outruns_a_capped_link_is_not_throttled() {
     // 4 MB/s: the writer dirties about 8 MB/s.
-    let mut vm = FakeSource::new(4096, 0..2000, 2);
+    let mut vm = source(4096, 0..2000, 2);
     let limits = Limits {
         rate_limit: Some(4_000_000),
         ..Limits::default()
@@ -621,7 +447,7 @@ fn a_guest_that_outruns_a_capped_link_is_not_throttled() {
     let summary = result.unwrap();
     vm.stop_writer();
     dest.report.unwrap();
-    assert!(same_memory(&vm.memory, &dest.memory, vm.pages));
+    assert!(same_memory(&vm.memory, &dest.memory));
     assert_eq!(vm.max_throttle.load(Ordering::Relaxed), 0);
     assert_eq!(summary.max_throttle_percent, 0);
     assert!(summary.postcopy.unwrap().pages_missing > 0);
@@ -632,7 +458,7 @@ fn a_guest_that_rewrites_what_was_sent_switches_during_the_first_pass() {
     // 4 MB/s (about 1000 pages a second) while every page is written again about once a
     // second: waiting for the first pass to end would send most pages twice.
     let pages = 4096;
-    let mut vm = FakeSource::new(pages, 0..pages, 4);
+    let mut vm = source(pages, 0..pages, 4);
     let limits = Limits {
         rate_limit: Some(4_000_000),
         ..Limits::default()
@@ -641,7 +467,7 @@ fn a_guest_that_rewrites_what_was_sent_switches_during_the_first_pass() {
     let summary = result.unwrap();
     vm.stop_writer();
     dest.report.unwrap();
-    assert!(same_memory(&vm.memory, &dest.memory, vm.pages));
+    assert!(same_memory(&vm.memory, &dest.memory));
     assert!(
         summary.stop_reason.contains("during the first pass"),
         "{}",
@@ -663,7 +489,7 @@ fn a_guest_that_rewrites_what_was_sent_switches_during_the_first_pass() {
 
 #[test]
 fn a_cut_connection_is_resumed_and_the_memory_arrives_whole() {
-    let mut vm = FakeSource::new(4096, 0..3000, 20);
+    let mut vm = source(4096, 0..3000, 20);
     // 6 MB/s: about 2 s of post-copy for 3000 pages.
     let limits = Limits {
         rate_limit: Some(6_000_000),
@@ -678,10 +504,7 @@ fn a_cut_connection_is_resumed_and_the_memory_arrives_whole() {
     let summary = result.unwrap();
     vm.stop_writer();
     let report = dest.report.unwrap();
-    assert!(
-        same_memory(&vm.memory, &dest.memory, vm.pages),
-        "memory differs"
-    );
+    assert!(same_memory(&vm.memory, &dest.memory), "memory differs");
     let pc = summary.postcopy.unwrap();
     assert!(pc.reconnects >= 1 && attempts >= 1, "{pc:?}");
     assert_eq!(report.fetched + report.pushed, pc.pages_missing);
@@ -690,7 +513,7 @@ fn a_cut_connection_is_resumed_and_the_memory_arrives_whole() {
 
 #[test]
 fn a_destination_that_dies_in_post_copy_leaves_the_source_paused() {
-    let vm = FakeSource::new(4096, 0..3000, 20);
+    let vm = source(4096, 0..3000, 20);
     let limits = Limits {
         rate_limit: Some(6_000_000),
         ..Limits::default()
