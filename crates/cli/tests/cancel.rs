@@ -5,16 +5,13 @@
 
 mod common;
 
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Output, Stdio};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 use tern_testkit::Member;
 
-const GUEST_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 77, 0, 10);
-const MAC: &str = "02:77:00:00:00:10";
 /// A guest that writes 64 MiB/s over a 128 MiB working set, all of it in use from the start.
 const WRITER: &str =
     "heartbeat_ms=100 wss_mib=128 prefill=1 write_mibps=64 verify_ms=1000 disk_mib=0";
@@ -27,10 +24,6 @@ const CAPPED_WARM: &[&str] = &["-r", "400"];
 /// 1 MiB record (20 ms at the cap) and every 50 ms while waiting for the destination.
 const CANCEL_BOUND: Duration = Duration::from_secs(15);
 
-fn host2() -> String {
-    Member::Host2.ip().to_string()
-}
-
 fn host2_relocation() -> String {
     format!("{}:8002", Member::Host2.ip())
 }
@@ -38,28 +31,9 @@ fn host2_relocation() -> String {
 /// Creates the networked guest `name` (1 GiB, 2 vCPUs) on `host` and waits until its writer
 /// has made a pass over its working set.
 fn create_net_guest(host: &Host, name: &str) {
-    let cfg = host.net_guest_config(name, 1024, 2, GUEST_IP, MAC, WRITER);
-    host.ok(&["create", cfg.to_str().expect("path")]);
-    host.wait_heartbeat(name, 3, Duration::from_secs(30));
+    host.create_net_guest(name, WRITER);
     let written = wait_for(Duration::from_secs(30), || host.last_beat(name).passes >= 1);
     assert!(written, "no memory pass: {:?}", host.last_beat(name));
-}
-
-/// `tern migrate NAME DEST ARGS…` on `host`, in the background, with SIGINT at its default
-/// (whatever the test runner was started with), so that Ctrl-C reaches it as on a terminal.
-fn spawn_migrate(host: &Host, name: &str, destination: &str, args: &[&str]) -> Child {
-    let mut all = vec!["migrate", name, destination];
-    all.extend_from_slice(args);
-    let mut cmd = host.command(&all);
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    // SAFETY: signal() is async-signal-safe; the child has not run anything else yet.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
-            Ok(())
-        });
-    }
-    cmd.spawn().expect("spawn tern migrate")
 }
 
 /// Waits (at most `timeout`) for a background `tern` to end; its output.
@@ -194,7 +168,7 @@ fn assert_stays_on_the_source(pair: &Pair, name: &str, cancelled: Instant, basel
 /// Asserts that `name` arrived on host2 from host1 with its checks clean there.
 fn migrate_and_check_arrival(pair: &Pair, name: &str) {
     let before = pair.h1.last_beat(name);
-    let summary = pair.h1.migrate(name, &host2(), &["--live"]);
+    let summary = pair.h1.migrate(name, &host_ip(Member::Host2), &["--live"]);
     assert_eq!(summary["live"], true, "{summary}");
     assert!(!pair.h1.has(name), "{name} is still listed on the source");
     let first = pair
@@ -246,7 +220,9 @@ fn cancelling_before_the_handover_leaves_the_guest_on_the_source() {
         CancelPoint::LaterRound,
         CancelPoint::WhilePaused,
     ] {
-        let child = spawn_migrate(&pair.h1, "c", &host2(), point.migrate_args());
+        let child = pair
+            .h1
+            .spawn_migrate("c", &host_ip(Member::Host2), point.migrate_args());
         let at = wait_progress(&pair.h1, "c", |p| point.reached(p));
         if let CancelPoint::LaterRound = point {
             // The arriving guest is not the destination's to cancel.
@@ -279,7 +255,9 @@ fn cancelling_before_the_handover_leaves_the_guest_on_the_source() {
     }
 
     // The confirmation in words.
-    let child = spawn_migrate(&pair.h1, "c", &host2(), CAPPED_LIVE);
+    let child = pair
+        .h1
+        .spawn_migrate("c", &host_ip(Member::Host2), CAPPED_LIVE);
     wait_progress(&pair.h1, "c", |p| p.phase == "pre-copy");
     let cancelled = Instant::now();
     let text = pair.h1.ok(&["migrate", "--cancel", "c"]);
@@ -302,7 +280,9 @@ fn ctrl_c_on_tern_migrate_cancels_the_migration() {
     let pair = Pair::start();
     create_net_guest(&pair.h1, "i");
     let baseline = write_rate(&pair.h1, "i");
-    let child = spawn_migrate(&pair.h1, "i", &host2(), CAPPED_LIVE);
+    let child = pair
+        .h1
+        .spawn_migrate("i", &host_ip(Member::Host2), CAPPED_LIVE);
     let at = wait_progress(&pair.h1, "i", |p| p.phase == "pre-copy");
     let interrupted = Instant::now();
     // SAFETY: sending a signal to our own child has no memory-safety preconditions.

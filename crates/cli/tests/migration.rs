@@ -14,26 +14,9 @@ use common::*;
 use serde_json::Value;
 use tern_testkit::{Member, PingReport};
 
-const GUEST_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 77, 0, 10);
-const MAC: &str = "02:77:00:00:00:10";
 /// The guest of most tests: it writes 64 MiB/s over a 128 MiB working set and verifies all
 /// of it every half second.
 const WORKLOAD: &str = "heartbeat_ms=100 wss_mib=128 write_mibps=64 verify_ms=500 disk_mib=0";
-
-fn host2() -> String {
-    Member::Host2.ip().to_string()
-}
-
-fn host1() -> String {
-    Member::Host1.ip().to_string()
-}
-
-/// Creates the networked guest `name` (1 GiB, 2 vCPUs) on `host` and waits for it.
-fn create_net_guest(host: &Host, name: &str, params: &str) {
-    let cfg = host.net_guest_config(name, 1024, 2, GUEST_IP, MAC, params);
-    host.ok(&["create", cfg.to_str().expect("path")]);
-    host.wait_heartbeat(name, 3, Duration::from_secs(30));
-}
 
 /// Asserts the guest runs on `to` only, carried on from heartbeat `last_seq` (no reboot, no
 /// lost state), and completed a clean pass over its memory and registers there.
@@ -87,12 +70,12 @@ fn move_guest(from: &Host, to: &Host, address: &str, name: &str, args: &[&str]) 
 #[test]
 fn warm_and_live_round_trips_keep_the_guest_whole() {
     let pair = Pair::start();
-    create_net_guest(&pair.h1, "g", WORKLOAD);
+    pair.h1.create_net_guest("g", WORKLOAD);
     let started = Instant::now();
     for kind in [&[][..], &["--live"][..]] {
         for trip in 0..10 {
-            let there = move_guest(&pair.h1, &pair.h2, &host2(), "g", kind);
-            let back = move_guest(&pair.h2, &pair.h1, &host1(), "g", kind);
+            let there = move_guest(&pair.h1, &pair.h2, &host_ip(Member::Host2), "g", kind);
+            let back = move_guest(&pair.h2, &pair.h1, &host_ip(Member::Host1), "g", kind);
             for s in [&there, &back] {
                 assert_eq!(s["live"], !kind.is_empty());
                 assert!(s["downtime_ms"].as_f64().unwrap_or(-1.0) > 0.0, "{s}");
@@ -114,7 +97,7 @@ fn warm_and_live_round_trips_keep_the_guest_whole() {
 #[test]
 fn clients_barely_notice_a_live_migration() {
     let pair = Pair::start();
-    create_net_guest(&pair.h1, "web", WORKLOAD);
+    pair.h1.create_net_guest("web", WORKLOAD);
     let mut download = Download::start(&pair.lab, pair.h1.dir.join("download.bin"), "25M");
     let mut ping = std::process::Command::new(tern_testkit::find_program("ping").expect("ping"));
     ping.args(["-n", "-D", "-i", "0.01", "-c", "500", "10.77.0.10"]);
@@ -122,7 +105,13 @@ fn clients_barely_notice_a_live_migration() {
     let ping = pair.lab.spawn_in(Member::Client, ping).expect("ping");
     std::thread::sleep(Duration::from_secs(2));
     assert!(download.running(), "the download should span the migration");
-    let summary = move_guest(&pair.h1, &pair.h2, &host2(), "web", &["--live"]);
+    let summary = move_guest(
+        &pair.h1,
+        &pair.h2,
+        &host_ip(Member::Host2),
+        "web",
+        &["--live"],
+    );
     let out = ping.wait_with_output().expect("ping output");
     let report = PingReport::parse(&String::from_utf8_lossy(&out.stdout)).expect("ping report");
     // What the guest's clients feel: no reply slower than 100 ms, and at most the one ping
@@ -183,16 +172,27 @@ fn precopy_rate_mbit(summary: &Value) -> f64 {
 fn fast_writers_converge_and_the_rate_cap_holds() {
     let pair = Pair::start();
     // 256 MiB/s: the link is faster, the rounds shrink on their own.
-    create_net_guest(
-        &pair.h1,
+    pair.h1.create_net_guest(
         "w",
         "heartbeat_ms=100 wss_mib=128 write_mibps=256 verify_ms=1000 disk_mib=0",
     );
-    let fast = move_guest(&pair.h1, &pair.h2, &host2(), "w", &["--live"]);
+    let fast = move_guest(
+        &pair.h1,
+        &pair.h2,
+        &host_ip(Member::Host2),
+        "w",
+        &["--live"],
+    );
     println!("256 MiB/s writer: {fast}");
     // The same writer behind a 800 Mbit/s cap (100 MB/s): it writes faster than the cap
     // lets pages through, so the guest is slowed down until the rounds shrink.
-    let capped = move_guest(&pair.h2, &pair.h1, &host1(), "w", &["--live", "-r", "800"]);
+    let capped = move_guest(
+        &pair.h2,
+        &pair.h1,
+        &host_ip(Member::Host1),
+        "w",
+        &["--live", "-r", "800"],
+    );
     println!("behind a 800 Mbit/s cap: {capped}");
     assert!(
         capped["max_throttle_percent"].as_u64().unwrap_or(0) > 0,
@@ -211,27 +211,23 @@ fn fast_writers_converge_and_the_rate_cap_holds() {
     assert!(text.is_empty());
 
     // --resource 200: the rate stays within 10% of 200 Mbit/s.
-    create_net_guest(
-        &pair.h1,
+    pair.h1.create_net_guest(
         "r",
         "heartbeat_ms=100 wss_mib=64 prefill=1 verify_ms=1000 disk_mib=0",
     );
-    let limited = move_guest(&pair.h1, &pair.h2, &host2(), "r", &["--live", "-r", "200"]);
+    let limited = move_guest(
+        &pair.h1,
+        &pair.h2,
+        &host_ip(Member::Host2),
+        "r",
+        &["--live", "-r", "200"],
+    );
     let rate = precopy_rate_mbit(&limited);
     println!("--resource 200: {rate:.1} Mbit/s");
     assert!(
         (180.0..=220.0).contains(&rate),
         "{rate:.1} Mbit/s with a 200 Mbit/s cap"
     );
-}
-
-/// Runs `tern migrate` on `host` in the background.
-fn spawn_migrate(host: &Host, name: &str, destination: &str, args: &[&str]) -> Child {
-    let mut all = vec!["migrate", name, destination];
-    all.extend_from_slice(args);
-    let mut cmd = host.command(&all);
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.spawn().expect("spawn tern migrate")
 }
 
 /// Waits for a backgrounded `tern migrate` and asserts it failed with one `Error:` line.
@@ -266,9 +262,9 @@ const SLOW_WORKLOAD: &str =
 #[test]
 fn a_dying_destination_leaves_the_guest_on_the_source() {
     let mut pair = Pair::start();
-    create_net_guest(&pair.h1, "f", SLOW_WORKLOAD);
+    pair.h1.create_net_guest("f", SLOW_WORKLOAD);
     for delay in [Duration::from_millis(300), Duration::from_secs(3)] {
-        let child = spawn_migrate(&pair.h1, "f", &host2(), SLOW);
+        let child = pair.h1.spawn_migrate("f", &host_ip(Member::Host2), SLOW);
         let pid = incoming_pid(&pair.h2);
         std::thread::sleep(delay);
         kill9(pid);
@@ -277,7 +273,7 @@ fn a_dying_destination_leaves_the_guest_on_the_source() {
         pair.h2.assert_empty(&pair.lab, Member::Host2);
     }
 
-    let child = spawn_migrate(&pair.h1, "f", &host2(), SLOW);
+    let child = pair.h1.spawn_migrate("f", &host_ip(Member::Host2), SLOW);
     incoming_pid(&pair.h2);
     std::thread::sleep(Duration::from_secs(1));
     pair.h2.kill_daemon();
@@ -287,26 +283,32 @@ fn a_dying_destination_leaves_the_guest_on_the_source() {
     pair.h2.assert_empty(&pair.lab, Member::Host2);
 
     // And a migration still works afterwards.
-    move_guest(&pair.h1, &pair.h2, &host2(), "f", &["--live"]);
+    move_guest(
+        &pair.h1,
+        &pair.h2,
+        &host_ip(Member::Host2),
+        "f",
+        &["--live"],
+    );
 }
 
 #[test]
 fn a_cut_link_or_a_killed_source_daemon_leaves_the_guest_on_the_source() {
     let mut pair = Pair::start();
-    create_net_guest(&pair.h1, "c", SLOW_WORKLOAD);
+    pair.h1.create_net_guest("c", SLOW_WORKLOAD);
     for delay in [Duration::from_millis(300), Duration::from_secs(3)] {
-        let child = spawn_migrate(&pair.h1, "c", &host2(), SLOW);
+        let child = pair.h1.spawn_migrate("c", &host_ip(Member::Host2), SLOW);
         incoming_pid(&pair.h2);
         std::thread::sleep(delay);
-        link(&pair, Member::Host2, "down");
+        pair.set_link(Member::Host2, "down");
         let err = assert_migrate_failed(child, &format!("link cut after {delay:?}"));
-        link(&pair, Member::Host2, "up");
+        pair.set_link(Member::Host2, "up");
         assert!(!err.contains("unknown"), "{err}");
         assert_still_runs(&pair.h1, "c");
         pair.h2.assert_empty(&pair.lab, Member::Host2);
     }
 
-    let child = spawn_migrate(&pair.h1, "c", &host2(), SLOW);
+    let child = pair.h1.spawn_migrate("c", &host_ip(Member::Host2), SLOW);
     incoming_pid(&pair.h2);
     std::thread::sleep(Duration::from_secs(1));
     pair.h1.kill_daemon();
@@ -314,22 +316,21 @@ fn a_cut_link_or_a_killed_source_daemon_leaves_the_guest_on_the_source() {
     pair.h1.start_daemon();
     assert_still_runs(&pair.h1, "c");
     pair.h2.assert_empty(&pair.lab, Member::Host2);
-    move_guest(&pair.h1, &pair.h2, &host2(), "c", &["--live"]);
-}
-
-/// Sets host `member`'s link to the switch up or down.
-fn link(pair: &Pair, member: Member, state: &str) {
-    let out = pair
-        .lab
-        .exec(member, "ip", &["link", "set", "eth0", state])
-        .expect("ip link set");
-    assert!(out.status.success(), "ip link set eth0 {state}");
+    move_guest(
+        &pair.h1,
+        &pair.h2,
+        &host_ip(Member::Host2),
+        "c",
+        &["--live"],
+    );
 }
 
 /// Migrates `name` and asserts a refusal containing `reason`, logged on both hosts, with the
 /// guest still running on the source and nothing on the destination.
 fn assert_refused(pair: &Pair, name: &str, reason: &str) {
-    let err = pair.h1.fails(&["migrate", name, &host2(), "--live"]);
+    let err = pair
+        .h1
+        .fails(&["migrate", name, &host_ip(Member::Host2), "--live"]);
     assert!(err.contains(reason), "expected {reason:?} in {err:?}");
     assert!(
         pair.h2.daemon_log().contains(reason),
@@ -348,11 +349,8 @@ fn assert_refused(pair: &Pair, name: &str, reason: &str) {
 #[test]
 fn the_destination_refuses_what_it_cannot_take() {
     let mut pair = Pair::start();
-    create_net_guest(
-        &pair.h1,
-        "x",
-        "heartbeat_ms=100 wss_mib=16 verify_ms=500 disk_mib=0",
-    );
+    pair.h1
+        .create_net_guest("x", "heartbeat_ms=100 wss_mib=16 verify_ms=500 disk_mib=0");
 
     // CPU: the destination hides a feature the guest was started with.
     pair.h2
@@ -374,7 +372,7 @@ fn the_destination_refuses_what_it_cannot_take() {
     // Name, then UUID: a guest of that name (or UUID) already runs there.
     let cfg = pair.h2.guest_config("x", 64, 1, "heartbeat_ms=500");
     pair.h2.ok(&["create", cfg.to_str().expect("path")]);
-    let err = pair.h1.fails(&["migrate", "x", &host2()]);
+    let err = pair.h1.fails(&["migrate", "x", &host_ip(Member::Host2)]);
     assert!(err.contains("already"), "{err}");
     pair.h2.ok(&["destroy", "x"]);
     let uuid = pair.h1.list()[0]["uuid"]
@@ -386,7 +384,7 @@ fn the_destination_refuses_what_it_cannot_take() {
     text.push_str(&format!("uuid = \"{uuid}\"\n"));
     std::fs::write(&cfg, text).expect("config");
     pair.h2.ok(&["create", cfg.to_str().expect("path")]);
-    let err = pair.h1.fails(&["migrate", "x", &host2()]);
+    let err = pair.h1.fails(&["migrate", "x", &host_ip(Member::Host2)]);
     assert!(err.contains(&uuid), "{err}");
     pair.h2.ok(&["destroy", "other"]);
     assert_still_runs(&pair.h1, "x");
@@ -431,11 +429,8 @@ fn the_destination_refuses_what_it_cannot_take() {
 #[test]
 fn unknown_hosts_and_other_versions_are_refused() {
     let pair = Pair::start_with(&["^10\\.77\\.0\\.100$"], "", "");
-    create_net_guest(
-        &pair.h1,
-        "a",
-        "heartbeat_ms=100 wss_mib=16 verify_ms=500 disk_mib=0",
-    );
+    pair.h1
+        .create_net_guest("a", "heartbeat_ms=100 wss_mib=16 verify_ms=500 disk_mib=0");
     assert_refused(&pair, "a", "hosts_allow");
 
     // A source speaking another protocol version (the client's address is allowed), over TLS
@@ -456,7 +451,7 @@ fn unknown_hosts_and_other_versions_are_refused() {
         .expect("a fingerprint");
     let config = tern_tls::client_config(&identity, tern_tls::pinned(h2_key)).expect("config");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut conn = tern_tls::TlsStream::connect(conn, config, &host2(), deadline)
+    let mut conn = tern_tls::TlsStream::connect(conn, config, &host_ip(Member::Host2), deadline)
         .expect("a TLS session with host2");
     conn.tcp()
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -496,12 +491,14 @@ fn unknown_hosts_and_other_versions_are_refused() {
 #[test]
 fn of_two_migrations_at_once_exactly_one_starts() {
     let pair = Pair::start();
-    create_net_guest(&pair.h1, "t", SLOW_WORKLOAD);
+    pair.h1.create_net_guest("t", SLOW_WORKLOAD);
     let before = pair.h1.last_beat("t");
     let started = Instant::now();
-    let first = spawn_migrate(&pair.h1, "t", &host2(), SLOW);
+    let first = pair.h1.spawn_migrate("t", &host_ip(Member::Host2), SLOW);
     incoming_pid(&pair.h2);
-    let second = pair.h1.fails(&["migrate", "t", &host2(), "--live"]);
+    let second = pair
+        .h1
+        .fails(&["migrate", "t", &host_ip(Member::Host2), "--live"]);
     assert!(second.contains("'t' is already migrating"), "{second}");
     let out = first.wait_with_output().expect("tern migrate");
     assert!(

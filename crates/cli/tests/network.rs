@@ -5,14 +5,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
 use tern_testkit::{Member, NbdExport, NetLab};
-
-const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 10);
-const MAC: &str = "02:77:00:00:00:10";
 
 /// A lab and a daemon on host1, the KVM lock held.
 fn lab_host() -> (KvmLock, NetLab, Host) {
@@ -41,7 +38,14 @@ fn taps(lab: &NetLab, member: Member) -> Vec<String> {
 #[test]
 fn a_networked_guest_answers_ping_serves_echo_and_a_verified_download() {
     let (_lock, lab, host) = lab_host();
-    let cfg = host.net_guest_config("web", 256, 2, GUEST_IP, MAC, "heartbeat_ms=200 disk_mib=0");
+    let cfg = host.net_guest_config(
+        "web",
+        256,
+        2,
+        GUEST_IP,
+        GUEST_MAC,
+        "heartbeat_ms=200 disk_mib=0",
+    );
     host.ok(&["create", cfg.to_str().expect("path")]);
     host.wait_heartbeat("web", 2, Duration::from_secs(20));
     assert_eq!(taps(&lab, Member::Host1), vec!["tern1.0".to_string()]);
@@ -168,7 +172,14 @@ fn append(path: &std::path::Path, text: &str) {
 #[test]
 fn ping_resumes_within_a_second_after_save_and_restore() {
     let (_lock, lab, host) = lab_host();
-    let cfg = host.net_guest_config("p", 256, 1, GUEST_IP, MAC, "heartbeat_ms=200 disk_mib=0");
+    let cfg = host.net_guest_config(
+        "p",
+        256,
+        1,
+        GUEST_IP,
+        GUEST_MAC,
+        "heartbeat_ms=200 disk_mib=0",
+    );
     host.ok(&["create", cfg.to_str().expect("path")]);
     host.wait_heartbeat("p", 2, Duration::from_secs(20));
     let mut ping = std::process::Command::new(tern_testkit::find_program("ping").expect("ping"));
@@ -259,7 +270,7 @@ fn save_and_restore_with_traffic_and_disk_io_in_flight_loses_nothing() {
         512,
         2,
         GUEST_IP,
-        MAC,
+        GUEST_MAC,
         "heartbeat_ms=200 wss_mib=64 write_mibps=32 verify_ms=1000 disk_mib=16 disk_kibps=8192 disk_verify_ms=1000",
     );
     append(

@@ -5,34 +5,21 @@
 
 mod common;
 
-use std::process::{Child, Output, Stdio};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 use tern_testkit::Member;
 
-const GUEST_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 77, 0, 10);
-const MAC: &str = "02:77:00:00:00:10";
 /// A guest that writes 256 MiB/s over a 128 MiB working set and verifies all of it every
 /// second: every round of pre-copy finds most of it dirty again.
 const WRITER: &str = "heartbeat_ms=100 wss_mib=128 write_mibps=256 verify_ms=1000 disk_mib=0";
 /// Post-copy behind a 200 Mbit/s cap (25 MB/s): the pages the destination lacks take seconds
 /// to arrive, long enough to cut the link or kill the destination meanwhile.
-const SLOW_POSTCOPY: &[&str] = &["--live", "--postcopy", "-r", "200"];
+const SLOW_POSTCOPY: &[&str] = &["--json", "--live", "--postcopy", "-r", "200"];
 /// The longest any one migration in these tests may take.
 const MIGRATION_BOUND: Duration = Duration::from_secs(180);
-
-fn host2() -> String {
-    Member::Host2.ip().to_string()
-}
-
-/// Creates the networked guest `name` (1 GiB, 2 vCPUs) on `host` and waits for it.
-fn create_net_guest(host: &Host, name: &str, params: &str) {
-    let cfg = host.net_guest_config(name, 1024, 2, GUEST_IP, MAC, params);
-    host.ok(&["create", cfg.to_str().expect("path")]);
-    host.wait_heartbeat(name, 3, Duration::from_secs(30));
-}
 
 /// The `tern list --json` row of `name` on `host`, if listed.
 fn row(host: &Host, name: &str) -> Option<Value> {
@@ -55,15 +42,6 @@ fn wait_note(host: &Host, name: &str, text: &str, timeout: Duration) {
         note(host, name),
         host.daemon_log()
     );
-}
-
-/// Runs `tern migrate NAME DESTINATION --json ARGS…` on `host` in the background.
-fn spawn_migrate(host: &Host, name: &str, destination: &str, args: &[&str]) -> Child {
-    let mut all = vec!["migrate", name, destination, "--json"];
-    all.extend_from_slice(args);
-    let mut cmd = host.command(&all);
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.spawn().expect("spawn tern migrate")
 }
 
 /// Waits for a backgrounded `tern migrate`, at most [`MIGRATION_BOUND`].
@@ -140,26 +118,16 @@ fn assert_arrived(from: &Host, to: &Host, name: &str, last_seq: u64) {
     to.assert_checks_clean(name, &first);
 }
 
-/// Sets host `member`'s link to the switch up or down.
-fn link(pair: &Pair, member: Member, state: &str) {
-    let out = pair
-        .lab
-        .exec(member, "ip", &["link", "set", "eth0", state])
-        .expect("ip link set");
-    assert!(out.status.success(), "ip link set eth0 {state}");
-}
-
 #[test]
 fn post_copy_of_a_fast_writer_arrives_with_every_page_verified() {
     let pair = Pair::start();
-    create_net_guest(&pair.h1, "pc", WRITER);
+    pair.h1.create_net_guest("pc", WRITER);
     let before = pair.h1.last_beat("pc");
     let started = Instant::now();
-    let out = finish(spawn_migrate(
-        &pair.h1,
+    let out = finish(pair.h1.spawn_migrate(
         "pc",
-        &host2(),
-        &["--live", "--postcopy"],
+        &host_ip(Member::Host2),
+        &["--json", "--live", "--postcopy"],
     ));
     let summary = summary_of(&out, &pair.h1);
     let pc = postcopy_of(&summary);
@@ -186,18 +154,20 @@ fn post_copy_of_a_fast_writer_arrives_with_every_page_verified() {
 #[test]
 fn a_link_cut_during_post_copy_is_resumed_and_the_guest_arrives_whole() {
     let pair = Pair::start();
-    create_net_guest(&pair.h1, "lc", WRITER);
+    pair.h1.create_net_guest("lc", WRITER);
     let before = pair.h1.last_beat("lc");
-    let child = spawn_migrate(&pair.h1, "lc", &host2(), SLOW_POSTCOPY);
+    let child = pair
+        .h1
+        .spawn_migrate("lc", &host_ip(Member::Host2), SLOW_POSTCOPY);
     wait_note(&pair.h1, "lc", "post-copy", Duration::from_secs(120));
     // The guest's memory is split between the hosts: too late to cancel.
     let refused = pair.h1.fails(&["migrate", "--cancel", "lc"]);
     assert!(refused.contains("refused during post-copy"), "{refused}");
-    link(&pair, Member::Host2, "down");
+    pair.set_link(Member::Host2, "down");
     // The source notices the stall and starts redialing the destination.
     wait_note(&pair.h1, "lc", "reconnecting", Duration::from_secs(60));
     assert_eq!(pair.h1.state("lc").as_deref(), Some("migrating"));
-    link(&pair, Member::Host2, "up");
+    pair.set_link(Member::Host2, "up");
     let out = finish(child);
     let summary = summary_of(&out, &pair.h1);
     let pc = postcopy_of(&summary);
@@ -212,8 +182,10 @@ fn a_link_cut_during_post_copy_is_resumed_and_the_guest_arrives_whole() {
 #[test]
 fn a_destination_killed_during_post_copy_leaves_the_paused_copy_on_the_source() {
     let pair = Pair::start();
-    create_net_guest(&pair.h1, "dk", WRITER);
-    let child = spawn_migrate(&pair.h1, "dk", &host2(), SLOW_POSTCOPY);
+    pair.h1.create_net_guest("dk", WRITER);
+    let child = pair
+        .h1
+        .spawn_migrate("dk", &host_ip(Member::Host2), SLOW_POSTCOPY);
     wait_note(&pair.h1, "dk", "post-copy", Duration::from_secs(120));
     let pid = pair.h2.guest_pid("dk");
     kill9(pid);

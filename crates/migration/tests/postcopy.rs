@@ -388,19 +388,30 @@ fn migrate(
     (result, dest.join().unwrap(), redial.attempts)
 }
 
+/// A post-copy migration of `vm` over a link capped at `rate` bytes per second, completing
+/// with the destination's memory equal to the source's paused copy: the summary, what the
+/// destination saw, and how often the source redialed.
+fn migrate_whole(vm: &mut FakeVm, rate: u64) -> (MigrationSummary, DestResult, u32) {
+    let limits = Limits {
+        rate_limit: Some(rate),
+        ..Limits::default()
+    };
+    let (result, dest, attempts) = migrate(vm, limits, Comeback::Reconnect, None);
+    let summary = result.unwrap();
+    vm.stop_writer();
+    if let Err(e) = &dest.report {
+        panic!("the destination did not complete: {e}");
+    }
+    assert!(same_memory(&vm.memory, &dest.memory), "memory differs");
+    (summary, dest, attempts)
+}
+
 #[test]
 fn post_copy_arrives_whole_with_faults_served_first() {
     let mut vm = source(6144, 1000..3000, 40);
     // 8 MB/s: the guest touches the missing pages faster than the push brings them.
-    let limits = Limits {
-        rate_limit: Some(8_000_000),
-        ..Limits::default()
-    };
-    let (result, dest, attempts) = migrate(&vm, limits, Comeback::Reconnect, None);
-    let summary = result.unwrap();
-    vm.stop_writer();
+    let (summary, dest, attempts) = migrate_whole(&mut vm, 8_000_000);
     let report = dest.report.unwrap();
-    assert!(same_memory(&vm.memory, &dest.memory), "memory differs");
     assert_eq!(
         dest.touched,
         vm.pages + report.fetched as usize + report.pushed as usize
@@ -439,15 +450,7 @@ fn post_copy_arrives_whole_with_faults_served_first() {
 fn a_guest_that_outruns_a_capped_link_is_not_throttled() {
     // 4 MB/s: the writer dirties about 8 MB/s.
     let mut vm = source(4096, 0..2000, 2);
-    let limits = Limits {
-        rate_limit: Some(4_000_000),
-        ..Limits::default()
-    };
-    let (result, dest, _) = migrate(&vm, limits, Comeback::Reconnect, None);
-    let summary = result.unwrap();
-    vm.stop_writer();
-    dest.report.unwrap();
-    assert!(same_memory(&vm.memory, &dest.memory));
+    let (summary, _, _) = migrate_whole(&mut vm, 4_000_000);
     assert_eq!(vm.max_throttle.load(Ordering::Relaxed), 0);
     assert_eq!(summary.max_throttle_percent, 0);
     assert!(summary.postcopy.unwrap().pages_missing > 0);
@@ -459,15 +462,7 @@ fn a_guest_that_rewrites_what_was_sent_switches_during_the_first_pass() {
     // second: waiting for the first pass to end would send most pages twice.
     let pages = 4096;
     let mut vm = source(pages, 0..pages, 4);
-    let limits = Limits {
-        rate_limit: Some(4_000_000),
-        ..Limits::default()
-    };
-    let (result, dest, _) = migrate(&vm, limits, Comeback::Reconnect, None);
-    let summary = result.unwrap();
-    vm.stop_writer();
-    dest.report.unwrap();
-    assert!(same_memory(&vm.memory, &dest.memory));
+    let (summary, _, _) = migrate_whole(&mut vm, 4_000_000);
     assert!(
         summary.stop_reason.contains("during the first pass"),
         "{}",

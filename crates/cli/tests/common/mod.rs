@@ -3,11 +3,22 @@
 #![allow(dead_code)]
 
 use std::ops::{Deref, DerefMut};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 #[allow(unused_imports)]
 pub use tern_testkit::{kill9, process_alive, wait_for, Heartbeat, KvmLock, TernHost};
+
+/// The networked test guest's address and MAC on the lab's segment.
+pub const GUEST_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 77, 0, 10);
+pub const GUEST_MAC: &str = "02:77:00:00:00:10";
+
+/// Host `member`'s address in the lab, as `tern migrate` takes it.
+pub fn host_ip(member: tern_testkit::Member) -> String {
+    member.ip().to_string()
+}
 
 /// Path of the `tern` executable under test.
 pub fn tern_bin() -> PathBuf {
@@ -100,6 +111,37 @@ impl Host {
         text.push_str(&format!("vif = [ 'mac={mac}, bridge=br0' ]\n"));
         std::fs::write(&path, text).expect("config");
         path
+    }
+
+    /// Creates the networked test guest `name` (1 GiB, 2 vCPUs, at [`GUEST_IP`]) running
+    /// `params`, and waits for its first heartbeats.
+    pub fn create_net_guest(&self, name: &str, params: &str) {
+        let cfg = self.net_guest_config(name, 1024, 2, GUEST_IP, GUEST_MAC, params);
+        self.ok(&["create", cfg.to_str().expect("path")]);
+        self.wait_heartbeat(name, 3, Duration::from_secs(30));
+    }
+
+    /// Runs `tern --socket <ours> args...` in the background, its output piped and SIGINT
+    /// at its default (whatever the test runner was started with), so that a Ctrl-C reaches
+    /// it as on a terminal.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        let mut cmd = self.command(args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        // SAFETY: signal() is async-signal-safe; the child has not run anything else yet.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        cmd.spawn().expect("spawn tern")
+    }
+
+    /// Runs `tern migrate NAME DESTINATION ARGS…` in the background (see [`Host::spawn`]).
+    pub fn spawn_migrate(&self, name: &str, destination: &str, args: &[&str]) -> Child {
+        let mut all = vec!["migrate", name, destination];
+        all.extend_from_slice(args);
+        self.spawn(&all)
     }
 
     /// (Re)starts the daemon, asserting it comes up.
@@ -288,6 +330,15 @@ impl Host {
 }
 
 impl Pair {
+    /// Sets host `member`'s link to the switch `up` or `down`.
+    pub fn set_link(&self, member: tern_testkit::Member, state: &str) {
+        let out = self
+            .lab
+            .exec(member, "ip", &["link", "set", "eth0", state])
+            .expect("ip link set");
+        assert!(out.status.success(), "ip link set eth0 {state}");
+    }
+
     /// Hosts that accept each other (and only each other).
     pub fn start() -> Pair {
         Pair::start_with(&[tern_testkit::LAB_HOSTS_ALLOW], "", "")
