@@ -5,7 +5,6 @@
 //! independent count of what a checkpoint has to hold, to compare the file size against.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
@@ -48,7 +47,9 @@ pub fn footprint(pid: u32) -> anyhow::Result<Footprint> {
     let size = file.metadata()?.len();
     let mut fp = Footprint::default();
     let mut buf = vec![0u8; CHUNK];
-    for (start, end) in extents(&file, size)? {
+    let extents = tern_storage::allocated(&file, 0..size, PAGE as u64)
+        .context("SEEK_DATA on guest memory")?;
+    for std::ops::Range { start, end } in extents {
         fp.allocated_bytes += end - start;
         let mut off = start;
         while off < end {
@@ -62,34 +63,6 @@ pub fn footprint(pid: u32) -> anyhow::Result<Footprint> {
     Ok(fp)
 }
 
-/// Allocated byte ranges of `file` (page-aligned), by `SEEK_DATA` and `SEEK_HOLE`.
-fn extents(file: &File, size: u64) -> anyhow::Result<Vec<(u64, u64)>> {
-    let fd = file.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        // SAFETY: lseek on a descriptor we own.
-        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            return Err(err).context("SEEK_DATA on guest memory");
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { size } else { hole as u64 };
-        let start = data as u64 & !(PAGE as u64 - 1);
-        let end = hole.min(size).next_multiple_of(PAGE as u64).min(size);
-        if end > start {
-            out.push((start, end));
-        }
-        pos = end.max(start + PAGE as u64);
-    }
-    Ok(out)
-}
-
 /// Number of 4 KiB pages of `data` that hold a non-zero byte (a partial page counts).
 fn nonzero_pages(data: &[u8]) -> u64 {
     data.chunks(PAGE)
@@ -100,7 +73,6 @@ fn nonzero_pages(data: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Seek, SeekFrom, Write};
 
     #[test]
     fn counts_nonzero_pages() {
@@ -108,19 +80,5 @@ mod tests {
         assert_eq!(nonzero_pages(&data), 0);
         data[PAGE + 7] = 1;
         assert_eq!(nonzero_pages(&data), 1);
-    }
-
-    #[test]
-    fn sparse_file_extents() {
-        let mut f = tempfile::tempfile().unwrap();
-        f.set_len(64 * PAGE as u64).unwrap();
-        f.seek(SeekFrom::Start(10 * PAGE as u64)).unwrap();
-        f.write_all(&[1u8; PAGE]).unwrap();
-        let ext = extents(&f, 64 * PAGE as u64).unwrap();
-        let total: u64 = ext.iter().map(|(s, e)| e - s).sum();
-        assert!(ext
-            .iter()
-            .any(|&(s, e)| s <= 10 * PAGE as u64 && e >= 11 * PAGE as u64));
-        assert!(total < 64 * PAGE as u64 || ext.len() == 1);
     }
 }

@@ -7,7 +7,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -192,10 +191,10 @@ pub fn guest_info(machine: &Machine, record: &DomainRecord) -> Info {
 /// Guest page ranges (pfns) that may hold data: the allocated parts of the RAM file. The
 /// rest was never written and reads as zero.
 pub fn populated_pages(machine: &Machine) -> anyhow::Result<Vec<std::ops::Range<u64>>> {
-    let fd = machine.ram().backing_file().as_raw_fd();
+    let file = machine.ram().backing_file();
     let mut ranges = Vec::new();
     for slot in machine.ram().slots() {
-        for (start, end) in data_extents(fd, slot)? {
+        for (start, end) in data_extents(file, slot)? {
             let first = (slot.guest_addr + start - slot.file_offset) / PAGE;
             let last = (slot.guest_addr + end - slot.file_offset).div_ceil(PAGE);
             ranges.push(first..last);
@@ -304,12 +303,12 @@ impl BlockCrcs {
 /// Guest pages worth storing (allocated in the RAM file and not all zero), and the checksum
 /// of every block of them in order.
 fn stored_pages(machine: &Machine) -> anyhow::Result<(Vec<PageRun>, Vec<u32>)> {
-    let fd = machine.ram().backing_file().as_raw_fd();
+    let file = machine.ram().backing_file();
     let ram = paused_ram(machine)?;
     let mut runs: Vec<PageRun> = Vec::new();
     let mut crcs = BlockCrcs::default();
     for slot in machine.ram().slots() {
-        for (start, end) in data_extents(fd, slot)? {
+        for (start, end) in data_extents(file, slot)? {
             let extent = ram
                 .bytes(
                     slot.guest_addr + start - slot.file_offset,
@@ -339,36 +338,11 @@ fn stored_pages(machine: &Machine) -> anyhow::Result<(Vec<PageRun>, Vec<u32>)> {
     Ok((runs, crcs.finish()))
 }
 
-/// Allocated byte ranges of `slot` in the RAM file, as file offsets (SEEK_DATA / SEEK_HOLE).
-fn data_extents(fd: i32, slot: &RamSlot) -> anyhow::Result<Vec<(u64, u64)>> {
-    let end = slot.file_offset + slot.size;
-    let mut out = Vec::new();
-    let mut pos = slot.file_offset;
-    while pos < end {
-        // SAFETY: lseek on a descriptor we own.
-        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                break; // no more data
-            }
-            return Err(err).context("cannot scan guest memory");
-        }
-        let data = data as u64;
-        if data >= end {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
-        let hole = if hole < 0 {
-            end
-        } else {
-            (hole as u64).min(end)
-        };
-        out.push((data & !(PAGE - 1), hole));
-        pos = hole;
-    }
-    Ok(out)
+/// Allocated byte ranges of `slot` in the RAM file `file`, as file offsets.
+fn data_extents(file: &std::fs::File, slot: &RamSlot) -> anyhow::Result<Vec<(u64, u64)>> {
+    let within = slot.file_offset..slot.file_offset + slot.size;
+    let ranges = tern_storage::allocated(file, within, PAGE).context("cannot scan guest memory")?;
+    Ok(ranges.into_iter().map(|r| (r.start, r.end)).collect())
 }
 
 #[cfg(test)]

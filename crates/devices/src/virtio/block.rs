@@ -18,6 +18,7 @@ use super::{
 };
 use crate::state::{decode_state, encode_state, SavedState, StateError, VersionedState};
 use crate::GuestMem;
+use tern_storage::WriteLog;
 
 /// Feature: the disk is read-only.
 pub const F_RO: u64 = 1 << 5;
@@ -35,6 +36,9 @@ const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
+/// Granularity of the write log: the block size guests use, so a 4 KiB write costs one
+/// 4 KiB block sent again.
+pub const WRITE_LOG_BLOCK: u64 = 4096;
 /// Largest data transfer of one request (bounds the bounce buffer a guest can make us
 /// allocate).
 const MAX_REQUEST: usize = 4 << 20;
@@ -115,6 +119,7 @@ pub struct VirtioBlock {
     backend: Option<Box<dyn BlockBackend>>,
     worker: Option<Worker<BlockWork>>,
     sizes: [u16; 1],
+    written: Arc<WriteLog>,
 }
 
 impl VirtioBlock {
@@ -125,10 +130,16 @@ impl VirtioBlock {
             serial: serial.to_string(),
             size: backend.size(),
             read_only: backend.read_only(),
+            written: Arc::new(WriteLog::new(backend.size(), WRITE_LOG_BLOCK)),
             backend: Some(backend),
             worker: None,
             sizes: [QUEUE_SIZE],
         }
+    }
+
+    /// The log of the blocks the guest writes (off until a migration starts it).
+    pub fn write_log(&self) -> Arc<WriteLog> {
+        self.written.clone()
     }
 
     fn config_space(&self) -> [u8; 24] {
@@ -184,6 +195,7 @@ impl VirtioDevice for VirtioBlock {
             interrupt: a.interrupt,
             requests: Requests {
                 backend,
+                written: self.written.clone(),
                 serial,
                 buf: Vec::new(),
             },
@@ -244,6 +256,8 @@ pub struct BlockWork {
 /// What serving a request needs besides the queue and guest memory.
 struct Requests {
     backend: Box<dyn BlockBackend>,
+    /// The blocks written, while a migration copies the disk.
+    written: Arc<WriteLog>,
     serial: [u8; 20],
     /// Bounce buffer between guest memory and the backend.
     buf: Vec<u8>,
@@ -349,6 +363,8 @@ impl Requests {
             .read_exact(&mut buf)
             .and_then(|_| self.backend.write_at(&buf, offset));
         self.buf = buf;
+        // After the write (a failed one may have written part): see `tern_storage::write_log`.
+        self.written.mark(offset, len as u64);
         status_of(result)
     }
 }
