@@ -14,7 +14,8 @@
 //!
 //! `TERN_BENCH_QEMU=off` leaves QEMU out; `TERN_BENCH_RATES=0,256` runs some rates only
 //! (`TERN_BENCH_RATES=none`: none); `TERN_BENCH_ENCRYPTION=off` leaves the encryption part out;
-//! `TERN_BENCH_POSTCOPY=off` leaves tern's `--postcopy` rows out.
+//! `TERN_BENCH_POSTCOPY=off` leaves tern's `--postcopy` rows out, `TERN_BENCH_RING=off` its
+//! dirty-ring rows (auto-converge by per-vCPU dirty limit, opt-in in tern).
 //! `TERN_BENCH_DUMP=FILE` writes every heartbeat of tern's last run (host time, seq, pages
 //! written, pages verified) after a line with the migration's start, end, pause and resume,
 //! to see where a gap falls.
@@ -158,6 +159,12 @@ fn run() -> anyhow::Result<()> {
             print_row(&p, link_bps);
             results.push(p);
         }
+        if rate >= POSTCOPY_FROM_MIBPS && std::env::var("TERN_BENCH_RING").as_deref() != Ok("off") {
+            let r = tern_with_dirty_ring(&lab, &tern, &w)
+                .with_context(|| format!("tern with the dirty ring at {}", label(rate)))?;
+            print_row(&r, link_bps);
+            results.push(r);
+        }
         if let Some(q) = &qemu {
             let f = qemu_once(&lab, q, &w).with_context(|| format!("QEMU at {}", label(rate)))?;
             print_row(&f, link_bps);
@@ -251,6 +258,22 @@ fn measure_link(lab: &NetLab) -> anyhow::Result<f64> {
 
 fn tern_once(lab: &NetLab, tern: &std::path::Path, w: &Workload) -> anyhow::Result<Figures> {
     tern_migration(lab, tern, w, "", &[]).map(|(figures, _)| figures)
+}
+
+/// One live migration by tern with its opt-in dirty ring (`TERN_DIRTY_RING=1` in both
+/// daemons' environment): auto-converge limits each vCPU's dirty rate instead of slicing time.
+fn tern_with_dirty_ring(
+    lab: &NetLab,
+    tern: &std::path::Path,
+    w: &Workload,
+) -> anyhow::Result<Figures> {
+    // The daemons (and their guest processes) inherit it; nothing else runs meanwhile.
+    std::env::set_var("TERN_DIRTY_RING", "1");
+    let result = tern_migration(lab, tern, w, "", &[]);
+    std::env::remove_var("TERN_DIRTY_RING");
+    let (mut figures, _) = result?;
+    figures.tool = "tern, dirty ring".into();
+    Ok(figures)
 }
 
 /// One live migration by tern with `relocation` lines in both hosts' `[relocation]` table
@@ -577,7 +600,9 @@ fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&
          after {} s is cancelled and shown as not converging. At 256 MiB/s and faster tern is also\n\
          measured with `--postcopy` (the guest runs on the destination as soon as pre-copy would\n\
          send much of its memory twice, its missing pages fetched on demand and pushed behind;\n\
-         total time runs until every page arrived).\n\n\
+         total time runs until every page arrived), and with its opt-in dirty ring\n\
+         (`TERN_DIRTY_RING=1`: auto-converge holds only the vCPUs that dirty more than their\n\
+         share of the budget, instead of every vCPU for a slice of each 5 ms).\n\n\
          **What the guest felt** comes first, measured the same way for both tools from the\n\
          guest's own heartbeats (one every {} ms of guest time, each stamped with the host clock\n\
          as its first byte reaches the console; every byte of a line is an exit to the host,\n\
@@ -640,10 +665,13 @@ fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&
 
 /// The targets of issues 5 and 11 for one tern row, one line each.
 fn targets(f: &Figures, results: &[Figures], link_bps: f64) -> String {
-    if f.tool != "tern" {
+    if f.tool.contains("--postcopy") {
         return postcopy_targets(f, link_bps);
     }
-    let rate = f.rate_label();
+    let rate = match f.tool.as_str() {
+        "tern" => f.rate_label(),
+        _ => format!("{} with the dirty ring", f.rate_label()),
+    };
     let mut md = String::new();
     let gap = f.felt.longest_gap_ms;
     match f.write_mibps {

@@ -7,7 +7,9 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;
+pub mod dirty_limit;
 pub mod dirty_log;
+pub mod dirty_ring;
 pub mod layout;
 pub mod memory;
 pub mod state;
@@ -149,6 +151,11 @@ pub struct Machine {
     paused: bool,
     /// Present while auto-converge slows the vCPUs down; dropped before the vCPUs stop.
     throttler: Option<throttle::Throttler>,
+    /// With the dirty ring: harvests it while the dirty log is on, and limits each vCPU's
+    /// dirty rate when throttled (instead of `throttler`).
+    limiter: Option<dirty_limit::DirtyLimiter>,
+    /// Every vCPU's dirty ring, if this KVM has them (then there is no dirty bitmap).
+    rings: Option<Arc<dirty_ring::DirtyRings>>,
     vm: VmFd,
     ram: GuestRam,
     _kvm: Kvm,
@@ -211,7 +218,12 @@ impl Machine {
         // RAM before the irqchip: with an in-kernel irqchip present, the VM's first memory
         // slot costs several milliseconds on some hosts (7 ms here), without it well under one.
         let mut ram = GuestRam::new_memfd(mem_mib)?;
-        ram.set_manual_protect(dirty_log::enable_manual_protect(&vm));
+        // The dirty ring if this KVM has one (it tells which vCPU dirties what); else the
+        // bitmap with manual protection. The two do not mix.
+        let ring = dirty_ring::enable(&vm);
+        if !ring {
+            ram.set_manual_protect(dirty_log::enable_manual_protect(&vm));
+        }
         ram.register(&vm)?;
         vm.set_tss_address(0xfffb_d000)
             .map_err(kvm_err("set TSS address"))?;
@@ -227,6 +239,15 @@ impl Machine {
         let cpuid = cpuid::supported(&kvm).map_err(kvm_err("get supported CPUID"))?;
         let vcpu_cpuids = cpuids.clone();
         let vcpus = create_vcpus(&kvm, &vm, cpuids)?;
+        let rings = if ring {
+            let fds: Vec<&kvm_ioctls::VcpuFd> = vcpus.iter().map(|v| v.fd()).collect();
+            let slots = ram.slots().iter().map(|s| (s.slot, s.pages())).collect();
+            let rings = dirty_ring::DirtyRings::new(&vm, &fds, slots)
+                .map_err(|e| MachineError::Device(format!("cannot map the dirty rings: {e}")))?;
+            Some(Arc::new(rings))
+        } else {
+            None
+        };
         Ok(Machine {
             vcpus: Vcpus::Created(vcpus),
             devices,
@@ -238,6 +259,8 @@ impl Machine {
             vcpu_cpuids,
             paused: false,
             throttler: None,
+            limiter: None,
+            rings,
             vm,
             ram,
             _kvm: kvm,
@@ -361,6 +384,10 @@ impl Machine {
 
     /// Slows the vCPUs down so they run `100 - percent` percent of the time (0: full speed).
     pub fn set_throttle(&mut self, percent: u8) -> Result<(), MachineError> {
+        if let Some(limiter) = &self.limiter {
+            limiter.set(percent);
+            return Ok(());
+        }
         if percent == 0 {
             self.throttler = None;
             return Ok(());
@@ -394,17 +421,37 @@ impl Machine {
 
     /// Starts tracking which guest pages change: KVM's dirty log on every slot (for writes by
     /// the vCPUs) and the RAM's own bitmap (for writes by devices), both cleared.
-    pub fn start_dirty_log(&self) -> Result<(), MachineError> {
+    pub fn start_dirty_log(&mut self) -> Result<(), MachineError> {
         self.ram.set_dirty_logging(&self.vm, true)?;
         for slot in self.ram.slots() {
             self.ram.take_device_dirty(slot);
         }
+        if let Some(rings) = &self.rings {
+            rings.clear().map_err(ring_err)?;
+            if self.limiter.is_none() {
+                let handles = self
+                    .handles()?
+                    .iter()
+                    .map(|h| h.throttle_handle())
+                    .collect();
+                let limiter = dirty_limit::DirtyLimiter::start(rings.clone(), handles)
+                    .map_err(|e| MachineError::Device(format!("cannot start dirty-limit: {e}")))?;
+                self.limiter = Some(limiter);
+            }
+        }
         Ok(())
     }
 
-    /// Stops KVM's dirty log.
-    pub fn stop_dirty_log(&self) -> Result<(), MachineError> {
+    /// Stops KVM's dirty log (and the dirty limit, which needs it).
+    pub fn stop_dirty_log(&mut self) -> Result<(), MachineError> {
+        self.limiter = None;
         Ok(self.ram.set_dirty_logging(&self.vm, false)?)
+    }
+
+    /// Whether auto-converge limits each vCPU's dirty rate (the dirty ring) rather than
+    /// slicing every vCPU's time.
+    pub fn limits_dirty_rate(&self) -> bool {
+        self.rings.is_some()
     }
 
     /// The pages written since tracking started or since they were last re-armed (by vCPUs),
@@ -412,6 +459,15 @@ impl Machine {
     /// order, bit i = page i of the slot). Whoever reads the pages re-arms them first with
     /// [`Machine::rearm_dirty`]; without manual protection this call already did.
     pub fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, MachineError> {
+        if let Some(rings) = &self.rings {
+            let mut bitmaps = rings.take().map_err(ring_err)?;
+            for (bits, slot) in bitmaps.iter_mut().zip(self.ram.slots()) {
+                for (b, d) in bits.iter_mut().zip(self.ram.take_device_dirty(slot)) {
+                    *b |= d;
+                }
+            }
+            return Ok(bitmaps);
+        }
         self.ram
             .slots()
             .iter()
@@ -434,6 +490,9 @@ impl Machine {
         first_page: u64,
         bits: &[u64],
     ) -> Result<(), MachineError> {
+        if let Some(rings) = &self.rings {
+            return rings.rearm(slot_index, first_page, bits).map_err(ring_err);
+        }
         let slot = self
             .ram
             .slots()
@@ -445,6 +504,7 @@ impl Machine {
     /// Stops and joins every vCPU thread. The machine cannot run again afterwards.
     pub fn shut_down(&mut self) {
         self.throttler = None;
+        self.limiter = None;
         if let Vcpus::Running(handles) = &mut self.vcpus {
             for h in handles.iter_mut() {
                 h.stop();
@@ -619,6 +679,10 @@ fn check_vcpu_count(kvm: &Kvm, vcpus: u32) -> Result<(), MachineError> {
         return Err(MachineError::BadVcpuCount(vcpus, max));
     }
     Ok(())
+}
+
+fn ring_err(e: std::io::Error) -> MachineError {
+    MachineError::Device(format!("dirty ring: {e}"))
 }
 
 fn create_vcpus(

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, Msrs, Xsave,
+    kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, Msrs, Xsave, KVM_EXIT_DIRTY_RING_FULL,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -884,6 +884,12 @@ impl VcpuRunner {
                     Some(format!("VM entry failed (reason {reason:#x}, cpu {cpu})"))
                 }
                 VcpuExit::SystemEvent(kind, _) => Some(format!("system event {kind}")),
+                // The dirty ring is full: the dirty-limit thread harvests it within a
+                // millisecond; KVM lets the vCPU in again once it is reset.
+                VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+                    std::thread::sleep(Duration::from_micros(200));
+                    None
+                }
                 other => Some(format!("unexpected exit {other:?}")),
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
