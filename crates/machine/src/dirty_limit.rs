@@ -1,20 +1,20 @@
 //! Auto-converge with the dirty ring: each vCPU may dirty its share of a page budget, and only
 //! a vCPU over its share is held out of the guest, for just long enough to get back under it.
 //!
-//! While the dirty log is on, a thread harvests every vCPU's ring each millisecond (the rings
-//! also feed the dirty bitmaps the migration reads). Unthrottled, it measures how fast the
-//! guest dirties pages. At a throttle of `p` percent the guest may dirty `(1 - p)` of that
-//! rate, split evenly between the vCPUs, each as a token bucket: a vCPU that ran out of tokens
-//! is held (as the time-slice throttle holds it, see `throttle`) until it has earned them
-//! back, at most [`MAX_HOLD`] at a time. A vCPU that writes little never waits.
+//! While the dirty log is on, a thread harvests every vCPU's ring (each millisecond while
+//! throttled, every 10 ms otherwise; the rings also feed the dirty bitmaps the migration
+//! reads). Unthrottled, it measures how fast the guest dirties pages. At a throttle of `p`
+//! percent the guest may dirty `(1 - p)` of that rate, split evenly between the vCPUs, each as
+//! a token bucket: a vCPU that ran out of tokens is held (as the time-slice throttle holds
+//! it, see `throttle`) until it has earned them back, at most [`MAX_HOLD`] at a time. A vCPU
+//! that writes little never waits.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::dirty_ring::DirtyRings;
-use crate::throttle::MAX_PERCENT;
+use crate::throttle::Throttler;
 use crate::vcpu::ThrottleHandle;
 
 /// How often the rings are harvested and the budgets settled while throttled.
@@ -31,46 +31,13 @@ const RESET_AFTER: u32 = 1024;
 /// Weight of the newest tick in the measured dirty rate.
 const RATE_WEIGHT: f64 = 0.1;
 
-/// A running dirty-limit thread; stopped and joined on drop.
-pub(crate) struct DirtyLimiter {
-    percent: Arc<AtomicU8>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl DirtyLimiter {
-    /// Starts harvesting `rings` for `vcpus`, unthrottled.
-    pub(crate) fn start(
-        rings: Arc<DirtyRings>,
-        vcpus: Vec<ThrottleHandle>,
-    ) -> std::io::Result<DirtyLimiter> {
-        let percent = Arc::new(AtomicU8::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (p, s) = (percent.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("dirty-limit".into())
-            .spawn(move || run(&rings, &vcpus, &p, &s))?;
-        Ok(DirtyLimiter {
-            percent,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Sets the throttle: the guest may dirty `100 - percent` percent of its unthrottled rate.
-    pub(crate) fn set(&self, percent: u8) {
-        self.percent
-            .store(percent.min(MAX_PERCENT), Ordering::Relaxed);
-    }
-}
-
-impl Drop for DirtyLimiter {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// Starts harvesting `rings` for `vcpus`, unthrottled; the throttle it returns limits each
+/// vCPU's dirty rate.
+pub(crate) fn start(
+    rings: Arc<DirtyRings>,
+    vcpus: Vec<ThrottleHandle>,
+) -> std::io::Result<Throttler> {
+    Throttler::spawn("dirty-limit", 0, move |p, s| run(&rings, &vcpus, p, s))
 }
 
 /// One vCPU's budget.

@@ -31,7 +31,7 @@ use vmm_sys_util::ioctl_io_nr;
 ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
 
 /// Bytes of each vCPU's ring: 4096 entries, about 60 ms of a vCPU writing 256 MiB/s between
-/// two harvests (they come every millisecond while the log is on).
+/// two harvests (they come every 1 to 10 ms while the log is on).
 pub const RING_BYTES: u32 = 64 << 10;
 const ENTRY_BYTES: u32 = std::mem::size_of::<kvm_dirty_gfn>() as u32;
 const F_DIRTY: u32 = 1;

@@ -153,7 +153,7 @@ pub struct Machine {
     throttler: Option<throttle::Throttler>,
     /// With the dirty ring: harvests it while the dirty log is on, and limits each vCPU's
     /// dirty rate when throttled (instead of `throttler`).
-    limiter: Option<dirty_limit::DirtyLimiter>,
+    limiter: Option<throttle::Throttler>,
     /// Every vCPU's dirty ring, if this KVM has them (then there is no dirty bitmap).
     rings: Option<Arc<dirty_ring::DirtyRings>>,
     vm: VmFd,
@@ -434,7 +434,7 @@ impl Machine {
                     .iter()
                     .map(|h| h.throttle_handle())
                     .collect();
-                let limiter = dirty_limit::DirtyLimiter::start(rings.clone(), handles)
+                let limiter = dirty_limit::start(rings.clone(), handles)
                     .map_err(|e| MachineError::Device(format!("cannot start dirty-limit: {e}")))?;
                 self.limiter = Some(limiter);
             }

@@ -27,7 +27,8 @@ pub fn hold_per_cycle(percent: u8) -> Duration {
     CYCLE * u32::from(percent.min(MAX_PERCENT)) / 100
 }
 
-/// A running throttle thread; stopped and joined on drop.
+/// A running throttle thread (this module's time slices, or the dirty ring's limit), told
+/// the percentage at any time; stopped and joined on drop.
 pub(crate) struct Throttler {
     percent: Arc<AtomicU8>,
     stop: Arc<AtomicBool>,
@@ -35,14 +36,23 @@ pub(crate) struct Throttler {
 }
 
 impl Throttler {
-    /// Starts throttling `vcpus` at `percent` percent.
+    /// Starts throttling `vcpus` at `percent` percent by time slices.
     pub(crate) fn start(vcpus: Vec<ThrottleHandle>, percent: u8) -> std::io::Result<Throttler> {
+        Throttler::spawn("throttle", percent, move |p, s| run(&vcpus, p, s))
+    }
+
+    /// Runs `body(percent, stop)` on a thread named `name`, starting at `percent`.
+    pub(crate) fn spawn(
+        name: &str,
+        percent: u8,
+        body: impl FnOnce(&AtomicU8, &AtomicBool) + Send + 'static,
+    ) -> std::io::Result<Throttler> {
         let shared = Arc::new(AtomicU8::new(percent.min(MAX_PERCENT)));
         let stop = Arc::new(AtomicBool::new(false));
         let (p, s) = (shared.clone(), stop.clone());
         let thread = std::thread::Builder::new()
-            .name("throttle".into())
-            .spawn(move || run(&vcpus, &p, &s))?;
+            .name(name.into())
+            .spawn(move || body(&p, &s))?;
         Ok(Throttler {
             percent: shared,
             stop,

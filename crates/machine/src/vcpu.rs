@@ -884,8 +884,8 @@ impl VcpuRunner {
                     Some(format!("VM entry failed (reason {reason:#x}, cpu {cpu})"))
                 }
                 VcpuExit::SystemEvent(kind, _) => Some(format!("system event {kind}")),
-                // The dirty ring is full: the dirty-limit thread harvests it within a
-                // millisecond; KVM lets the vCPU in again once it is reset.
+                // The dirty ring is full: the dirty-limit thread harvests it within 10 ms;
+                // KVM lets the vCPU in again once it is reset.
                 VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
                     std::thread::sleep(Duration::from_micros(200));
                     None
