@@ -82,7 +82,7 @@ pub fn find_tern() -> anyhow::Result<PathBuf> {
     if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
         candidates.push(PathBuf::from(target).join("release/tern"));
     }
-    candidates
+    let tern = candidates
         .iter()
         .find(|p| p.is_file())
         .cloned()
@@ -90,5 +90,51 @@ pub fn find_tern() -> anyhow::Result<PathBuf> {
             format!(
                 "the tern executable is not built (looked at {candidates:?}); run `cargo build --release --workspace`"
             )
-        })
+        })?;
+    ensure_newer_than_sources(&tern)?;
+    Ok(tern)
+}
+
+/// Refuses a `tern` older than a source file of this workspace: `cargo bench -p tern-bench`
+/// builds the benchmark, not the `tern` it drives, and a stale one measures old code.
+fn ensure_newer_than_sources(tern: &std::path::Path) -> anyhow::Result<()> {
+    let built = std::fs::metadata(tern)?.modified()?;
+    let testkit = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let Some(crates) = testkit.parent() else {
+        return Ok(());
+    };
+    if let Some(newer) = newest_source(crates).filter(|(t, _)| *t > built) {
+        anyhow::bail!(
+            "{} is older than {}: run `cargo build --release --workspace` (or set TERN_BIN)",
+            tern.display(),
+            newer.1.display()
+        );
+    }
+    Ok(())
+}
+
+/// The most recently changed `.rs` file under `dir`'s crates' `src` folders, with its time.
+fn newest_source(dir: &std::path::Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    fn walk(dir: &std::path::Path, best: &mut Option<(std::time::SystemTime, PathBuf)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, best);
+            } else if path.extension().is_some_and(|x| x == "rs") {
+                if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                    if best.as_ref().is_none_or(|(b, _)| t > *b) {
+                        *best = Some((t, path));
+                    }
+                }
+            }
+        }
+    }
+    let mut best = None;
+    for krate in std::fs::read_dir(dir).ok()?.flatten() {
+        walk(&krate.path().join("src"), &mut best);
+    }
+    best
 }
