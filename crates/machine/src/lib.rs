@@ -459,26 +459,21 @@ impl Machine {
     /// order, bit i = page i of the slot). Whoever reads the pages re-arms them first with
     /// [`Machine::rearm_dirty`]; without manual protection this call already did.
     pub fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, MachineError> {
-        if let Some(rings) = &self.rings {
-            let mut bitmaps = rings.take().map_err(ring_err)?;
-            for (bits, slot) in bitmaps.iter_mut().zip(self.ram.slots()) {
-                for (b, d) in bits.iter_mut().zip(self.ram.take_device_dirty(slot)) {
-                    *b |= d;
-                }
+        let mut bitmaps = match &self.rings {
+            Some(rings) => rings.take().map_err(ring_err)?,
+            None => self
+                .ram
+                .slots()
+                .iter()
+                .map(|slot| self.ram.dirty_bitmap(&self.vm, slot))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        for (bits, slot) in bitmaps.iter_mut().zip(self.ram.slots()) {
+            for (b, d) in bits.iter_mut().zip(self.ram.take_device_dirty(slot)) {
+                *b |= d;
             }
-            return Ok(bitmaps);
         }
-        self.ram
-            .slots()
-            .iter()
-            .map(|slot| {
-                let mut bits = self.ram.dirty_bitmap(&self.vm, slot)?;
-                for (b, d) in bits.iter_mut().zip(self.ram.take_device_dirty(slot)) {
-                    *b |= d;
-                }
-                Ok(bits)
-            })
-            .collect()
+        Ok(bitmaps)
     }
 
     /// Re-arms the dirty log for the pages `bits` of slot number `slot_index` (in

@@ -380,6 +380,17 @@ impl PageSet {
         whole + part
     }
 
+    /// Adds the pages of `chunk` (of a set over the same regions).
+    pub fn insert_chunk(&mut self, chunk: &Chunk<'_>) {
+        let Some(bits) = self.bits.get_mut(chunk.region) else {
+            return;
+        };
+        let first = (chunk.first_page / 64) as usize;
+        for (w, c) in bits.iter_mut().skip(first).zip(chunk.bits) {
+            *w |= c;
+        }
+    }
+
     /// Removes the pages of `chunk` (of a set over the same regions).
     pub fn remove_chunk(&mut self, chunk: &Chunk<'_>) {
         let Some(bits) = self.bits.get_mut(chunk.region) else {

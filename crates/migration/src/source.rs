@@ -712,9 +712,7 @@ impl Sender<'_> {
         let mut cut: Option<Cut> = None;
         for chunk in set.chunks(RECORD_PAGES / 64) {
             if let Some(cut) = cut.as_mut() {
-                for run in chunk.runs() {
-                    cut.unsent.insert_run(run.first_pfn, u64::from(run.pages));
-                }
+                cut.unsent.insert_chunk(&chunk);
                 continue;
             }
             if let Some(watch) = watch.as_deref_mut() {
@@ -722,9 +720,7 @@ impl Sender<'_> {
                     let dirty = self.take_dirty()?;
                     if let Some(reason) = watch.look(&dirty, &chunk) {
                         let mut unsent = set.cleared();
-                        for run in chunk.runs() {
-                            unsent.insert_run(run.first_pfn, u64::from(run.pages));
-                        }
+                        unsent.insert_chunk(&chunk);
                         cut = Some(Cut { unsent, reason });
                         continue;
                     }

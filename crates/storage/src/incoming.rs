@@ -50,12 +50,8 @@ impl IncomingImage {
         size: u64,
         needed: u64,
     ) -> Result<IncomingImage, IncomingError> {
-        if name.is_empty()
-            || name.starts_with('.')
-            || name.contains('/')
-            || name.contains('\0')
-            || name == ".."
-        {
+        // Not empty, no directory part, not hidden (`..` and our own `.NAME.incoming` files).
+        if name.is_empty() || name.starts_with('.') || name.contains('/') || name.contains('\0') {
             return Err(IncomingError::BadName(name.to_string()));
         }
         let path = dir.join(name);

@@ -194,7 +194,7 @@ pub fn populated_pages(machine: &Machine) -> anyhow::Result<Vec<std::ops::Range<
     let file = machine.ram().backing_file();
     let mut ranges = Vec::new();
     for slot in machine.ram().slots() {
-        for (start, end) in data_extents(file, slot)? {
+        for std::ops::Range { start, end } in data_extents(file, slot)? {
             let first = (slot.guest_addr + start - slot.file_offset) / PAGE;
             let last = (slot.guest_addr + end - slot.file_offset).div_ceil(PAGE);
             ranges.push(first..last);
@@ -308,7 +308,7 @@ fn stored_pages(machine: &Machine) -> anyhow::Result<(Vec<PageRun>, Vec<u32>)> {
     let mut runs: Vec<PageRun> = Vec::new();
     let mut crcs = BlockCrcs::default();
     for slot in machine.ram().slots() {
-        for (start, end) in data_extents(file, slot)? {
+        for std::ops::Range { start, end } in data_extents(file, slot)? {
             let extent = ram
                 .bytes(
                     slot.guest_addr + start - slot.file_offset,
@@ -339,10 +339,9 @@ fn stored_pages(machine: &Machine) -> anyhow::Result<(Vec<PageRun>, Vec<u32>)> {
 }
 
 /// Allocated byte ranges of `slot` in the RAM file `file`, as file offsets.
-fn data_extents(file: &std::fs::File, slot: &RamSlot) -> anyhow::Result<Vec<(u64, u64)>> {
+fn data_extents(file: &std::fs::File, slot: &RamSlot) -> anyhow::Result<Vec<std::ops::Range<u64>>> {
     let within = slot.file_offset..slot.file_offset + slot.size;
-    let ranges = tern_storage::allocated(file, within, PAGE).context("cannot scan guest memory")?;
-    Ok(ranges.into_iter().map(|r| (r.start, r.end)).collect())
+    tern_storage::allocated(file, within, PAGE).context("cannot scan guest memory")
 }
 
 #[cfg(test)]
