@@ -15,6 +15,7 @@
 //! entries. A ring that fills makes its vCPU exit with `KVM_EXIT_DIRTY_RING_FULL` until it is
 //! reset.
 
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -38,14 +39,10 @@ const F_DIRTY: u32 = 1;
 const F_RESET: u32 = 2;
 const PAGE: usize = 4096;
 
-/// Whether guests made by this process use the dirty ring, where KVM has it: opt-in for now
-/// (`TERN_DIRTY_RING=1` in the daemon's environment). Enabling logging with the ring
-/// write-protects all of guest memory at once, where the bitmap with manual protection
-/// protects each chunk only as the first pass reaches it; on this project's build machine
-/// that costs a guest writing 64 MiB/s 5-10% of its speed during pre-copy, while the dirty
-/// limit halves the longest stall of a guest writing faster than the link.
+/// Whether guests made by this process use the dirty ring where KVM has it: yes, unless
+/// `TERN_DIRTY_RING=0` is in the daemon's environment (then the dirty bitmap).
 pub fn wanted() -> bool {
-    std::env::var("TERN_DIRTY_RING").is_ok_and(|v| v == "1")
+    std::env::var("TERN_DIRTY_RING").map_or(true, |v| v != "0")
 }
 
 /// Enables the dirty ring on `vm` (before any vCPU exists), if wanted and this KVM has it;
@@ -151,15 +148,31 @@ impl Drop for Ring {
 
 /// Every vCPU's ring, harvested into one dirty bitmap per RAM slot, and how many pages each
 /// vCPU dirtied.
+///
+/// Logging is switched on one log slice (KVM slot) at a time, by the machine, as the first
+/// pass reaches it ([`DirtyRings::start_logging`]): until then a slice is not tracked, and
+/// the machine counts every page of it that holds data as written.
 pub struct DirtyRings {
     vm: RawFd,
     inner: Mutex<Harvest>,
 }
 
+/// A log slice as the rings see it.
+#[derive(Clone, Debug)]
+pub struct RingSlice {
+    /// Index of its RAM slot.
+    pub ram_slot: usize,
+    /// Its first page, counted from the RAM slot's first page.
+    pub first_page: u64,
+    pub pages: u64,
+}
+
 struct Harvest {
     rings: Vec<Ring>,
-    /// KVM slot number and page count of each RAM slot, in `GuestRam::slots` order.
-    slots: Vec<(u32, u64)>,
+    /// The log slices, indexed by KVM slot number.
+    slices: Vec<RingSlice>,
+    /// Whether each slice logs (KVM write-protected it and reports its writes).
+    logging: Vec<bool>,
     bitmaps: Vec<Vec<u64>>,
     /// Pages read from the rings since the last reset: still writable without an entry.
     unreset_pages: Vec<Vec<u64>>,
@@ -170,16 +183,21 @@ struct Harvest {
 }
 
 impl DirtyRings {
-    /// Maps the rings of `vcpus` of the VM `vm` (which must outlive this), for RAM slots
-    /// `slots` (KVM slot number, pages).
-    pub fn new(vm: &VmFd, vcpus: &[&VcpuFd], slots: Vec<(u32, u64)>) -> std::io::Result<Self> {
+    /// Maps the rings of `vcpus` of the VM `vm` (which must outlive this), for RAM slots of
+    /// `slot_pages` pages cut into KVM slots `slices` (indexed by KVM slot number).
+    pub fn new(
+        vm: &VmFd,
+        vcpus: &[&VcpuFd],
+        slot_pages: &[u64],
+        slices: Vec<RingSlice>,
+    ) -> std::io::Result<Self> {
         let rings = vcpus
             .iter()
             .map(|v| Ring::map(v))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let bitmaps: Vec<Vec<u64>> = slots
+        let bitmaps: Vec<Vec<u64>> = slot_pages
             .iter()
-            .map(|&(_, pages)| vec![0u64; pages.div_ceil(64) as usize])
+            .map(|&pages| vec![0u64; pages.div_ceil(64) as usize])
             .collect();
         let counts = vec![0; rings.len()];
         let unreset_pages = bitmaps.clone();
@@ -187,7 +205,8 @@ impl DirtyRings {
             vm: vm.as_raw_fd(),
             inner: Mutex::new(Harvest {
                 rings,
-                slots,
+                logging: vec![false; slices.len()],
+                slices,
                 bitmaps,
                 unreset_pages,
                 counts,
@@ -206,20 +225,32 @@ impl DirtyRings {
         let mut h = self.lock();
         let Harvest {
             rings,
-            slots,
+            slices,
             bitmaps,
             unreset_pages,
             counts,
             unreset,
+            ..
         } = &mut *h;
         for (ring, count) in rings.iter_mut().zip(counts.iter_mut()) {
             let n = ring.harvest(&mut |slot, offset| {
-                if let Some(i) = slots.iter().position(|&(s, _)| s == slot) {
-                    if offset < slots[i].1 {
-                        let (w, bit) = ((offset / 64) as usize, 1u64 << (offset % 64));
-                        bitmaps[i][w] |= bit;
-                        unreset_pages[i][w] |= bit;
-                    }
+                // Address space 0 only (the upper half of `slot` is the address space).
+                let Some(slice) = slices.get(slot as usize) else {
+                    return;
+                };
+                if offset >= slice.pages {
+                    return;
+                }
+                let page = slice.first_page + offset;
+                let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+                if let (Some(b), Some(u)) = (
+                    bitmaps.get_mut(slice.ram_slot).and_then(|b| b.get_mut(w)),
+                    unreset_pages
+                        .get_mut(slice.ram_slot)
+                        .and_then(|b| b.get_mut(w)),
+                ) {
+                    *b |= bit;
+                    *u |= bit;
                 }
             });
             *count += u64::from(n);
@@ -237,12 +268,37 @@ impl DirtyRings {
         Ok(())
     }
 
-    /// Harvests, and returns the pages written since the last take, one bitmap per slot.
+    /// Harvests, and returns the pages written since the last take, one bitmap per slot (of
+    /// the slices that log: the machine adds the others).
     pub fn take(&self) -> std::io::Result<Vec<Vec<u64>>> {
         self.harvest(0)?;
         let mut h = self.lock();
         let fresh = h.bitmaps.iter().map(|b| vec![0; b.len()]).collect();
         Ok(std::mem::replace(&mut h.bitmaps, fresh))
+    }
+
+    /// The slices (KVM slot numbers) that do not log yet.
+    pub fn unlogged_slices(&self) -> Vec<usize> {
+        let h = self.lock();
+        (0..h.logging.len()).filter(|&i| !h.logging[i]).collect()
+    }
+
+    /// KVM now logs slice `index` (its slot was just switched to logging, which
+    /// write-protected it): its pages `data` (those holding data, read after the switch) count
+    /// as written until re-armed, the rest (never written before the switch) as clean.
+    pub fn start_logging(&self, index: usize, data: &[Range<u64>]) {
+        let mut h = self.lock();
+        let Some(slice) = h.slices.get(index).cloned() else {
+            return;
+        };
+        if let Some(bitmap) = h.bitmaps.get_mut(slice.ram_slot) {
+            for range in data {
+                set_pages(bitmap, range.clone());
+            }
+        }
+        if let Some(on) = h.logging.get_mut(index) {
+            *on = true;
+        }
     }
 
     /// Entries each vCPU pushed since the last call (pages it wrote, counted again when
@@ -284,9 +340,28 @@ impl DirtyRings {
         Ok(())
     }
 
-    /// Forgets what was harvested (the log starts afresh).
+    /// Forgets what was harvested, and that any slice logs (the log starts afresh, or KVM's
+    /// logging was switched off).
     pub fn clear(&self) -> std::io::Result<()> {
-        self.take().map(|_| ())
+        self.take()?;
+        self.lock().logging.iter_mut().for_each(|on| *on = false);
+        Ok(())
+    }
+}
+
+/// Sets the bits of `pages` in `bitmap` (bits past its end are ignored).
+pub fn set_pages(bitmap: &mut [u64], pages: Range<u64>) {
+    let end = pages.end.min(bitmap.len() as u64 * 64);
+    let mut page = pages.start;
+    while page < end {
+        let (w, bit) = ((page / 64) as usize, page % 64);
+        if bit == 0 && end - page >= 64 {
+            bitmap[w] = u64::MAX;
+            page += 64;
+        } else {
+            bitmap[w] |= 1 << bit;
+            page += 1;
+        }
     }
 }
 

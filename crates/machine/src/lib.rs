@@ -221,7 +221,10 @@ impl Machine {
         // The dirty ring if this KVM has one (it tells which vCPU dirties what); else the
         // bitmap with manual protection. The two do not mix.
         let ring = dirty_ring::enable(&vm);
-        if !ring {
+        if ring {
+            let kvm_slots = vm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_NR_MEMSLOTS));
+            ram.split_log_slices(u64::try_from(kvm_slots).unwrap_or(0));
+        } else {
             ram.set_manual_protect(dirty_log::enable_manual_protect(&vm));
         }
         ram.register(&vm)?;
@@ -241,8 +244,17 @@ impl Machine {
         let vcpus = create_vcpus(&kvm, &vm, cpuids)?;
         let rings = if ring {
             let fds: Vec<&kvm_ioctls::VcpuFd> = vcpus.iter().map(|v| v.fd()).collect();
-            let slots = ram.slots().iter().map(|s| (s.slot, s.pages())).collect();
-            let rings = dirty_ring::DirtyRings::new(&vm, &fds, slots)
+            let slot_pages: Vec<u64> = ram.slots().iter().map(|s| s.pages()).collect();
+            let slices = ram
+                .log_slices()
+                .iter()
+                .map(|s| dirty_ring::RingSlice {
+                    ram_slot: s.ram_slot,
+                    first_page: s.first_page,
+                    pages: s.pages,
+                })
+                .collect();
+            let rings = dirty_ring::DirtyRings::new(&vm, &fds, &slot_pages, slices)
                 .map_err(|e| MachineError::Device(format!("cannot map the dirty rings: {e}")))?;
             Some(Arc::new(rings))
         } else {
@@ -419,33 +431,58 @@ impl Machine {
             .unwrap_or_default()
     }
 
-    /// Starts tracking which guest pages change: KVM's dirty log on every slot (for writes by
-    /// the vCPUs) and the RAM's own bitmap (for writes by devices), both cleared.
+    /// Starts tracking which guest pages change: KVM's dirty log (for writes by the vCPUs)
+    /// and the RAM's own bitmap (for writes by devices), both cleared. Every page counts as
+    /// written until re-armed: with the bitmap, KVM's `KVM_DIRTY_LOG_INITIALLY_SET`; with the
+    /// dirty ring, a slice logs only from its first re-arming on (only slices that hold no
+    /// data log at once, which costs nothing: nothing there is mapped to protect).
     pub fn start_dirty_log(&mut self) -> Result<(), MachineError> {
-        self.ram.set_dirty_logging(&self.vm, true)?;
         for slot in self.ram.slots() {
             self.ram.take_device_dirty(slot);
         }
-        if let Some(rings) = &self.rings {
-            rings.clear().map_err(ring_err)?;
-            if self.limiter.is_none() {
-                let handles = self
-                    .handles()?
-                    .iter()
-                    .map(|h| h.throttle_handle())
-                    .collect();
-                let limiter = dirty_limit::start(rings.clone(), handles)
-                    .map_err(|e| MachineError::Device(format!("cannot start dirty-limit: {e}")))?;
-                self.limiter = Some(limiter);
+        let Some(rings) = self.rings.clone() else {
+            return Ok(self.ram.set_dirty_logging(&self.vm, true)?);
+        };
+        rings.clear().map_err(ring_err)?;
+        for index in 0..self.ram.log_slices().len() {
+            if self.ram.slice_data_pages(index)?.is_empty() {
+                self.start_slice_log(&rings, index)?;
             }
         }
+        if self.limiter.is_none() {
+            let handles = self
+                .handles()?
+                .iter()
+                .map(|h| h.throttle_handle())
+                .collect();
+            let limiter = dirty_limit::start(rings, handles)
+                .map_err(|e| MachineError::Device(format!("cannot start dirty-limit: {e}")))?;
+            self.limiter = Some(limiter);
+        }
+        Ok(())
+    }
+
+    /// Switches KVM's log on for log slice `index` (write-protecting it), then marks the
+    /// pages that hold data as written: a write before the switch is in the data, one after
+    /// it in the ring.
+    fn start_slice_log(
+        &self,
+        rings: &dirty_ring::DirtyRings,
+        index: usize,
+    ) -> Result<(), MachineError> {
+        self.ram.set_slice_dirty_logging(&self.vm, index, true)?;
+        rings.start_logging(index, &self.ram.slice_data_pages(index)?);
         Ok(())
     }
 
     /// Stops KVM's dirty log (and the dirty limit, which needs it).
     pub fn stop_dirty_log(&mut self) -> Result<(), MachineError> {
         self.limiter = None;
-        Ok(self.ram.set_dirty_logging(&self.vm, false)?)
+        self.ram.set_dirty_logging(&self.vm, false)?;
+        if let Some(rings) = &self.rings {
+            rings.clear().map_err(ring_err)?;
+        }
+        Ok(())
     }
 
     /// Whether auto-converge limits each vCPU's dirty rate (the dirty ring) rather than
@@ -460,7 +497,7 @@ impl Machine {
     /// [`Machine::rearm_dirty`]; without manual protection this call already did.
     pub fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, MachineError> {
         let mut bitmaps = match &self.rings {
-            Some(rings) => rings.take().map_err(ring_err)?,
+            Some(rings) => self.ring_dirty_pages(rings)?,
             None => self
                 .ram
                 .slots()
@@ -476,6 +513,26 @@ impl Machine {
         Ok(bitmaps)
     }
 
+    /// The dirty ring's pages, and every page holding data in a slice that does not log yet
+    /// (written at some time, maybe since the log started).
+    fn ring_dirty_pages(
+        &self,
+        rings: &dirty_ring::DirtyRings,
+    ) -> Result<Vec<Vec<u64>>, MachineError> {
+        let mut bitmaps = rings.take().map_err(ring_err)?;
+        for index in rings.unlogged_slices() {
+            let Some(slice) = self.ram.log_slices().get(index) else {
+                continue;
+            };
+            if let Some(bitmap) = bitmaps.get_mut(slice.ram_slot) {
+                for pages in self.ram.slice_data_pages(index)? {
+                    dirty_ring::set_pages(bitmap, pages);
+                }
+            }
+        }
+        Ok(bitmaps)
+    }
+
     /// Re-arms the dirty log for the pages `bits` of slot number `slot_index` (in
     /// [`GuestRam::slots`] order) from page `first_page` (a multiple of 64): just before they
     /// are read, so that a write after the read shows in the next [`Machine::dirty_pages`].
@@ -486,6 +543,25 @@ impl Machine {
         bits: &[u64],
     ) -> Result<(), MachineError> {
         if let Some(rings) = &self.rings {
+            // A slice that holds data among these pages starts logging now, just before the
+            // first pass reads it. (Pages without data need nothing: the slice's switch marks
+            // whatever was written before it.)
+            let end = first_page + bits.len() as u64 * 64;
+            for index in rings.unlogged_slices() {
+                let Some(slice) = self.ram.log_slices().get(index) else {
+                    continue;
+                };
+                if slice.ram_slot != slot_index
+                    || slice.first_page >= end
+                    || slice.first_page + slice.pages <= first_page
+                {
+                    continue;
+                }
+                let data = self.ram.slice_data_pages(index)?;
+                if data.iter().any(|d| any_bit_in(bits, first_page, d.clone())) {
+                    self.start_slice_log(rings, index)?;
+                }
+            }
             return rings.rearm(slot_index, first_page, bits).map_err(ring_err);
         }
         let slot = self
@@ -674,6 +750,15 @@ fn check_vcpu_count(kvm: &Kvm, vcpus: u32) -> Result<(), MachineError> {
         return Err(MachineError::BadVcpuCount(vcpus, max));
     }
     Ok(())
+}
+
+/// Whether any of the pages `pages` is set in `bits` (bit i: page `first_page + i`).
+fn any_bit_in(bits: &[u64], first_page: u64, pages: std::ops::Range<u64>) -> bool {
+    let end = pages.end.min(first_page + bits.len() as u64 * 64);
+    (pages.start.max(first_page)..end).any(|page| {
+        let i = page - first_page;
+        bits[(i / 64) as usize] & (1 << (i % 64)) != 0
+    })
 }
 
 fn ring_err(e: std::io::Error) -> MachineError {
