@@ -11,7 +11,8 @@ pub mod vmm;
 
 pub use framing::{read_message, write_message, FramingError};
 pub use messages::{
-    DomainInfo, DomainState, DowntimeParts, MigrateOptions, MigrationCancel, MigrationProgress,
-    MigrationRound, MigrationSummary, PostcopySummary, Progress, Reply, Request, RestoreSummary,
-    SavePhases, SaveSummary, DEFAULT_MAX_DOWNTIME_MS,
+    CopiedDiskSummary, DiskCopySummary, DiskProgress, DomainDisk, DomainInfo, DomainState,
+    DowntimeParts, MigrateOptions, MigrationCancel, MigrationProgress, MigrationRound,
+    MigrationSummary, PostcopySummary, Progress, Reply, Request, RestoreSummary, SavePhases,
+    SaveSummary, DEFAULT_MAX_DOWNTIME_MS,
 };

@@ -94,6 +94,14 @@ pub struct MigrateOptions {
     /// pages it lacks follow (on demand first).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub postcopy: bool,
+    /// Copy the guest's `file:` disks to the destination's storage too, while it runs (for
+    /// hosts that share no storage).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub copy_storage: bool,
+    /// With `copy_storage`: once the guest runs on the destination, remove the images it
+    /// left here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub remove_source_images: bool,
 }
 
 impl Default for MigrateOptions {
@@ -104,6 +112,8 @@ impl Default for MigrateOptions {
             max_downtime_ms: DEFAULT_MAX_DOWNTIME_MS,
             force: false,
             postcopy: false,
+            copy_storage: false,
+            remove_source_images: false,
         }
     }
 }
@@ -198,6 +208,20 @@ pub struct DomainInfo {
     /// its outcome is unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The guest's disks as this host has them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DomainDisk>,
+}
+
+/// A disk of a domain.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DomainDisk {
+    pub vdev: String,
+    /// `file`, `phy` or `nbd`.
+    pub kind: String,
+    /// The image file or block device, or `HOST:PORT/EXPORT` for NBD.
+    pub target: String,
+    pub writable: bool,
 }
 
 /// What a save did (the summary `tern save` prints).
@@ -267,6 +291,22 @@ pub struct MigrationProgress {
     pub eta_seconds: Option<f64>,
     /// How much the guest's vCPUs are slowed down (auto-converge), percent.
     pub throttle_percent: u8,
+    /// With `--copy-storage`: the disks' part (memory's is the rest of the fields above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskProgress>,
+}
+
+/// How far the copy of a guest's disks is (`--copy-storage`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskProgress {
+    /// Bytes of disk data still to send in this pass or round.
+    pub bytes_left: u64,
+    /// Disk bytes sent so far (data only, over all rounds).
+    pub bytes_sent: u64,
+    /// The disks' share of the current transfer rate, bytes per second.
+    pub rate_bps: f64,
+    /// Time to send what is left of the disks at that rate.
+    pub eta_seconds: Option<f64>,
 }
 
 /// One round of a migration.
@@ -327,6 +367,39 @@ pub struct MigrationSummary {
     /// of its pages arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<PostcopySummary>,
+    /// The guest's disks, copied with `--copy-storage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<DiskCopySummary>,
+}
+
+/// The copy of a guest's disks (`--copy-storage`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskCopySummary {
+    /// Each disk copied: its vdev, size, and where it is on the destination.
+    pub disks: Vec<CopiedDiskSummary>,
+    /// Data bytes of the first pass over the images (allocated, non-zero blocks).
+    pub bulk_bytes: u64,
+    pub bulk_seconds: f64,
+    /// Data bytes of the blocks the guest wrote meanwhile, sent again, per round after the
+    /// bulk pass (the last with the guest paused).
+    pub round_bytes: Vec<u64>,
+    /// Disk bytes sent in all (data only).
+    pub bytes_sent: u64,
+    /// Bytes skipped as holes or zero blocks.
+    pub bytes_skipped: u64,
+}
+
+/// One disk copied to the destination.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CopiedDiskSummary {
+    pub vdev: String,
+    pub size: u64,
+    /// The image on the source.
+    pub source_path: String,
+    /// Whether it was removed there after the move (`--remove-source-images`); else it is
+    /// left in place.
+    #[serde(default)]
+    pub source_removed: bool,
 }
 
 /// The post-copy phase of a migration (`--postcopy`).

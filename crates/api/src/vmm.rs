@@ -161,7 +161,7 @@ pub enum VmmReply {
     Progress(crate::messages::Progress),
     Saved(crate::messages::SaveSummary),
     MigrationProgress(crate::messages::MigrationProgress),
-    Migrated(crate::messages::MigrationSummary),
+    Migrated(Box<crate::messages::MigrationSummary>),
 }
 
 /// First line a guest process prints on stdout: it is ready, or it failed to start.

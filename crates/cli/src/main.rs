@@ -116,7 +116,7 @@ enum Command {
         destination: Option<String>,
         /// Cancel the guest's migration under way (from any terminal): before the handover the
         /// guest stays here as it was and the destination removes what it built.
-        #[arg(long, conflicts_with_all = ["destination", "live", "resource", "max_downtime", "force", "postcopy"])]
+        #[arg(long, conflicts_with_all = ["destination", "live", "resource", "max_downtime", "force", "postcopy", "copy_storage", "remove_source_images"])]
         cancel: bool,
         /// Copy memory while the guest runs; pause it only for the last pages.
         #[arg(short, long)]
@@ -138,6 +138,13 @@ enum Command {
         /// the handover is lost (its last whole copy stays paused here).
         #[arg(long, requires = "live")]
         postcopy: bool,
+        /// Copy the guest's file: disks too, for hosts that share no storage: the destination
+        /// places them in its storage directory; this host's images stay where they are.
+        #[arg(long, conflicts_with = "postcopy")]
+        copy_storage: bool,
+        /// With --copy-storage: once the guest runs on the destination, remove its images here.
+        #[arg(long, requires = "copy_storage")]
+        remove_source_images: bool,
         #[arg(long)]
         json: bool,
     },
@@ -262,6 +269,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_downtime,
             force,
             postcopy,
+            copy_storage,
+            remove_source_images,
             json,
         } => match destination {
             _ if cancel => migrate::cancel(socket, &domain, json)?,
@@ -272,6 +281,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     max_downtime_ms: max_downtime,
                     force,
                     postcopy,
+                    copy_storage,
+                    remove_source_images,
                 };
                 migrate::migrate(socket, &domain, &destination, options, json)?
             }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tern_api::{
-    DomainState, MigrateOptions, MigrationCancel, MigrationProgress, MigrationSummary,
-    PostcopySummary, Request,
+    DiskCopySummary, DomainState, MigrateOptions, MigrationCancel, MigrationProgress,
+    MigrationSummary, PostcopySummary, Request,
 };
 
 use crate::client;
@@ -215,8 +215,19 @@ fn progress_text(p: &MigrationProgress) -> String {
             bytes(p.rate_bps as u64),
         );
     }
+    // Disk and memory share the link: each part says what it has left.
+    let disk = p.disk.as_ref().map_or_else(String::new, |d| {
+        let eta = d
+            .eta_seconds
+            .map_or_else(|| "-".to_string(), |s| format!("{s:.1} s"));
+        format!(
+            "; disks: {} left, {} sent, ETA {eta}",
+            bytes(d.bytes_left),
+            bytes(d.bytes_sent)
+        )
+    });
     format!(
-        "{} round {}, {} pages left, {} sent, {}/s, ETA {eta}{throttle}",
+        "{} round {}, memory: {} pages left, {} sent, {}/s, ETA {eta}{throttle}{disk}",
         p.phase,
         p.round,
         p.pages_left,
@@ -275,6 +286,9 @@ pub fn describe(s: &MigrationSummary) -> String {
     if let Some(pc) = &s.postcopy {
         out += &postcopy_lines(pc);
     }
+    if let Some(d) = &s.disks {
+        out += &disk_lines(d);
+    }
     out += &format!(
         "  link         {}\n",
         if s.insecure {
@@ -283,6 +297,33 @@ pub fn describe(s: &MigrationSummary) -> String {
             "TLS 1.3, mutually authenticated"
         }
     );
+    out
+}
+
+/// The disks copied with the guest: what went when, where the images are.
+fn disk_lines(d: &DiskCopySummary) -> String {
+    let rounds: Vec<String> = d.round_bytes.iter().map(|b| bytes(*b)).collect();
+    let mut out = format!(
+        "  disks        {} sent: bulk pass {} in {:.1} s, then rounds {}; {} of holes and zeros not sent\n",
+        bytes(d.bytes_sent),
+        bytes(d.bulk_bytes),
+        d.bulk_seconds,
+        if rounds.is_empty() { "none".to_string() } else { rounds.join(", ") },
+        bytes(d.bytes_skipped)
+    );
+    for disk in &d.disks {
+        let here = if disk.source_removed {
+            "removed here"
+        } else {
+            "left in place here"
+        };
+        out += &format!(
+            "               {} ({}) copied; {} {here}\n",
+            disk.vdev,
+            bytes(disk.size),
+            disk.source_path
+        );
+    }
     out
 }
 

@@ -312,6 +312,12 @@ fn rewrite(src: &Path, dst: &Path, edit: impl Fn(RecordType, Vec<u8>) -> Vec<u8>
             }
             StreamItem::Zeros { runs } => writer.zeros(&runs).expect("zeros"),
             StreamItem::Missing { runs } => writer.missing(&runs).expect("missing"),
+            StreamItem::Disk { disk, offset, data } => {
+                writer.disk(disk, offset, &data).expect("disk")
+            }
+            StreamItem::DiskZeros { disk, runs } => {
+                writer.disk_zeros(disk, &runs).expect("disk zeros")
+            }
         }
     }
     writer.finish().expect("finish");

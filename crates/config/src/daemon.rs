@@ -20,6 +20,9 @@
 //! ca_file = "/etc/tern/pool-ca.pem" # certificates this CA signed (and still valid)
 //! # What an incoming guest may use on this host (default: no disks, every bridge).
 //! storage = ["/srv/guests", "/dev/vg0/web"]
+//! # Where disks copied here (`tern migrate --copy-storage`) go; the first storage directory
+//! # by default.
+//! disk_dir = "/srv/guests"
 //! nbd_servers = ["192.0.2.200:10809"]
 //! bridges = ["br0"]
 //! ```
@@ -98,6 +101,10 @@ pub struct RelocationConfig {
     pub ca_file: Option<PathBuf>,
     /// Directories whose files, and block devices, an incoming guest's disks may name.
     pub storage: Vec<PathBuf>,
+    /// Where the images of disks copied here (`tern migrate --copy-storage`) are written: a
+    /// directory of `storage`; `None`: the first directory listed there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_dir: Option<PathBuf>,
     /// NBD servers (`host:port`) an incoming guest's disks may connect to.
     pub nbd_servers: Vec<String>,
     /// Bridges an incoming guest may join; `None`: every bridge of this host.
@@ -125,6 +132,7 @@ impl Default for RelocationConfig {
             trusted: Vec::new(),
             ca_file: None,
             storage: Vec::new(),
+            disk_dir: None,
             nbd_servers: Vec::new(),
             bridges: None,
             max_handshakes: 4,
@@ -358,7 +366,7 @@ hosts_allow = ['^localhost$', '^192\.0\.2\.[0-9]+$']
         );
         assert_eq!(
             err("[relocation]\nserver = true\nportt = 1\n"),
-            "line 3: unknown field `portt`, expected one of `server`, `address`, `port`, `hosts_allow`, `insecure`, `cert_file`, `key_file`, `trusted`, `ca_file`, `storage`, `nbd_servers`, `bridges`, `max_handshakes`, `handshake_timeout_s`"
+            "line 3: unknown field `portt`, expected one of `server`, `address`, `port`, `hosts_allow`, `insecure`, `cert_file`, `key_file`, `trusted`, `ca_file`, `storage`, `disk_dir`, `nbd_servers`, `bridges`, `max_handshakes`, `handshake_timeout_s`"
         );
         assert_eq!(
             err("[relocation]\nport = 0\n"),

@@ -100,6 +100,18 @@ pub enum Refusal {
     PostcopyVersion { theirs: u32 },
     #[error("the offer asks for post-copy of a migration that is not live")]
     PostcopyNotLive,
+    #[error("the offer copies disks, which relocation protocol version {theirs} does not have (version {} does)", tern_migration::protocol::COPY_STORAGE_PROTOCOL_VERSION)]
+    CopyStorageVersion { theirs: u32 },
+    #[error("the offer copies disk {vdev}: {reason}")]
+    CopiedDisk { vdev: String, reason: String },
+    #[error(
+        "the offer copies disk {vdev}; this host has no storage directory for incoming guests: add one to [relocation] storage on this host"
+    )]
+    NoDiskStorage { vdev: String },
+    #[error("the offer copies disk {vdev} to {path}, which already exists on this host")]
+    CopiedDiskExists { vdev: String, path: String },
+    #[error("the offer copies {needed} bytes of disk images; {dir} has {free} bytes free")]
+    NoRoomForDisks { dir: String, needed: u64, free: u64 },
     #[error("migration {migration_id} may be resumed only by the host that started it")]
     ResumeKey { migration_id: String },
     #[error(
@@ -258,7 +270,13 @@ pub fn admit_offer_on(
     check_cpu(policy, offer, host)?;
     let storage = Storage::new(&policy.relocation.storage);
     check_boot_files(&config, &storage)?;
+    let mut config = config;
+    let disk_dir = policy.relocation.disk_dir.as_deref();
+    place_copied_disks(offer, &mut config, &storage, disk_dir)?;
     for disk in &config.disks {
+        if offer.copy_disks.iter().any(|c| c.vdev == disk.vdev) {
+            continue; // placed above, in this host's storage
+        }
         check_disk(disk, &storage, &policy.relocation.nbd_servers)?;
     }
     for (nic, vif) in config.vifs.iter().enumerate() {
@@ -285,6 +303,17 @@ pub fn policy_warnings(relocation: &RelocationConfig) -> Vec<String> {
             warnings.push(format!(
                 "[relocation] storage: {} {problem}; incoming guests cannot use it",
                 entry.display()
+            ));
+        }
+    }
+    if let Some(dir) = &relocation.disk_dir {
+        let storage = Storage::new(&relocation.storage);
+        let listed =
+            std::fs::canonicalize(dir).is_ok_and(|d| storage.directories().any(|s| s == d));
+        if !listed {
+            warnings.push(format!(
+                "[relocation] disk_dir: {} is not a directory of [relocation] storage; disks cannot be copied here",
+                dir.display()
             ));
         }
     }
@@ -332,15 +361,20 @@ pub fn admit_checkpoint(path: &Path, config: &DomainConfig) -> anyhow::Result<()
 }
 
 /// Decides whether this host has room for a guest about to start here (created, restored or
-/// arriving): free memory for it and its process, and its bridges and disks.
-pub fn admit_on_host(config: &DomainConfig) -> anyhow::Result<()> {
-    admit_on_host_with(config, &ThisHost)
+/// arriving): free memory for it and its process, and its bridges and disks (but for the
+/// disks `arriving` in a migration's stream).
+pub fn admit_on_host(config: &DomainConfig, arriving: &[String]) -> anyhow::Result<()> {
+    admit_on_host_with(config, arriving, &ThisHost)
 }
 
 /// [`admit_on_host`] with the host's memory and bridges as `host` says.
-pub fn admit_on_host_with(config: &DomainConfig, host: &dyn HostProbe) -> anyhow::Result<()> {
+pub fn admit_on_host_with(
+    config: &DomainConfig,
+    arriving: &[String],
+    host: &dyn HostProbe,
+) -> anyhow::Result<()> {
     check_free_memory(config.memory_mib, host.available_memory_mib())?;
-    check_local_devices(config, host)
+    check_local_devices(config, arriving, host)
 }
 
 /// Decides whether a guest with `uuid` may join the domains already here: its UUID and name
@@ -435,7 +469,11 @@ fn check_local_boot_files(config: &DomainConfig) -> anyhow::Result<()> {
 }
 
 /// Refuses a guest whose bridges or disks are not there, before anything is created for it.
-fn check_local_devices(config: &DomainConfig, host: &dyn HostProbe) -> anyhow::Result<()> {
+fn check_local_devices(
+    config: &DomainConfig,
+    arriving: &[String],
+    host: &dyn HostProbe,
+) -> anyhow::Result<()> {
     for (i, vif) in config.vifs.iter().enumerate() {
         let bridge = vif.bridge.as_deref().ok_or_else(|| {
             anyhow!("network interface {i} names no bridge (vif = ['bridge=br0'])")
@@ -444,7 +482,7 @@ fn check_local_devices(config: &DomainConfig, host: &dyn HostProbe) -> anyhow::R
             bail!("network interface {i}: bridge {bridge} does not exist on this host");
         }
     }
-    for disk in &config.disks {
+    for disk in config.disks.iter().filter(|d| !arriving.contains(&d.vdev)) {
         if let DiskBackend::File(path) | DiskBackend::Phy(path) = &disk.backend {
             std::fs::metadata(path)
                 .with_context(|| format!("disk {}: cannot use {}", disk.vdev, path.display()))?;
@@ -943,6 +981,95 @@ fn check_absolute(what: &str, path: &Path) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// The largest disk image a migration may copy here (64 TiB).
+const COPIED_DISK_MAX: u64 = 64 << 40;
+
+/// Places the disks the offer copies (`--copy-storage`): each a `file:` disk of the config,
+/// named once, of a plausible size; its image goes into this host's `disk_dir` (a storage
+/// directory; by default the first) under the file name it has on the source, which must be
+/// a plain name not taken there, and all of them must fit in the free space. The config then
+/// names the new paths.
+fn place_copied_disks(
+    offer: &Offer,
+    config: &mut DomainConfig,
+    storage: &Storage,
+    disk_dir: Option<&Path>,
+) -> Result<(), Refusal> {
+    let Some(first) = offer.copy_disks.first() else {
+        return Ok(());
+    };
+    if offer.protocol < tern_migration::protocol::COPY_STORAGE_PROTOCOL_VERSION {
+        return Err(Refusal::CopyStorageVersion {
+            theirs: offer.protocol,
+        });
+    }
+    let no_storage = || Refusal::NoDiskStorage {
+        vdev: shown(&first.vdev),
+    };
+    let dir = match disk_dir {
+        // Only a directory of the storage itself (checked at start too).
+        Some(dir) => std::fs::canonicalize(dir)
+            .ok()
+            .filter(|d| storage.directories().any(|s| s == d))
+            .ok_or_else(no_storage)?,
+        None => storage
+            .directories()
+            .next()
+            .ok_or_else(no_storage)?
+            .to_path_buf(),
+    };
+    let mut names = HashSet::new();
+    let mut needed = 0u64;
+    for copied in &offer.copy_disks {
+        let bad = |reason: &str| Refusal::CopiedDisk {
+            vdev: shown(&copied.vdev),
+            reason: reason.to_string(),
+        };
+        if copied.size == 0
+            || copied.size > COPIED_DISK_MAX
+            || copied.size % tern_snapshot::DISK_SECTOR != 0
+            || copied.allocated > copied.size
+        {
+            return Err(bad("its size is not plausible"));
+        }
+        let disk = config
+            .disks
+            .iter_mut()
+            .find(|d| d.vdev == copied.vdev)
+            .ok_or_else(|| bad("the guest has no such disk"))?;
+        let DiskBackend::File(path) = &disk.backend else {
+            return Err(bad("only file: disks can be copied"));
+        };
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| !n.starts_with('.'))
+            .ok_or_else(|| bad("its image has no usable file name"))?
+            .to_string();
+        if !names.insert(name.clone()) {
+            return Err(bad("another copied disk has the same file name"));
+        }
+        let target = dir.join(&name);
+        if target.symlink_metadata().is_ok() {
+            return Err(Refusal::CopiedDiskExists {
+                vdev: shown(&copied.vdev),
+                path: shown_path(&target),
+            });
+        }
+        disk.backend = DiskBackend::File(target);
+        needed = needed.saturating_add(copied.allocated);
+    }
+    let free = tern_storage::incoming::free_bytes(&dir).unwrap_or(0);
+    if free < needed {
+        return Err(Refusal::NoRoomForDisks {
+            dir: shown_path(&dir),
+            needed,
+            free,
+        });
+    }
+    Ok(())
+}
+
 fn check_disk(disk: &DiskSpec, storage: &Storage, nbd_servers: &[String]) -> Result<(), Refusal> {
     let vdev = disk.vdev.clone();
     match &disk.backend {
@@ -1287,6 +1414,7 @@ mod tests {
             migration_id: "6f1c1d5e-0f43-4d38-9a55-3f1a0b1f7c11".into(),
             live: true,
             postcopy: false,
+            copy_disks: vec![],
             info: Info {
                 tern_version: "0.1.0".into(),
                 created_unix: 0,
@@ -1304,6 +1432,95 @@ mod tests {
             config: serde_json::to_value(config).unwrap(),
             vcpu_cpuid: vec![cpuid; config.vcpus.min(255) as usize],
         }
+    }
+
+    /// An offer of `config` copying its disk `vdev` from `path` on the source (size 1 MiB).
+    fn copying(config: &DomainConfig, vdev: &str, source_path: &str) -> Offer {
+        let mut config = config.clone();
+        for d in config.disks.iter_mut().filter(|d| d.vdev == vdev) {
+            d.backend = DiskBackend::File(source_path.into());
+        }
+        Offer {
+            copy_disks: vec![tern_migration::CopiedDisk {
+                vdev: vdev.into(),
+                size: 1 << 20,
+                allocated: 4096,
+            }],
+            ..offer(&config)
+        }
+    }
+
+    /// `--copy-storage`: the copied disk goes into this host's storage directory under its
+    /// file name on the source, wherever it was there; the other disks are checked as ever.
+    #[test]
+    fn a_copied_disk_is_placed_in_this_hosts_storage() {
+        let f = Fixture::new();
+        let offer = copying(&f.config(), "xvda", "/var/lib/elsewhere/db.img");
+        let admitted = f.admit(&offer).unwrap();
+        assert_eq!(
+            admitted.disks[0].backend,
+            DiskBackend::File(std::fs::canonicalize(f.storage()).unwrap().join("db.img"))
+        );
+        assert_eq!(admitted.disks[1], f.config().disks[1]);
+    }
+
+    #[test]
+    fn copied_disks_that_clash_do_not_fit_or_are_not_files_are_refused() {
+        let f = Fixture::new();
+        let config = f.config();
+        let e = f
+            .admit(&copying(&config, "xvda", "/src/web.img"))
+            .unwrap_err();
+        assert!(matches!(e, Refusal::CopiedDiskExists { .. }), "{e}");
+        let mut old = copying(&config, "xvda", "/src/db.img");
+        old.protocol = 2;
+        let e = f.admit(&old).unwrap_err();
+        assert!(
+            matches!(e, Refusal::CopyStorageVersion { theirs: 2 }),
+            "{e}"
+        );
+        let nbd = Offer {
+            copy_disks: vec![tern_migration::CopiedDisk {
+                vdev: "xvdb".into(),
+                size: 1 << 20,
+                allocated: 0,
+            }],
+            ..offer(&config)
+        };
+        let e = f.admit(&nbd).unwrap_err().to_string();
+        assert!(e.contains("only file: disks"), "{e}");
+        let mut huge = copying(&config, "xvda", "/src/db.img");
+        huge.copy_disks[0].size = 1 << 50;
+        huge.copy_disks[0].allocated = 1 << 50;
+        assert!(f.admit(&huge).is_err());
+        let mut full = copying(&config, "xvda", "/src/db.img");
+        full.copy_disks[0].size = 63 << 40;
+        full.copy_disks[0].allocated = 63 << 40;
+        let e = f.admit(&full).unwrap_err();
+        assert!(matches!(e, Refusal::NoRoomForDisks { .. }), "{e}");
+        let mut odd = copying(&config, "xvda", "/src/db.img");
+        odd.copy_disks[0].size = 1000;
+        assert!(f.admit(&odd).is_err());
+        let hidden = copying(&config, "xvda", "/src/.db.img");
+        assert!(f.admit(&hidden).is_err());
+        let mut unknown = copying(&config, "xvda", "/src/db.img");
+        unknown.copy_disks[0].vdev = "xvdz".into();
+        assert!(f.admit(&unknown).is_err());
+        let nowhere = Fixture {
+            relocation: RelocationConfig {
+                storage: vec![],
+                ..f.relocation.clone()
+            },
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let mut lone = config.clone();
+        lone.kernel = None;
+        lone.ramdisk = None;
+        lone.disks.truncate(1);
+        let e = nowhere
+            .admit(&copying(&lone, "xvda", "/src/db.img"))
+            .unwrap_err();
+        assert!(matches!(e, Refusal::NoDiskStorage { .. }), "{e}");
     }
 
     #[test]
@@ -2030,12 +2247,14 @@ mod tests {
     fn a_new_guest_needs_free_memory_and_its_devices() {
         let f = Fixture::new();
         let mut config = f.config();
-        assert!(admit_on_host_with(&config, &FakeHost::default()).is_ok());
+        assert!(admit_on_host_with(&config, &[], &FakeHost::default()).is_ok());
         let small = FakeHost {
             memory_mib: Some(300),
             ..FakeHost::default()
         };
-        let e = admit_on_host_with(&config, &small).unwrap_err().to_string();
+        let e = admit_on_host_with(&config, &[], &small)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "not enough free memory on this host: the guest needs 256 MiB plus 64 MiB overhead, 300 MiB are available"
@@ -2044,9 +2263,9 @@ mod tests {
             memory_mib: None,
             ..FakeHost::default()
         };
-        assert!(admit_on_host_with(&config, &unknown).is_ok());
+        assert!(admit_on_host_with(&config, &[], &unknown).is_ok());
         config.vifs[0].bridge = Some("br9".into());
-        let e = admit_on_host_with(&config, &FakeHost::default())
+        let e = admit_on_host_with(&config, &[], &FakeHost::default())
             .unwrap_err()
             .to_string();
         assert_eq!(
@@ -2054,7 +2273,7 @@ mod tests {
             "network interface 0: bridge br9 does not exist on this host"
         );
         config.vifs[0].bridge = None;
-        let e = admit_on_host_with(&config, &FakeHost::default())
+        let e = admit_on_host_with(&config, &[], &FakeHost::default())
             .unwrap_err()
             .to_string();
         assert_eq!(
@@ -2063,7 +2282,7 @@ mod tests {
         );
         config.vifs.clear();
         config.disks[0].backend = DiskBackend::File(f.dir.path().join("none.img"));
-        let e = admit_on_host_with(&config, &FakeHost::default()).unwrap_err();
+        let e = admit_on_host_with(&config, &[], &FakeHost::default()).unwrap_err();
         assert!(
             format!("{e:#}").starts_with(&format!(
                 "disk xvda: cannot use {}: ",

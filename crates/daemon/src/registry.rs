@@ -237,37 +237,56 @@ impl Registry {
     /// Rows for `tern list`.
     pub fn list(&self) -> Vec<DomainInfo> {
         // Copied out first: asking guest processes for their status must not hold the table.
-        let snapshot: Vec<(u32, String, String, u64, u32, DomainDir, Life)> = self
+        // Taken under the lock; the guest processes are asked after it.
+        let snapshot: Vec<(DomainInfo, DomainDir, Life)> = self
             .lock()
             .values()
             .map(|d| {
-                (
-                    d.id,
-                    d.config.name.clone(),
-                    d.uuid.clone(),
-                    d.config.memory_mib,
-                    d.config.vcpus,
-                    d.dir.clone(),
-                    d.life.clone(),
-                )
+                let info = DomainInfo {
+                    name: d.config.name.clone(),
+                    id: d.id,
+                    uuid: d.uuid.clone(),
+                    memory_mib: d.config.memory_mib,
+                    vcpus: d.config.vcpus,
+                    state: DomainState::Paused,
+                    cpu_time_s: 0.0,
+                    note: None,
+                    disks: d.config.disks.iter().map(domain_disk).collect(),
+                };
+                (info, d.dir.clone(), d.life.clone())
             })
             .collect();
         snapshot
             .into_iter()
-            .map(|(id, name, uuid, memory_mib, vcpus, dir, life)| {
+            .map(|(info, dir, life)| {
                 let (state, cpu_ns, note) = list_state(&dir, life);
                 DomainInfo {
-                    name,
-                    id,
-                    uuid,
-                    memory_mib,
-                    vcpus,
                     state,
                     cpu_time_s: cpu_ns as f64 / 1e9,
                     note,
+                    ..info
                 }
             })
             .collect()
+    }
+}
+
+/// A disk as `tern list` shows it.
+fn domain_disk(disk: &tern_config::DiskSpec) -> tern_api::DomainDisk {
+    use tern_config::DiskBackend;
+    let (kind, target) = match &disk.backend {
+        DiskBackend::File(path) => ("file", path.display().to_string()),
+        DiskBackend::Phy(path) => ("phy", path.display().to_string()),
+        DiskBackend::Nbd { host, port, export } => (
+            "nbd",
+            format!("{host}:{port}/{}", export.as_deref().unwrap_or("")),
+        ),
+    };
+    tern_api::DomainDisk {
+        vdev: disk.vdev.clone(),
+        kind: kind.into(),
+        target,
+        writable: disk.writable,
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tern_snapshot::{split_device, Info, RecordType, StreamItem, StreamReader, PAGE_SIZE};
 
+use crate::disks::DiskTarget;
 use crate::error::MigrationError;
 use crate::memory::{guest_slice, PageSet, RamRegion};
 use crate::protocol::{Offer, ToDestination, ToSource};
@@ -45,6 +46,8 @@ pub struct Received {
     /// Post-copy: the pages still to come after the handover (from MISSING records), if the
     /// stream had any.
     pub missing: Option<PageSet>,
+    /// Disk data bytes written (`--copy-storage`), counting each time a block came.
+    pub disk_bytes: u64,
 }
 
 impl<T: Transport> Read for Channel<T> {
@@ -82,6 +85,27 @@ pub fn receive<T: Transport>(
     offer: &Offer,
     keep_going: &mut dyn FnMut() -> Result<(), String>,
 ) -> Result<Received, MigrationError> {
+    receive_with_disks(ch, regions, None, offer, keep_going)
+}
+
+/// [`receive`], with the guest's disks arriving too (`--copy-storage`) into `disks`: DISK and
+/// DISK_ZEROS records must name a disk the offer copies and stay within its size; what
+/// arrived is made durable at every MARK and at END (so the last sync, inside the downtime,
+/// has only the last round to write).
+pub fn receive_with_disks<T: Transport>(
+    ch: &mut Channel<T>,
+    regions: &[RamRegion],
+    mut disks: Option<&mut dyn DiskTarget>,
+    offer: &Offer,
+    keep_going: &mut dyn FnMut() -> Result<(), String>,
+) -> Result<Received, MigrationError> {
+    let sizes = disks.as_ref().map(|d| d.sizes()).unwrap_or_default();
+    let offered: Vec<u64> = offer.copy_disks.iter().map(|d| d.size).collect();
+    if sizes != offered {
+        return Err(MigrationError::Vm(format!(
+            "the offer copies disks of {offered:?} bytes; this side has {sizes:?}"
+        )));
+    }
     ch.transport()
         .set_read_timeout(Some(STALL_TIMEOUT))
         .map_err(|e| MigrationError::io("set a timeout", e))?;
@@ -93,6 +117,7 @@ pub fn receive<T: Transport>(
             .collect(),
         MAX_RECORD_PAGES,
     );
+    reader.limit_disks(sizes);
     let format = reader.header().version;
     if format != offer.stream_format {
         return Err(MigrationError::Protocol(format!(
@@ -148,6 +173,28 @@ pub fn receive<T: Transport>(
                     got.zero_pages += u64::from(run.pages);
                 }
             }
+            StreamItem::Disk { disk, offset, data } => {
+                expect(phase, Phase::Pages, RecordType::DISK)?;
+                before_missing(&got, RecordType::DISK)?;
+                // The reader checked `disk` and the extent against the sizes given.
+                if let Some(target) = disks.as_deref_mut() {
+                    target
+                        .write(disk, offset, &data)
+                        .map_err(|e| MigrationError::Vm(format!("disk {disk}: {e}")))?;
+                }
+                got.disk_bytes += data.len() as u64;
+            }
+            StreamItem::DiskZeros { disk, runs } => {
+                expect(phase, Phase::Pages, RecordType::DISK_ZEROS)?;
+                before_missing(&got, RecordType::DISK_ZEROS)?;
+                if let Some(target) = disks.as_deref_mut() {
+                    for run in runs {
+                        target
+                            .zero(disk, run)
+                            .map_err(|e| MigrationError::Vm(format!("disk {disk}: {e}")))?;
+                    }
+                }
+            }
             StreamItem::Missing { runs } => {
                 expect(phase, Phase::Pages, RecordType::MISSING)?;
                 if !offer.postcopy {
@@ -193,6 +240,7 @@ pub fn receive<T: Transport>(
                         )));
                     }
                     last_mark = Some(seq);
+                    sync_disks(&mut disks)?;
                     reader.get_mut().send(&ToSource::Marked { seq })?;
                 }
                 RecordType::MACHINE => {
@@ -252,7 +300,18 @@ pub fn receive<T: Transport>(
         };
         return Err(MigrationError::Protocol(what));
     }
+    sync_disks(&mut disks)?;
     Ok(got)
+}
+
+/// Makes the disk data that arrived durable.
+fn sync_disks(disks: &mut Option<&mut dyn DiskTarget>) -> Result<(), MigrationError> {
+    match disks.as_deref_mut() {
+        Some(target) => target
+            .sync()
+            .map_err(|e| MigrationError::Vm(format!("cannot sync the disks: {e}"))),
+        None => Ok(()),
+    }
 }
 
 /// A record of type `ty` may come only in phase `wanted`.

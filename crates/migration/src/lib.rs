@@ -11,11 +11,13 @@
 //!   the page requests, the push of the rest, reconnection.
 //! * [`source`]: the sending side, over any machine that implements [`SourceVm`].
 //! * [`destination`]: the receiving side: the stream into guest memory, then the handover.
+//! * [`disks`]: copying the guest's disk images in the same stream (`--copy-storage`).
 //!
 //! The engine never looks inside devices or vCPUs: their state travels as the opaque bodies
 //! of MACHINE, VCPU and DEVICE records (one format for checkpoint files and for the wire).
 
 pub mod destination;
+pub mod disks;
 pub mod error;
 pub mod link;
 pub mod memory;
@@ -25,12 +27,13 @@ pub mod protocol;
 pub mod source;
 pub mod transport;
 
+pub use disks::{DiskTarget, SourceDisk};
 pub use error::MigrationError;
 pub use memory::{guest_slice, GuestRegion, GuestSlice, PageSet, RamRegion};
 pub use policy::{Limits, StopReason};
 pub use protocol::{
-    protocol_for, ArrivedReport, CpuidEntry, Offer, Outcome, Run, ToDestination, ToSource,
-    OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    protocol_for, ArrivedReport, CopiedDisk, CpuidEntry, Offer, Outcome, Run, ToDestination,
+    ToSource, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use source::{Observer, Plan, SendError, SourceVm, StateRecords};
 pub use transport::{Channel, Transport};

@@ -34,21 +34,39 @@
 use serde::{Deserialize, Serialize};
 use tern_snapshot::Info;
 
-/// Newest version of this protocol (the messages and their order): 2 adds post-copy.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Newest version of this protocol (the messages and their order): 2 adds post-copy, 3
+/// copying disks (DISK and DISK_ZEROS records).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Oldest version a destination accepts: what sources offer for migrations without
 /// post-copy (and what the previous release speaks).
 pub const OLDEST_PROTOCOL_VERSION: u32 = 1;
 /// The first version with post-copy.
 pub const POSTCOPY_PROTOCOL_VERSION: u32 = 2;
 
+/// The first version with disks copied in the stream (`--copy-storage`).
+pub const COPY_STORAGE_PROTOCOL_VERSION: u32 = 3;
+
 /// The version a source offers: the oldest that has what the migration needs.
-pub fn protocol_for(postcopy: bool) -> u32 {
-    if postcopy {
+pub fn protocol_for(postcopy: bool, copy_storage: bool) -> u32 {
+    if copy_storage {
+        COPY_STORAGE_PROTOCOL_VERSION
+    } else if postcopy {
         POSTCOPY_PROTOCOL_VERSION
     } else {
         OLDEST_PROTOCOL_VERSION
     }
+}
+
+/// A disk the source copies to the destination (`--copy-storage`); DISK records name it by
+/// its position in [`Offer::copy_disks`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopiedDisk {
+    /// Its vdev in the guest config (a `file:` disk there).
+    pub vdev: String,
+    /// Size of the image, bytes.
+    pub size: u64,
+    /// Bytes allocated in the image on the source: what the destination must have room for.
+    pub allocated: u64,
 }
 
 /// One CPUID entry of a vCPU (KVM's `kvm_cpuid_entry2` without padding).
@@ -77,6 +95,10 @@ pub struct Offer {
     /// (protocol version 2).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub postcopy: bool,
+    /// Disks whose images come in the stream (protocol version 3); the destination places
+    /// them in storage of its own choosing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copy_disks: Vec<CopiedDisk>,
     /// What the stream's INFO record will say (name, UUID, memory, vCPUs, CPU features).
     pub info: Info,
     /// The guest's configuration (tern-config's `DomainConfig` as JSON).
@@ -217,18 +239,21 @@ mod tests {
         assert_eq!(text, r#"{"type":"resume","migration_id":"m"}"#);
         let lost = serde_json::to_string(&Outcome::Lost).unwrap();
         assert_eq!(lost, r#""lost""#);
-        assert_eq!(protocol_for(false), 1);
-        assert_eq!(protocol_for(true), 2);
+        assert_eq!(protocol_for(false, false), 1);
+        assert_eq!(protocol_for(true, false), 2);
+        assert_eq!(protocol_for(false, true), 3);
+        assert_eq!(protocol_for(true, true), 3);
     }
 
     #[test]
     fn an_offer_without_post_copy_reads_as_the_previous_release_wrote_it() {
         let offer = Offer {
-            protocol: protocol_for(false),
+            protocol: protocol_for(false, false),
             stream_format: 2,
             migration_id: "m".into(),
             live: true,
             postcopy: false,
+            copy_disks: vec![],
             info: Info {
                 tern_version: "0.2.0".into(),
                 created_unix: 0,
@@ -248,7 +273,7 @@ mod tests {
         let back: Offer = serde_json::from_str(&text).unwrap();
         assert!(!back.postcopy);
         let with = Offer {
-            protocol: protocol_for(true),
+            protocol: protocol_for(true, false),
             postcopy: true,
             ..offer
         };

@@ -6,12 +6,17 @@
 //! (so each round measures what the whole path sustains and nothing is left in buffers when
 //! the guest pauses). [`crate::policy`] decides when to stop; then the guest is paused, the
 //! last dirty pages and the state go out, and the handover follows.
+//!
+//! With `--copy-storage` the guest's disks go first (a bulk pass over their images), and each
+//! round then also carries the disk blocks written meanwhile (see [`crate::disks`]).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tern_api::{MigrationProgress, MigrationRound, MigrationSummary};
+use tern_api::{DiskProgress, MigrationProgress, MigrationRound, MigrationSummary};
 use tern_snapshot::{is_zero_page, PageRun, RecordType, SnapshotWriter, PAGE_SIZE};
 
+use crate::disks::{DiskCopy, DiskTally, SourceDisk};
 use crate::error::MigrationError;
 use crate::memory::{guest_slice, push_page, PageSet, RamRegion};
 use crate::policy::{Convergence, Decision, Limits, RoundMeasure, StopReason};
@@ -66,6 +71,11 @@ pub trait SourceVm {
     fn take_longest_throttle_hold(&self) -> Duration;
     /// Captures VM, vCPU and device state; the machine is paused.
     fn capture(&self) -> Result<StateRecords, String>;
+    /// The disks to copy with the guest (`--copy-storage`), in the order of
+    /// [`Offer::copy_disks`]; none by default.
+    fn copied_disks(&self) -> Vec<Arc<dyn SourceDisk>> {
+        Vec::new()
+    }
 }
 
 /// Who watches a migration.
@@ -188,6 +198,8 @@ fn sender<'a>(vm: &'a dyn SourceVm, plan: &'a Plan, observer: &'a mut dyn Observ
         buf: vec![0u8; RECORD_PAGES * PAGE],
         zero_buf: Vec::new(),
         missing: None,
+        disks: DiskCopy::new(Vec::new()),
+        disk_progress: None,
     }
 }
 
@@ -254,6 +266,10 @@ struct Sender<'a> {
     zero_buf: Vec<PageRun>,
     /// Post-copy: the pages the destination lacks at the handover (sent as MISSING).
     missing: Option<PageSet>,
+    /// The disks copied with the guest (none without `--copy-storage`).
+    disks: DiskCopy,
+    /// Disk bytes left in the current pass or round, and sent so far, for progress.
+    disk_progress: Option<(u64, u64)>,
 }
 
 impl Sender<'_> {
@@ -267,6 +283,9 @@ impl Sender<'_> {
             return Err(SendError::Failed(MigrationError::Vm(
                 "post-copy needs a way to reach the destination again".into(),
             )));
+        }
+        if let Err(e) = self.take_disks() {
+            return Err(SendError::Failed(e));
         }
         let mut ch = Channel::new(transport);
         if let Some(rate) = self.plan.limits.rate_limit {
@@ -393,6 +412,9 @@ impl Sender<'_> {
             self.precopy(w)?
         } else {
             let paused = self.pause(was_running)?;
+            if !self.disks.is_empty() {
+                self.disk_bulk(w)?;
+            }
             // Only now: a page the guest touched first before the pause must be in the set.
             let first = self.populated()?;
             let t = Instant::now();
@@ -408,6 +430,60 @@ impl Sender<'_> {
         self.send_state(w, &state)?;
         stop.state = t.elapsed();
         Ok(stop)
+    }
+
+    /// The disks the plan copies, from the machine: as many as the offer names, or none.
+    fn take_disks(&mut self) -> Result<(), MigrationError> {
+        let disks = self.vm.copied_disks();
+        let offered = &self.plan.offer.copy_disks;
+        if disks.len() != offered.len() {
+            return Err(MigrationError::Vm(format!(
+                "the offer copies {} disks, the machine has {} to copy",
+                offered.len(),
+                disks.len()
+            )));
+        }
+        if !disks.is_empty() && self.plan.postcopy {
+            return Err(MigrationError::Vm(
+                "post-copy cannot copy disks yet: migrate with --copy-storage but without --postcopy"
+                    .into(),
+            ));
+        }
+        self.disks = DiskCopy::new(disks);
+        Ok(())
+    }
+
+    /// The disks' bulk pass.
+    fn disk_bulk<T: Transport>(
+        &mut self,
+        w: &mut SnapshotWriter<Channel<T>>,
+    ) -> Result<DiskTally, MigrationError> {
+        let mut disks = std::mem::replace(&mut self.disks, DiskCopy::new(Vec::new()));
+        let result = disks.send_bulk(w, &mut |w, left, sent| {
+            self.disk_progress = Some((left, sent));
+            self.between_records(w, 0, 0)
+        });
+        self.disks = disks;
+        result
+    }
+
+    /// A round of the disk blocks written since the last one (taken already).
+    fn disk_round<T: Transport>(
+        &mut self,
+        w: &mut SnapshotWriter<Channel<T>>,
+        round: u32,
+    ) -> Result<DiskTally, MigrationError> {
+        if self.disks.is_empty() {
+            return Ok(DiskTally::default());
+        }
+        let mut disks = std::mem::replace(&mut self.disks, DiskCopy::new(Vec::new()));
+        let result = disks.send_round(w, &mut |w, left, sent| {
+            self.disk_progress = Some((left, sent));
+            self.between_records(w, round, 0)
+        });
+        self.disk_progress = Some((0, disks.sent()));
+        self.disks = disks;
+        result
     }
 
     /// Pauses the guest (if it runs) and notes when.
@@ -436,6 +512,12 @@ impl Sender<'_> {
         // mappings to protect, so it costs nothing); the pages in use are re-armed chunk by
         // chunk as the first pass sends them. Any page touched after the first look is
         // either re-armed after its write (so in the second look) or dirty again.
+        // The disks' bulk pass comes first: memory dirtied meanwhile would be sent again.
+        if !self.disks.is_empty() {
+            self.disks.start();
+            self.disk_bulk(w)?;
+            self.disks.take_written();
+        }
         self.vm.start_dirty_log().map_err(vm_err)?;
         self.vm.take_longest_throttle_hold();
         let untouched = self.populated()?.complement();
@@ -457,10 +539,13 @@ impl Sender<'_> {
             } else {
                 (self.send_pages(w, &set, round, false)?, None)
             };
+            let disk = self.disk_round(w, round)?;
             self.end_round(w, round)?;
             let took = started.elapsed();
             self.record_round(round, tally, took, false);
             set = self.take_dirty()?;
+            // Disk blocks count as pages: the policy weighs what is left of both.
+            let disk_left = self.disks.take_written().div_ceil(PAGE as u64);
             if let Some(watch) = watch.as_mut() {
                 set.union_with(&watch.take_written_again());
             }
@@ -471,13 +556,14 @@ impl Sender<'_> {
                     cut.reason
                 );
             }
-            let pages = tally.pages + tally.zero_pages;
+            let pages = tally.pages + tally.zero_pages + disk.pages();
             let measure = RoundMeasure {
                 pages,
-                bytes: tally.bytes,
+                bytes: tally.bytes + disk.bytes,
                 seconds: took.as_secs_f64(),
             };
-            let decision = convergence.after_round(measure, set.count(), w.get_ref().sent());
+            let left = set.count() + disk_left;
+            let decision = convergence.after_round(measure, left, w.get_ref().sent());
             if let Some(watch) = watch.as_mut() {
                 if let Some(why) = watch.after_round(round, pages, set.count(), decision) {
                     break format!("switched to post-copy after round {round}: {why}");
@@ -503,6 +589,8 @@ impl Sender<'_> {
             return Ok(stop);
         }
         let tally = self.send_pages(w, &set, round + 1, false)?;
+        self.disks.take_written();
+        self.disk_round(w, round + 1)?;
         stop.last_pages = t.elapsed();
         self.record_round(round + 1, tally, stop.last_pages, true);
         Ok(stop)
@@ -909,6 +997,7 @@ impl Sender<'_> {
 
     /// Puts the guest back as it was: full speed, no dirty log, running if it ran.
     fn undo(&mut self, live: bool, was_running: bool) {
+        self.disks.stop();
         if let Err(e) = self.vm.set_throttle(0) {
             log::error!("cannot end throttling: {e}");
         }
@@ -941,6 +1030,13 @@ impl Sender<'_> {
             0.0
         };
         let eta = (rate > 0.0).then(|| (left * PAGE as u64) as f64 / rate);
+        // Disk and memory share the link: each part's ETA is at the whole rate.
+        let disk = self.disk_progress.map(|(left, sent)| DiskProgress {
+            bytes_left: left,
+            bytes_sent: sent,
+            rate_bps: rate,
+            eta_seconds: (rate > 0.0).then(|| left as f64 / rate),
+        });
         self.observer.progress(&MigrationProgress {
             phase: phase.into(),
             round,
@@ -949,6 +1045,7 @@ impl Sender<'_> {
             rate_bps: rate,
             eta_seconds: eta,
             throttle_percent: self.throttle,
+            disk,
         });
     }
 
@@ -987,6 +1084,7 @@ impl Sender<'_> {
             resumed_unix_ns,
             insecure: false,
             postcopy: None,
+            disks: (!self.disks.is_empty()).then(|| self.disks.summary()),
         }
     }
 }

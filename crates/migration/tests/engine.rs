@@ -19,7 +19,7 @@ use tern_snapshot::{Info, FORMAT_VERSION};
 
 mod common;
 
-use common::{memory, same_memory, FakeVm, Writes, PAGE};
+use common::{memory, same_memory, FakeVm, MemDisks, Writes, PAGE};
 
 /// A machine with `pages` pages, the first `prefilled` written, and a writer dirtying `hot`
 /// at `pages_per_ms`.
@@ -55,6 +55,7 @@ fn offer(vm: &FakeVm) -> Offer {
         migration_id: "m-1".into(),
         live: true,
         postcopy: false,
+        copy_disks: vm.offered_disks(),
         info: Info {
             tern_version: "test".into(),
             created_unix: 0,
@@ -91,6 +92,7 @@ const SLOW_ACK: Duration = Duration::from_secs(4);
 
 struct DestResult {
     memory: RamRegion,
+    disks: Vec<Vec<u8>>,
     received: Option<Received>,
     committed: bool,
 }
@@ -105,6 +107,13 @@ fn destination(listener: TcpListener, pages: usize, mode: Dest) -> JoinHandle<De
             ToDestination::Offer(o) => *o,
             other => panic!("{other:?}"),
         };
+        let mut disks = MemDisks(
+            offer
+                .copy_disks
+                .iter()
+                .map(|d| vec![0u8; d.size as usize])
+                .collect(),
+        );
         if mode == Dest::Refuse {
             ch.send(&ToSource::Refuse {
                 reason: "not today".into(),
@@ -112,6 +121,7 @@ fn destination(listener: TcpListener, pages: usize, mode: Dest) -> JoinHandle<De
             .unwrap();
             return DestResult {
                 memory,
+                disks: disks.0,
                 received: None,
                 committed: false,
             };
@@ -128,12 +138,19 @@ fn destination(listener: TcpListener, pages: usize, mode: Dest) -> JoinHandle<De
             }
             Ok(())
         };
-        let received = match destination::receive(&mut ch, &regions, &offer, &mut keep_going) {
+        let received = match destination::receive_with_disks(
+            &mut ch,
+            &regions,
+            Some(&mut disks),
+            &offer,
+            &mut keep_going,
+        ) {
             Ok(r) => r,
             Err(e) => {
                 destination::abort(&mut ch, &e.to_string());
                 return DestResult {
                     memory,
+                    disks: disks.0,
                     received: None,
                     committed: false,
                 };
@@ -143,6 +160,7 @@ fn destination(listener: TcpListener, pages: usize, mode: Dest) -> JoinHandle<De
             ch.send(&ToSource::Ready).unwrap();
             return DestResult {
                 memory,
+                disks: disks.0,
                 received: Some(received),
                 committed: false,
             };
@@ -153,6 +171,7 @@ fn destination(listener: TcpListener, pages: usize, mode: Dest) -> JoinHandle<De
         destination::confirm_running(&mut ch, go, Instant::now(), 1).unwrap();
         DestResult {
             memory,
+            disks: disks.0,
             received: Some(received),
             committed: true,
         }
@@ -239,6 +258,58 @@ fn live_migration_copies_the_final_memory(mut vm: FakeVm) {
     assert!(!watch.reports.is_empty());
     // The source is left paused: its guest runs on the destination now.
     assert!(vm.is_paused());
+}
+
+/// `--copy-storage`: the disk's bulk pass skips holes and zero blocks, the rounds carry what
+/// the guest wrote meanwhile (zeroed blocks as zero runs), and the destination's disk equals
+/// the source's at the pause.
+#[test]
+fn a_live_migration_copies_the_disk_the_guest_writes_meanwhile() {
+    let mut vm = vm(4096, 3000, 100..600, 10).with_disk(4096, 2048, 1000..3000, 8);
+    let mut watch = Watch::default();
+    let (result, dest) = migrate(&vm, true, Limits::default(), Dest::Good, &mut watch);
+    let summary = result.unwrap();
+    vm.stop_writer();
+    assert!(dest.committed);
+    assert!(same_memory(&vm.memory, &dest.memory));
+    let source_disk = vm.disks[0].data.lock().unwrap().clone();
+    assert!(dest.disks[0] == source_disk, "the disks differ");
+    let disks = summary.disks.expect("a disk summary");
+    // A third of the prefilled blocks are zero (some written since), the rest a hole: not
+    // sent.
+    assert!(disks.bulk_bytes < 2048 * 4096 * 3 / 4, "{disks:?}");
+    assert!(disks.bytes_skipped >= 600 * 4096, "{disks:?}");
+    assert!(!disks.round_bytes.is_empty(), "{disks:?}");
+    assert!(watch.reports.iter().any(|p| p.disk.is_some()));
+}
+
+#[test]
+fn a_warm_migration_copies_the_disk() {
+    let mut vm = vm(1024, 500, 0..100, 5).with_disk(1024, 700, 0..100, 5);
+    let mut watch = Watch::default();
+    let (result, dest) = migrate(&vm, false, Limits::default(), Dest::Good, &mut watch);
+    result.unwrap();
+    vm.stop_writer();
+    assert!(dest.committed);
+    assert!(dest.disks[0] == *vm.disks[0].data.lock().unwrap());
+}
+
+/// A migration that fails during the disk's bulk pass leaves the guest running, its disk's
+/// write log off.
+#[test]
+fn a_failure_during_the_disk_copy_leaves_the_guest_running() {
+    let vm = vm(256, 100, 0..10, 1).with_disk(16384, 16384, 0..100, 5);
+    let mut watch = Watch::default();
+    let (result, dest) = migrate(
+        &vm,
+        true,
+        Limits::default(),
+        Dest::AbortMidStream,
+        &mut watch,
+    );
+    assert!(matches!(result, Err(SendError::Failed(_))), "{result:?}");
+    assert!(!dest.committed);
+    assert!(!vm.is_paused());
 }
 
 #[test]

@@ -377,6 +377,7 @@ fn offer() -> Offer {
         migration_id: "m-hostile".into(),
         live: true,
         postcopy: false,
+        copy_disks: vec![],
         info: Info {
             tern_version: "test".into(),
             created_unix: 0,
@@ -760,6 +761,12 @@ fn outside_run() -> impl Strategy<Value = (u64, u32)> {
 /// A forged record (checksums right) that no valid stream holds.
 #[derive(Clone, Debug)]
 enum Forged {
+    /// A DISK record of `len` bytes at `offset` of disk `disk`.
+    Disk {
+        disk: u32,
+        offset: u64,
+        len: usize,
+    },
     /// PAGES written by the real writer with one run outside guest memory.
     PagesOutside {
         inside: bool,
@@ -884,6 +891,11 @@ fn forged() -> impl Strategy<Value = Forged> {
         ]
         .prop_map(|body| Forged::Device { body }),
         prop::sample::select(&[0usize, 1, 7, 9, 16][..]).prop_map(|len| Forged::MarkLength { len }),
+        (any::<u32>(), any::<u64>(), 0usize..2048).prop_map(|(disk, offset, len)| Forged::Disk {
+            disk,
+            offset,
+            len
+        }),
         Just(Forged::OtherInfo),
         Just(Forged::OtherConfig),
         prop_oneof![Just(0u32), Just(10), Just(0x7fff_ffff), 10u32..0x8000_0000]
@@ -992,6 +1004,13 @@ fn forge(f: &Forged) -> Vec<u8> {
             .record(RecordType::CONFIG, br#"{"name":"another"}"#)
             .unwrap(),
         Forged::Mandatory { ty } => return raw_record(*ty, b"mandatory"),
+        Forged::Disk { disk, offset, len } => {
+            let mut body = disk.to_le_bytes().to_vec();
+            body.extend_from_slice(&0u32.to_le_bytes());
+            body.extend_from_slice(&offset.to_le_bytes());
+            body.extend(std::iter::repeat_n(7u8, *len));
+            return raw_record(RecordType::DISK.0, &body);
+        }
         Forged::ZerosCount { count } => {
             let mut body = count.to_le_bytes().to_vec();
             body.extend_from_slice(&0u32.to_le_bytes());
@@ -1527,8 +1546,20 @@ fn each_listed_attack_is_refused_with_a_clear_error() {
         ),
         (
             "an unknown mandatory record",
-            forged_at(Forged::Mandatory { ty: 10 }, 2),
+            forged_at(Forged::Mandatory { ty: 0x100 }, 2),
             "needs a newer tern",
+        ),
+        (
+            "disk data when no disk is copied",
+            forged_at(
+                Forged::Disk {
+                    disk: 0,
+                    offset: 0,
+                    len: 512,
+                },
+                2,
+            ),
+            "0 disks are being copied",
         ),
         (
             "a MARK going backwards",

@@ -136,6 +136,7 @@ fn offer(pages: usize) -> Offer {
         migration_id: "m-pc".into(),
         live: true,
         postcopy: true,
+        copy_disks: vec![],
         info: Info {
             tern_version: "test".into(),
             created_unix: 0,

@@ -73,6 +73,12 @@ impl RecordType {
     /// content of (streams only): a run count and the runs, as in ZEROS. The receiver drops
     /// what it holds of them and fetches them after the handover.
     pub const MISSING: RecordType = RecordType(9);
+    /// Part of a guest's disk image (streams only, `--copy-storage`): a disk, an offset and
+    /// the data there (see [`crate::disk`]).
+    pub const DISK: RecordType = RecordType(10);
+    /// Parts of a guest's disk image that read as zeros now (streams only): a disk and byte
+    /// runs.
+    pub const DISK_ZEROS: RecordType = RecordType(11);
     /// A free-form UTF-8 comment; optional, so readers may skip it.
     pub const NOTE: RecordType = RecordType(RECORD_OPTIONAL | 1);
     /// A position in a migration stream (body: an 8-byte sequence number) that the receiver
@@ -106,6 +112,8 @@ impl RecordType {
             RecordType::END => "END",
             RecordType::ZEROS => "ZEROS",
             RecordType::MISSING => "MISSING",
+            RecordType::DISK => "DISK",
+            RecordType::DISK_ZEROS => "DISK_ZEROS",
             RecordType::NOTE => "NOTE",
             RecordType::MARK => "MARK",
             _ => return None,
@@ -117,6 +125,7 @@ impl RecordType {
         match self {
             RecordType::PAGES => MAX_PAGES_BODY_LEN,
             RecordType::END => 8,
+            RecordType::DISK => (crate::disk::DISK_FIXED_LEN + crate::disk::MAX_DISK_DATA) as u64,
             t if t.is_known() => MAX_BODY_LEN,
             _ => MAX_SKIPPED_BODY_LEN,
         }
@@ -380,6 +389,8 @@ pub(crate) fn check_body(ty: RecordType, body: &[u8], count: u64) -> Result<(), 
     match ty {
         RecordType::DEVICE => parse_device(body).map(|_| ()).map_err(Fault::Corrupt),
         RecordType::ZEROS | RecordType::MISSING => crate::pages::parse_zeros(body).map(|_| ()),
+        RecordType::DISK => crate::disk::parse_disk(body).map(|_| ()),
+        RecordType::DISK_ZEROS => crate::disk::parse_disk_zeros(body).map(|_| ()),
         RecordType::NOTE => std::str::from_utf8(body)
             .map(|_| ())
             .map_err(|_| Fault::Corrupt("the note is not UTF-8".into())),
@@ -491,7 +502,8 @@ mod tests {
         assert!(RecordType::NOTE.is_optional());
         assert_eq!(RecordType(0x8000_0009).to_string(), "type 0x80000009");
         assert_eq!(RecordType::MISSING.name(), "MISSING");
-        assert_eq!(RecordType(10).name(), "unknown");
+        assert_eq!(RecordType::DISK.name(), "DISK");
+        assert_eq!(RecordType(12).name(), "unknown");
     }
 
     #[test]

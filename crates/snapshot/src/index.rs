@@ -193,7 +193,7 @@ impl<S: ReadAt + ?Sized> Indexer<'_, S> {
         let more = match h.ty {
             RecordType::PAGES => self.pages_record(&h, &loc, body_offset).map(|()| true)?,
             // Files hold each page once; zeroing a page again only happens in a stream.
-            RecordType::ZEROS | RecordType::MISSING => {
+            RecordType::ZEROS | RecordType::MISSING | RecordType::DISK | RecordType::DISK_ZEROS => {
                 return Err(Fault::Corrupt(format!(
                     "is a {} record, which belongs in migration streams, not files",
                     h.ty

@@ -46,6 +46,7 @@
 //! a constant limit (and, for files, by the file's length, for streams by the data actually
 //! received), and detect any single changed byte anywhere.
 
+mod disk;
 mod error;
 mod format;
 mod index;
@@ -55,6 +56,7 @@ mod source;
 mod stream;
 mod writer;
 
+pub use disk::{DISK_SECTOR, MAX_DISK_DATA, MAX_DISK_ZERO_RUNS};
 pub use error::SnapshotError;
 pub use format::{
     Header, RecordType, FLAG_ALIGNED, FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_BLOCK_PAGES,

@@ -4,6 +4,7 @@
 use std::io::{self, Read};
 use std::ops::Range;
 
+use crate::disk::{parse_disk, parse_disk_zeros, DISK_FIXED_LEN};
 use crate::error::{Fault, SnapshotError};
 use crate::format::{
     check_body, Header, RecordHeader, RecordLoc, RecordType, HEADER_LEN, PAGE_SIZE,
@@ -33,6 +34,14 @@ pub enum StreamItem {
     Zeros { runs: Vec<PageRun> },
     /// A MISSING record (post-copy): the receiver does not hold the pages of `runs` yet.
     Missing { runs: Vec<PageRun> },
+    /// A DISK record: disk `disk` holds `data` at byte `offset`.
+    Disk {
+        disk: u32,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// A DISK_ZEROS record: the byte `runs` of disk `disk` read as zeros.
+    DiskZeros { disk: u32, runs: Vec<Range<u64>> },
 }
 
 /// Where the reader is in the stream.
@@ -58,6 +67,9 @@ pub struct StreamReader<R> {
     spare: Option<Vec<u8>>,
     /// What the caller accepts of PAGES and ZEROS records, beyond the format's limits.
     pages: Option<PageLimits>,
+    /// The size of each disk DISK and DISK_ZEROS records may write (none unless
+    /// [`StreamReader::limit_disks`] says).
+    disk_sizes: Vec<u64>,
 }
 
 /// Limits a reader applies to PAGES and ZEROS records on top of the format's own, set with
@@ -110,6 +122,7 @@ impl<R: Read> StreamReader<R> {
             state: State::Reading,
             spare: None,
             pages: None,
+            disk_sizes: Vec::new(),
         })
     }
 
@@ -123,6 +136,12 @@ impl<R: Read> StreamReader<R> {
             ranges,
             max_record_pages,
         });
+    }
+
+    /// Accepts DISK and DISK_ZEROS records for disks `0..sizes.len()`, within `sizes[disk]`
+    /// bytes; without this call every such record is refused.
+    pub fn limit_disks(&mut self, sizes: Vec<u64>) {
+        self.disk_sizes = sizes;
     }
 
     pub fn header(&self) -> Header {
@@ -207,6 +226,26 @@ impl<R: Read> StreamReader<R> {
                         StreamItem::Missing { runs }
                     })
                 }
+                RecordType::DISK => {
+                    let mut body = self.plain_body(&h, &loc)?;
+                    let (disk, offset, data) = parse_disk(&body).map_err(|f| f.at(&loc))?;
+                    self.check_disk(disk, offset, data.len() as u64)
+                        .map_err(|f| f.at(&loc))?;
+                    body.drain(..DISK_FIXED_LEN);
+                    Some(StreamItem::Disk {
+                        disk,
+                        offset,
+                        data: body,
+                    })
+                }
+                RecordType::DISK_ZEROS => {
+                    let body = self.plain_body(&h, &loc)?;
+                    let (disk, runs) = parse_disk_zeros(&body).map_err(|f| f.at(&loc))?;
+                    if let Some(last) = runs.last() {
+                        self.check_disk(disk, 0, last.end).map_err(|f| f.at(&loc))?;
+                    }
+                    Some(StreamItem::DiskZeros { disk, runs })
+                }
                 t if t.is_known() => Some(StreamItem::Record {
                     ty: t,
                     body: self.plain_body(&h, &loc)?,
@@ -221,6 +260,22 @@ impl<R: Read> StreamReader<R> {
                 return Ok(item);
             }
         }
+    }
+
+    /// Whether `len` bytes at `offset` of disk `disk` are within what the caller accepts.
+    fn check_disk(&self, disk: u32, offset: u64, len: u64) -> Result<(), Fault> {
+        let size = self.disk_sizes.get(disk as usize).ok_or_else(|| {
+            Fault::Corrupt(format!(
+                "is for disk {disk}, but {} disks are being copied",
+                self.disk_sizes.len()
+            ))
+        })?;
+        if offset.saturating_add(len) > *size {
+            return Err(Fault::Corrupt(format!(
+                "writes {len} bytes at offset {offset} of disk {disk}, past its {size} bytes"
+            )));
+        }
+        Ok(())
     }
 
     fn read_record_header(&mut self) -> Result<(RecordHeader, RecordLoc), SnapshotError> {
@@ -415,6 +470,41 @@ mod tests {
         assert_eq!(read_limited(&b).unwrap(), 1);
         let b = stream_with(&[run(0x100, 1)], &[run(0x100, 0x100), run(0x1000, 16)]);
         assert_eq!(read_limited(&b).unwrap(), 2);
+    }
+
+    #[test]
+    fn disk_records_arrive_only_for_the_disks_given_and_within_them() {
+        let mut w = SnapshotWriter::new(Vec::new(), false).unwrap();
+        w.disk(1, 8192, &[5u8; 4096]).unwrap();
+        w.disk_zeros(0, &[0..512, 1 << 20..2 << 20]).unwrap();
+        let b = w.finish().unwrap();
+        let mut r = StreamReader::new(&b[..]).unwrap();
+        r.limit_disks(vec![2 << 20, 12288]);
+        assert_eq!(
+            r.next().unwrap(),
+            Some(StreamItem::Disk {
+                disk: 1,
+                offset: 8192,
+                data: vec![5u8; 4096]
+            })
+        );
+        assert_eq!(
+            r.next().unwrap(),
+            Some(StreamItem::DiskZeros {
+                disk: 0,
+                runs: vec![0..512, 1 << 20..2 << 20]
+            })
+        );
+        assert_eq!(r.next().unwrap(), None);
+        for sizes in [vec![], vec![2 << 20], vec![2 << 20, 8192]] {
+            let mut r = StreamReader::new(&b[..]).unwrap();
+            r.limit_disks(sizes.clone());
+            assert!(r.next().is_err(), "disk sizes {sizes:?}");
+        }
+        let mut r = StreamReader::new(&b[..]).unwrap();
+        r.limit_disks(vec![(2 << 20) - 512, 12288]);
+        assert!(r.next().is_ok());
+        assert!(r.next().is_err(), "zeros past the end of disk 0");
     }
 
     #[test]

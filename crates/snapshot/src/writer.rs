@@ -2,6 +2,7 @@
 
 use std::io::{self, IoSlice, Write};
 
+use crate::disk::{check_disk_runs, check_disk_write, encode_disk_prefix, encode_disk_zeros};
 use crate::format::{
     check_body, device_prefix, Header, RecordHeader, RecordType, FORMAT_VERSION, HEADER_LEN,
     MAX_BLOCK_PAGES, PAGE_SIZE, RECORD_HEADER_LEN,
@@ -182,6 +183,26 @@ impl<W: Write> SnapshotWriter<W> {
     /// `runs`.
     pub fn missing(&mut self, runs: &[PageRun]) -> io::Result<()> {
         self.runs_record(RecordType::MISSING, runs)
+    }
+
+    /// Writes a DISK record: `data` (whole sectors, at most [`crate::MAX_DISK_DATA`]) is
+    /// what disk `disk` holds at byte `offset`.
+    pub fn disk(&mut self, disk: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+        check_disk_write(offset, data.len())
+            .map_err(|f| invalid(format!("the DISK record {f}")))?;
+        let prefix = encode_disk_prefix(disk, offset);
+        self.write_record(RecordType::DISK, &[&prefix, data])
+    }
+
+    /// Writes a DISK_ZEROS record: the byte `runs` of disk `disk` read as zeros now. Runs must
+    /// be whole sectors, increasing and apart, at most [`crate::MAX_DISK_ZERO_RUNS`]; nothing
+    /// is written for an empty `runs`.
+    pub fn disk_zeros(&mut self, disk: u32, runs: &[std::ops::Range<u64>]) -> io::Result<()> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        check_disk_runs(runs).map_err(|f| invalid(format!("the DISK_ZEROS record {f}")))?;
+        self.write_record(RecordType::DISK_ZEROS, &[&encode_disk_zeros(disk, runs)])
     }
 
     /// A ZEROS or MISSING record of `runs`.

@@ -55,9 +55,11 @@ fn check_index(index: &SnapshotIndex, src: &File, expected: &Expected, aligned: 
         .iter()
         .filter_map(|i| match i {
             StreamItem::Record { ty, .. } => Some(*ty),
-            StreamItem::Pages { .. } | StreamItem::Zeros { .. } | StreamItem::Missing { .. } => {
-                None
-            }
+            StreamItem::Pages { .. }
+            | StreamItem::Zeros { .. }
+            | StreamItem::Missing { .. }
+            | StreamItem::Disk { .. }
+            | StreamItem::DiskZeros { .. } => None,
         })
         .collect();
     assert_eq!(non_pages, want);

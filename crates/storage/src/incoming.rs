@@ -70,7 +70,7 @@ impl IncomingImage {
                 needed,
             });
         }
-        let partial = dir.join(format!(".{name}.incoming"));
+        let partial = Self::partial_path_of(dir, name);
         let io = |what| {
             let partial = partial.clone();
             move |source| IncomingError::Io {
@@ -100,6 +100,29 @@ impl IncomingImage {
     /// Where the image will be once committed.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The image's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Where the image is until committed.
+    pub fn partial_path(&self) -> &Path {
+        &self.partial
+    }
+
+    /// The temporary name under which image `name` arrives in `dir` (for whoever cleans up
+    /// after a receiver that was killed).
+    pub fn partial_path_of(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!(".{name}.incoming"))
+    }
+
+    /// Makes what was written so far durable.
+    pub fn sync(&self) -> Result<(), IncomingError> {
+        self.file
+            .sync_data()
+            .map_err(|source| self.io_error("cannot sync", source))
     }
 
     /// Writes `data` at `offset`.

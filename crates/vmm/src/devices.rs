@@ -6,6 +6,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use tern_config::{DiskBackend, DiskSpec, VifSpec};
@@ -13,23 +14,43 @@ use tern_devices::virtio::block::{BlockBackend, FileBackend, VirtioBlock};
 use tern_devices::virtio::net::{Announcer, NetBackend, VirtioNet};
 use tern_devices::virtio::VirtioDevice;
 use tern_net::Tap;
+use tern_storage::WriteLog;
 
 use crate::record::DomainRecord;
 
 /// Times a restored guest's MAC is announced (RARP), as QEMU does.
 const ANNOUNCE_ROUNDS: u32 = 5;
 
+/// The guest's devices, and what a migration that copies its disks needs of them.
+pub struct Built {
+    pub virtio: Vec<Box<dyn VirtioDevice>>,
+    pub disks: Vec<GuestDisk>,
+}
+
+/// A disk of the guest: its config, and the log of the blocks the guest writes to it.
+#[derive(Clone)]
+pub struct GuestDisk {
+    pub spec: DiskSpec,
+    pub written: Arc<WriteLog>,
+}
+
 /// Builds every virtio device of the guest.
-pub fn build(record: &DomainRecord) -> anyhow::Result<Vec<Box<dyn VirtioDevice>>> {
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+pub fn build(record: &DomainRecord) -> anyhow::Result<Built> {
+    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (i, vif) in record.config.vifs.iter().enumerate() {
-        devices
+        virtio
             .push(net_device(record.id, i, vif).with_context(|| format!("network interface {i}"))?);
     }
-    for (i, disk) in record.config.disks.iter().enumerate() {
-        devices.push(disk_device(i, disk).with_context(|| format!("disk {}", disk.vdev))?);
+    let mut disks = Vec::new();
+    for (i, spec) in record.config.disks.iter().enumerate() {
+        let device = disk_device(i, spec).with_context(|| format!("disk {}", spec.vdev))?;
+        disks.push(GuestDisk {
+            spec: spec.clone(),
+            written: device.write_log(),
+        });
+        virtio.push(Box::new(device));
     }
-    Ok(devices)
+    Ok(Built { virtio, disks })
 }
 
 /// Name of the TAP device of a guest's `index`th interface.
@@ -63,7 +84,7 @@ fn net_device(domid: u32, index: usize, vif: &VifSpec) -> anyhow::Result<Box<dyn
     )))
 }
 
-fn disk_device(index: usize, disk: &DiskSpec) -> anyhow::Result<Box<dyn VirtioDevice>> {
+fn disk_device(index: usize, disk: &DiskSpec) -> anyhow::Result<VirtioBlock> {
     let read_only = !disk.writable;
     let backend: Box<dyn BlockBackend> = match &disk.backend {
         DiskBackend::File(path) | DiskBackend::Phy(path) => Box::new(
@@ -84,11 +105,11 @@ fn disk_device(index: usize, disk: &DiskSpec) -> anyhow::Result<Box<dyn VirtioDe
             Box::new(NbdBackend(nbd))
         }
     };
-    Ok(Box::new(VirtioBlock::new(
+    Ok(VirtioBlock::new(
         &format!("blk{index}"),
         &format!("tern-{}", disk.vdev),
         backend,
-    )))
+    ))
 }
 
 /// A TAP device as a virtio-net backend.

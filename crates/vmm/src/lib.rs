@@ -9,6 +9,7 @@ pub mod console_log;
 pub mod cpuid;
 pub mod devices;
 pub mod direct_io;
+mod disk_copy;
 mod lifecycle;
 pub mod logging;
 mod migrate_in;
@@ -71,6 +72,8 @@ pub(crate) struct Vmm {
     cpu_time_ns: AtomicU64,
     /// Post-copy arriving here: where connections the source comes back on go.
     postcopy_links: Mutex<Option<mpsc::Sender<tern_migration::link::Link>>>,
+    /// The guest's disks, with the logs of what it writes (for `--copy-storage`).
+    disks: Vec<devices::GuestDisk>,
 }
 
 /// Share of one host CPU above which `tern list` calls a guest running rather than blocked.
@@ -334,20 +337,25 @@ fn start(dir: &DomainDir, started: Instant) -> anyhow::Result<Started> {
     std::fs::write(dir.pid_file(), std::process::id().to_string())?;
 
     let mut incoming = None;
+    let disks;
     let (mut machine, restore) = match &record.restore {
         None if record.incoming.is_some() => {
-            let (machine, job) = migrate_in::prepare(&record, console.output())?;
+            let (machine, job, built) = migrate_in::prepare(&record, console.output())?;
             incoming = Some(job);
+            disks = built;
             (machine, None)
         }
         None => {
-            let virtio = devices::build(&record)?;
-            let mut machine = Machine::new(&machine_config(&record)?, console.output(), virtio)?;
+            let built = devices::build(&record)?;
+            disks = built.disks;
+            let config = machine_config(&record)?;
+            let mut machine = Machine::new(&config, console.output(), built.virtio)?;
             machine.start(record.start_paused)?;
             (machine, None)
         }
         Some(spec) => {
             let restored = restore::prepare(&record, spec, console.output())?;
+            disks = restored.disks;
             let mut machine = restored.machine;
             if !record.start_paused {
                 machine.resume()?;
@@ -409,6 +417,7 @@ fn start(dir: &DomainDir, started: Instant) -> anyhow::Result<Started> {
         busy: AtomicBool::new(false),
         cpu_time_ns,
         postcopy_links: Mutex::new(None),
+        disks,
     });
     Ok((vmm, listener, main_rx, restore, incoming))
 }

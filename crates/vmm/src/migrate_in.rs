@@ -22,8 +22,10 @@ use tern_machine::{Machine, MachineState};
 use tern_migration::destination::{self, Received};
 use tern_migration::link::{self, Link, LinkSecurity, Security};
 use tern_migration::transport::{tune_tcp, Channel};
-use tern_migration::{MigrationError, Offer, PageSet, RamRegion, HANDOVER_TIMEOUT};
+use tern_migration::{DiskTarget, MigrationError, Offer, PageSet, RamRegion, HANDOVER_TIMEOUT};
 
+use crate::devices::GuestDisk;
+use crate::disk_copy::ArrivingDisks;
 use crate::lifecycle::{Event, State};
 use crate::postcopy_in::{self, Postcopy};
 use crate::record::{DomainRecord, IncomingState};
@@ -43,6 +45,9 @@ pub(crate) struct Incoming {
     state_file: PathBuf,
     /// Post-copy: the pages still to come, once the stream named them.
     postcopy: Option<Postcopy>,
+    /// The guest's disks arriving in the stream (`--copy-storage`), under temporary names
+    /// until `Go`; removed if the migration fails.
+    disks: Option<ArrivingDisks>,
 }
 
 impl Incoming {
@@ -52,11 +57,12 @@ impl Incoming {
     }
 }
 
-/// Takes the inherited connection and builds the machine the guest will arrive in.
+/// Takes the inherited connection and builds the machine the guest will arrive in (its copied
+/// disks, if any, open at their temporary names).
 pub(crate) fn prepare(
     record: &DomainRecord,
     console: ConsoleOut,
-) -> anyhow::Result<(Machine, Incoming)> {
+) -> anyhow::Result<(Machine, Incoming, Vec<GuestDisk>)> {
     let spec = record
         .incoming
         .as_ref()
@@ -72,8 +78,18 @@ pub(crate) fn prepare(
         .iter()
         .map(|entries| entries.iter().map(crate::cpuid::to_kvm).collect())
         .collect();
-    let virtio = crate::devices::build(record)?;
-    let mut machine = Machine::new_blank(record.config.memory_mib, cpuids, console, virtio)?;
+    let (disks, arriving) = if offer.copy_disks.is_empty() {
+        (None, record.clone())
+    } else {
+        let (disks, arriving) = ArrivingDisks::prepare(record, &offer)?;
+        (Some(disks), arriving)
+    };
+    let mut built = crate::devices::build(&arriving)?;
+    // The images get their final names at the handover: a later move reads them there.
+    for (disk, spec) in built.disks.iter_mut().zip(&record.config.disks) {
+        disk.spec = spec.clone();
+    }
+    let mut machine = Machine::new_blank(record.config.memory_mib, cpuids, console, built.virtio)?;
     machine.start(true)?;
     IncomingState::Receiving.store(&spec.state_file)?;
     Ok((
@@ -86,7 +102,9 @@ pub(crate) fn prepare(
             source: spec.source.clone(),
             state_file: spec.state_file.clone(),
             postcopy: None,
+            disks,
         },
+        built.disks,
     ))
 }
 
@@ -147,7 +165,9 @@ fn receive(vmm: &Vmm, job: &mut Incoming) -> anyhow::Result<bool> {
         .insert(Channel::new(link::accept_stream(connection, &security)?));
     let t = Instant::now();
     let mut keep_going = || still_wanted(vmm);
-    let mut received = destination::receive(channel, &regions, &job.offer, &mut keep_going)?;
+    let disks = job.disks.as_mut().map(|d| d as &mut dyn DiskTarget);
+    let mut received =
+        destination::receive_with_disks(channel, &regions, disks, &job.offer, &mut keep_going)?;
     let streamed = t.elapsed();
     load(&vmm.machine(), &received)?;
     if let Some(missing) = received.missing.take().filter(|m| !m.is_empty()) {
@@ -198,6 +218,12 @@ fn commit(vmm: &Vmm, job: &mut Incoming, resume: bool) {
         let _ = vmm.life.apply(Event::IncomingAborted);
         let _ = vmm.main.send(MainEvent::IncomingAborted(reason));
         return;
+    }
+    if let Some(disks) = job.disks.take() {
+        // Synced at END; only the names change now.
+        if let Err(e) = disks.commit() {
+            log::error!("the arrived guest's disks keep their temporary names: {e:#}");
+        }
     }
     // Running (or paused, if it was paused on the source) unless destroyed meanwhile; a
     // post-copy guest runs (only running guests are sent in post-copy).

@@ -26,11 +26,12 @@ use tern_migration::postcopy::{Redial, Redialed};
 use tern_migration::source::{send_postcopy, Observer, Plan, SendError, SourceVm, StateRecords};
 use tern_migration::transport::{tune_tcp, Channel};
 use tern_migration::{
-    protocol_for, Limits, MigrationError, Offer, Outcome, RamRegion, ToDestination, ToSource,
-    OFFER_TIMEOUT,
+    protocol_for, Limits, MigrationError, Offer, Outcome, RamRegion, SourceDisk, ToDestination,
+    ToSource, OFFER_TIMEOUT,
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::disk_copy;
 use crate::lifecycle::{Event, OutStage, ResolverStep, State, CANCELLED_ON_REQUEST};
 use crate::{MainEvent, Vmm};
 
@@ -119,8 +120,10 @@ fn migrate(
     request: &Request,
     daemon: &mut UnixStream,
 ) -> VmmReply {
-    let result = plan(vmm, request).map(|plan| {
-        let source = MachineSource { vmm };
+    let mut images = Vec::new();
+    let result = plan(vmm, request).map(|(plan, disks)| {
+        images = disks.iter().map(|d| d.path()).collect();
+        let source = MachineSource { vmm, disks };
         let mut observer = DaemonObserver {
             vmm,
             daemon,
@@ -142,7 +145,14 @@ fn migrate(
                 summary.downtime_ms
             );
             let _ = vmm.life.apply(Event::Migrated);
-            VmmReply::Migrated(summary)
+            let mut summary = summary;
+            if request.options.remove_source_images {
+                let removed = remove_images(&images);
+                for disk in summary.disks.iter_mut().flat_map(|d| d.disks.iter_mut()) {
+                    disk.source_removed = removed.contains(&disk.source_path);
+                }
+            }
+            VmmReply::Migrated(Box::new(summary))
         }
         Ok(Err(SendError::Failed(e))) => {
             let before = vmm.life.apply(Event::MigrationFailed);
@@ -260,6 +270,21 @@ fn postcopy_hint(e: MigrationError, postcopy: bool) -> MigrationError {
     }
 }
 
+/// Removes the disk images the guest left here when it moved with them; those removed.
+fn remove_images(images: &[String]) -> Vec<String> {
+    let mut removed = Vec::new();
+    for image in images {
+        match std::fs::remove_file(image) {
+            Ok(()) => {
+                log::info!("removed {image}: the guest's disk lives on the destination");
+                removed.push(image.clone());
+            }
+            Err(e) => log::warn!("cannot remove {image}: {e}"),
+        }
+    }
+    removed
+}
+
 fn error(message: String) -> VmmReply {
     VmmReply::Error { message }
 }
@@ -276,19 +301,31 @@ fn where_the_guest_stays(state: &State) -> &'static str {
     }
 }
 
-/// What to send: the offer from the running machine, and the user's options.
-fn plan(vmm: &Vmm, request: &Request) -> anyhow::Result<Plan> {
+/// What to send: the offer from the running machine, and the user's options; the disks to
+/// copy with it (`--copy-storage`).
+fn plan(vmm: &Vmm, request: &Request) -> anyhow::Result<(Plan, Vec<Arc<dyn SourceDisk>>)> {
     let machine = vmm.machine();
     let mut config = vmm.record.config.clone();
     config.uuid = vmm.record.uuid.parse().ok();
     // Post-copy moves a running guest: a paused one goes warm.
     let postcopy = request.options.postcopy && request.options.live && !machine.is_paused();
+    let disks = if request.options.copy_storage {
+        disk_copy::copied(&vmm.disks)?
+    } else {
+        Vec::new()
+    };
+    let copy_disks = disk_copy::offered(&disks)?;
+    let disks = disks
+        .into_iter()
+        .map(|d| Arc::new(d) as Arc<dyn SourceDisk>)
+        .collect();
     let offer = Offer {
-        protocol: protocol_for(postcopy),
+        protocol: protocol_for(postcopy, !copy_disks.is_empty()),
         stream_format: tern_snapshot::FORMAT_VERSION,
         migration_id: request.migration_id.clone(),
         live: request.options.live,
         postcopy,
+        copy_disks,
         info: crate::save::guest_info(&machine, &vmm.record),
         config: serde_json::to_value(&config)?,
         vcpu_cpuid: machine
@@ -302,19 +339,22 @@ fn plan(vmm: &Vmm, request: &Request) -> anyhow::Result<Plan> {
         rate_limit: request.options.resource_mbit.map(|m| m * 1_000_000 / 8),
         ..Limits::default()
     };
-    Ok(Plan {
+    let plan = Plan {
         domain: vmm.record.config.name.clone(),
         destination: request.destination.clone(),
         offer,
         live: request.options.live,
         postcopy,
         limits,
-    })
+    };
+    Ok((plan, disks))
 }
 
 /// The engine's view of this process's machine.
 struct MachineSource<'a> {
     vmm: &'a Vmm,
+    /// The disks the offer copies.
+    disks: Vec<Arc<dyn SourceDisk>>,
 }
 
 fn msg(e: impl std::fmt::Display) -> String {
@@ -367,6 +407,10 @@ impl SourceVm for MachineSource<'_> {
 
     fn take_longest_throttle_hold(&self) -> Duration {
         self.vmm.machine().take_longest_throttle_hold()
+    }
+
+    fn copied_disks(&self) -> Vec<Arc<dyn SourceDisk>> {
+        self.disks.clone()
     }
 
     fn capture(&self) -> Result<StateRecords, String> {

@@ -33,6 +33,8 @@ pub struct Restored {
     pub loader: Option<LazyLoader>,
     /// Pages the checkpoint holds.
     pub pages: u64,
+    /// The guest's disks.
+    pub disks: Vec<crate::devices::GuestDisk>,
 }
 
 /// Rebuilds the machine of `record` from its checkpoint; its vCPUs exist but are paused.
@@ -52,8 +54,9 @@ pub fn prepare(
 
     let state = read_state(&index).with_context(|| format!("cannot restore {shown}"))?;
     let indexed = t.elapsed();
-    let virtio = crate::devices::build(record)?;
-    let mut machine = Machine::for_state(&state, record.config.memory_mib, console, virtio)?;
+    let devices = crate::devices::build(record)?;
+    let mut machine =
+        Machine::for_state(&state, record.config.memory_mib, console, devices.virtio)?;
     let built = t.elapsed();
     let pages: u64 = index.pages.iter().map(|p| p.total_pages).sum();
     let source = BlockSource::open(file, &spec.path, index.header.aligned);
@@ -86,6 +89,7 @@ pub fn prepare(
         machine,
         loader,
         pages,
+        disks: devices.disks,
     })
 }
 

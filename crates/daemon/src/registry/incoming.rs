@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tern_api::vmm::{ExitReason, VmmRequest};
+use tern_config::DiskBackend;
 use tern_migration::Outcome;
+use tern_storage::IncomingImage;
 use tern_vmm::record::{DomainDir, IncomingSpec, IncomingState};
 
 use super::{Life, Registry};
@@ -190,8 +192,15 @@ impl Registry {
             // Committed, and the process died before it could say so: the guest was this
             // host's and crashed here.
             log::error!("domain {id} crashed right after it arrived (migration {migration_id})");
-        } else if let Err(e) = IncomingState::Aborted.store(&file) {
-            log::error!("{e:#}");
+        } else {
+            if let Err(e) = IncomingState::Aborted.store(&file) {
+                log::error!("{e:#}");
+            }
+            // A process killed outright could not remove the disks it was receiving.
+            let dir = self.lock().get(&id).map(|d| d.dir.clone());
+            if let Some(dir) = dir {
+                remove_arriving_disks(&dir);
+            }
         }
         let why = match reason {
             Some(ExitReason::IncomingAborted { message }) => message,
@@ -200,6 +209,36 @@ impl Registry {
         };
         log::warn!("incoming migration {migration_id} (domain {id}) did not complete: {why}");
         self.forget(id);
+    }
+}
+
+/// Removes the temporary images of the disks an incoming migration into domain directory
+/// `dir` was copying (`--copy-storage`); their final names were never given.
+fn remove_arriving_disks(dir: &DomainDir) {
+    let Ok(record) = dir.load_record() else {
+        return;
+    };
+    let Some(spec) = &record.incoming else {
+        return;
+    };
+    for copied in &spec.offer.copy_disks {
+        let disk = record.config.disks.iter().find(|d| d.vdev == copied.vdev);
+        let Some(DiskBackend::File(path)) = disk.map(|d| &d.backend) else {
+            continue;
+        };
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str()))
+        else {
+            continue;
+        };
+        let partial = IncomingImage::partial_path_of(parent, name);
+        match std::fs::remove_file(&partial) {
+            Ok(()) => log::info!(
+                "removed {} (the migration did not complete)",
+                partial.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("cannot remove {}: {e}", partial.display()),
+        }
     }
 }
 

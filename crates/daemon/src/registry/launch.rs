@@ -42,7 +42,16 @@ impl Registry {
         paused: bool,
         launch: Launch,
     ) -> anyhow::Result<(u32, String, Option<RestoreSummary>)> {
-        admission::admit_on_host(&config)?;
+        let arriving: Vec<String> = match &launch {
+            Launch::Incoming { spec, .. } => spec
+                .offer
+                .copy_disks
+                .iter()
+                .map(|d| d.vdev.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        admission::admit_on_host(&config, &arriving)?;
         let uuid = config
             .uuid
             .get_or_insert_with(uuid::Uuid::new_v4)

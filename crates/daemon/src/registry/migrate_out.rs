@@ -284,7 +284,7 @@ fn follow_migration(
     loop {
         match read_message::<VmmReply>(reader) {
             Ok(VmmReply::MigrationProgress(p)) => progress(&p),
-            Ok(VmmReply::Migrated(summary)) => return Ok(summary),
+            Ok(VmmReply::Migrated(summary)) => return Ok(*summary),
             Ok(VmmReply::Error { message }) => bail!(message),
             Ok(other) => bail!("unexpected reply from guest process: {other:?}"),
             Err(e) => bail!("the guest process went away during the migration ({e})"),

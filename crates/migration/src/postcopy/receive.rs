@@ -373,6 +373,9 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
             StreamItem::Missing { .. } => Err(Break::Lost(MigrationError::Protocol(
                 "the post-copy stream has a MISSING record".into(),
             ))),
+            StreamItem::Disk { .. } | StreamItem::DiskZeros { .. } => Err(Break::Lost(
+                MigrationError::Protocol("the post-copy stream has disk records".into()),
+            )),
         }
     }
 

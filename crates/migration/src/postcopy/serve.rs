@@ -456,6 +456,7 @@ impl<'a> PostcopySource<'a> {
             rate_bps: rate,
             eta_seconds: (rate > 0.0).then(|| (left * PAGE as u64) as f64 / rate),
             throttle_percent: 0,
+            disk: None,
         });
     }
 }

@@ -11,7 +11,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tern_migration::source::{SourceVm, StateRecords};
-use tern_migration::{GuestRegion, RamRegion};
+use tern_migration::{CopiedDisk, DiskTarget, GuestRegion, RamRegion, SourceDisk};
+use tern_storage::WriteLog;
 use vm_memory::GuestAddress;
 
 pub const PAGE: usize = 4096;
@@ -93,6 +94,9 @@ pub struct FakeVm {
     /// Behave like KVM's manual dirty-log protection: every page starts dirty, reading the
     /// log clears nothing, and only `rearm` clears bits.
     manual: AtomicBool,
+    /// Disks copied with the guest, and their writers.
+    pub disks: Vec<Arc<FakeDisk>>,
+    disk_writers: Vec<JoinHandle<()>>,
 }
 
 impl FakeVm {
@@ -131,7 +135,63 @@ impl FakeVm {
             resumes: AtomicU64::new(0),
             writer: Some(writer),
             manual: AtomicBool::new(false),
+            disks: Vec::new(),
+            disk_writers: Vec::new(),
         }
+    }
+
+    /// The same machine with a disk of `blocks` 4 KiB blocks, the first `filled` written
+    /// (every third of them zero), and a writer that writes blocks `hot` in turn,
+    /// `blocks_per_ms` a millisecond while the guest runs (every fourth write zeroes).
+    pub fn with_disk(
+        mut self,
+        blocks: u64,
+        filled: u64,
+        hot: Range<u64>,
+        blocks_per_ms: u64,
+    ) -> FakeVm {
+        let disk = Arc::new(FakeDisk::new(blocks, filled));
+        let (gate, paused, stop) = (self.gate.clone(), self.paused.clone(), self.stop.clone());
+        let writer = {
+            let disk = disk.clone();
+            std::thread::spawn(move || {
+                let mut seq = 1u64;
+                let mut block = hot.start;
+                while !stop.load(Ordering::Relaxed) && blocks_per_ms > 0 && !hot.is_empty() {
+                    for _ in 0..blocks_per_ms {
+                        let _g = gate.lock().unwrap();
+                        if paused.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let value = if seq % 4 == 0 { 0 } else { seq };
+                        disk.write_block(block, value);
+                        seq += 1;
+                        block = if block + 1 >= hot.end {
+                            hot.start
+                        } else {
+                            block + 1
+                        };
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        self.disks.push(disk);
+        self.disk_writers.push(writer);
+        self
+    }
+
+    /// What the offer says of the disks.
+    pub fn offered_disks(&self) -> Vec<CopiedDisk> {
+        self.disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| CopiedDisk {
+                vdev: format!("xvd{}", (b'a' + i as u8) as char),
+                size: d.size(),
+                allocated: d.size(),
+            })
+            .collect()
     }
 
     /// The same machine with manual dirty-log protection.
@@ -149,6 +209,117 @@ impl FakeVm {
         if let Some(w) = self.writer.take() {
             w.join().unwrap();
         }
+        for w in self.disk_writers.drain(..) {
+            w.join().unwrap();
+        }
+    }
+}
+
+/// A simulated disk: an image in memory, its allocated prefix, and a write log.
+pub struct FakeDisk {
+    pub data: Mutex<Vec<u8>>,
+    /// Bytes from the start that count as allocated (the rest is a hole, unless written).
+    allocated: AtomicU64,
+    log: WriteLog,
+}
+
+impl FakeDisk {
+    /// `blocks` 4 KiB blocks, the first `filled` written (every third zero).
+    pub fn new(blocks: u64, filled: u64) -> FakeDisk {
+        let disk = FakeDisk {
+            data: Mutex::new(vec![0; (blocks * 4096) as usize]),
+            allocated: AtomicU64::new(filled * 4096),
+            log: WriteLog::new(blocks * 4096, 4096),
+        };
+        for b in 0..filled {
+            disk.write_block(b, if b % 3 == 0 { 0 } else { b * 11 + 1 });
+        }
+        disk
+    }
+
+    /// Fills block `block` with `value`'s bytes (zeros if 0) and logs it.
+    pub fn write_block(&self, block: u64, value: u64) {
+        let at = (block * 4096) as usize;
+        let mut data = self.data.lock().unwrap();
+        for word in data[at..at + 4096].chunks_mut(8) {
+            word.copy_from_slice(&value.to_le_bytes());
+        }
+        drop(data);
+        self.allocated
+            .fetch_max((block + 1) * 4096, Ordering::SeqCst);
+        self.log.mark(block * 4096, 4096);
+    }
+}
+
+impl SourceDisk for FakeDisk {
+    fn vdev(&self) -> String {
+        "xvda".into()
+    }
+
+    fn path(&self) -> String {
+        "/fake/disk.img".into()
+    }
+
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+
+    fn allocated(&self) -> Result<Vec<Range<u64>>, String> {
+        Ok(std::iter::once(0..self.allocated.load(Ordering::SeqCst)).collect())
+    }
+
+    fn start_write_log(&self) {
+        self.log.start();
+    }
+
+    fn stop_write_log(&self) {
+        self.log.stop();
+    }
+
+    fn block_size(&self) -> u64 {
+        self.log.block_size()
+    }
+
+    fn take_written(&self) -> Vec<u64> {
+        self.log.take()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        let data = self.data.lock().unwrap();
+        let at = offset as usize;
+        let src = data.get(at..at + buf.len()).ok_or("read past the end")?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+/// Disks arriving in memory.
+pub struct MemDisks(pub Vec<Vec<u8>>);
+
+impl DiskTarget for MemDisks {
+    fn sizes(&self) -> Vec<u64> {
+        self.0.iter().map(|d| d.len() as u64).collect()
+    }
+
+    fn write(&mut self, disk: u32, offset: u64, data: &[u8]) -> Result<(), String> {
+        let d = self.0.get_mut(disk as usize).ok_or("no such disk")?;
+        let at = offset as usize;
+        d.get_mut(at..at + data.len())
+            .ok_or("past the end")?
+            .copy_from_slice(data);
+        Ok(())
+    }
+
+    fn zero(&mut self, disk: u32, range: Range<u64>) -> Result<(), String> {
+        let d = self.0.get_mut(disk as usize).ok_or("no such disk")?;
+        d.get_mut(range.start as usize..range.end as usize)
+            .ok_or("past the end")?
+            .fill(0);
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), String> {
+        Ok(())
     }
 }
 
@@ -270,6 +441,13 @@ impl SourceVm for FakeVm {
 
     fn take_longest_throttle_hold(&self) -> Duration {
         Duration::ZERO
+    }
+
+    fn copied_disks(&self) -> Vec<Arc<dyn SourceDisk>> {
+        self.disks
+            .iter()
+            .map(|d| d.clone() as Arc<dyn SourceDisk>)
+            .collect()
     }
 
     fn capture(&self) -> Result<StateRecords, String> {
