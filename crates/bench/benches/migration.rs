@@ -21,21 +21,18 @@
 //! written, pages verified) after a line with the migration's start, end, pause and resume,
 //! to see where a gap falls.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::Serialize;
 use tern_bench::felt::{self, Felt};
 use tern_bench::guest::{self, Console, Workload};
+use tern_bench::lab::{measure_link, shape, unshape};
 use tern_bench::machine_info::MachineInfo;
 use tern_bench::qemu::{self, Qemu};
-use tern_testkit::{
-    relocation_toml_with, run_in_netns, KvmLock, Member, NetLab, TernHost, LAB_HOSTS_ALLOW,
-};
+use tern_testkit::{relocation_toml_with, KvmLock, Member, NetLab, TernHost, LAB_HOSTS_ALLOW};
 
 const MEM_MIB: u64 = 1024;
 const VCPUS: u32 = 2;
@@ -110,6 +107,7 @@ fn workload(write_mibps: u64) -> Workload {
         heartbeat_ms: guest::HEARTBEAT_MS,
         vcpus: VCPUS,
         prefill: true,
+        disk: None,
     }
 }
 
@@ -140,7 +138,7 @@ fn run() -> anyhow::Result<()> {
     };
     let _lock = KvmLock::acquire();
     let lab = NetLab::new()?;
-    shape(&lab)?;
+    shape(&lab, LINK_MBIT)?;
     let link_bps = measure_link(&lab)?;
     println!(
         "link host1 -> host2: shaped to {LINK_MBIT} Mbit/s, measured {:.0} Mbit/s",
@@ -207,55 +205,6 @@ fn label(rate: u64) -> String {
         u64::MAX => "max".into(),
         r => format!("{r} MiB/s"),
     }
-}
-
-/// A token bucket on each host's uplink: both directions of every host-to-host path.
-fn shape(lab: &NetLab) -> anyhow::Result<()> {
-    for m in Member::HOSTS {
-        let rate = format!("{LINK_MBIT}mbit");
-        let out = lab.exec(
-            m,
-            "tc",
-            &[
-                "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", &rate, "burst", "256kb",
-                "latency", "50ms",
-            ],
-        )?;
-        if !out.status.success() {
-            bail!("tc: {}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
-    Ok(())
-}
-
-/// Bytes per second one TCP stream gets from host1 to host2.
-fn measure_link(lab: &NetLab) -> anyhow::Result<f64> {
-    const BYTES: usize = 128 << 20;
-    let addr = SocketAddr::from((Member::Host2.ip(), 5001));
-    let listener = run_in_netns(lab.ns(Member::Host2), || TcpListener::bind(addr))??;
-    let reader = std::thread::spawn(move || -> std::io::Result<usize> {
-        let (mut s, _) = listener.accept()?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0;
-        loop {
-            match s.read(&mut buf)? {
-                0 => return Ok(total),
-                n => total += n,
-            }
-        }
-    });
-    let mut conn = lab.tcp_connect(Member::Host1, addr, Duration::from_secs(5))?;
-    let chunk = vec![0x5au8; 1 << 20];
-    let started = Instant::now();
-    for _ in 0..BYTES >> 20 {
-        conn.write_all(&chunk)?;
-    }
-    drop(conn);
-    let got = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    let secs = started.elapsed().as_secs_f64();
-    Ok(got as f64 / secs)
 }
 
 fn tern_once(lab: &NetLab, tern: &std::path::Path, w: &Workload) -> anyhow::Result<Figures> {
@@ -437,17 +386,6 @@ fn encryption_cost(
         cost.ratio() * 100.0
     );
     Ok(cost)
-}
-
-/// Removes the shaping of [`shape`].
-fn unshape(lab: &NetLab) -> anyhow::Result<()> {
-    for m in Member::HOSTS {
-        let out = lab.exec(m, "tc", &["qdisc", "del", "dev", "eth0", "root"])?;
-        if !out.status.success() {
-            bail!("tc: {}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
-    Ok(())
 }
 
 fn wait_filled_tern(h: &TernHost, w: &Workload) -> anyhow::Result<()> {

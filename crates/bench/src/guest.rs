@@ -38,6 +38,17 @@ pub struct Workload {
     pub vcpus: u32,
     /// Write the working set once at full speed first (`prefill=1`).
     pub prefill: bool,
+    /// The disk workload, for a guest with a disk.
+    pub disk: Option<DiskLoad>,
+}
+
+/// The test guest's disk workload: it writes numbered, checksummed blocks over the first
+/// `mib` MiB of its disk at `kibps` and reads all it wrote back every `verify_ms`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DiskLoad {
+    pub mib: u64,
+    pub kibps: u64,
+    pub verify_ms: u64,
 }
 
 impl Workload {
@@ -52,6 +63,7 @@ impl Workload {
             heartbeat_ms: HEARTBEAT_MS,
             vcpus: 1,
             prefill: false,
+            disk: None,
         }
     }
 
@@ -62,8 +74,15 @@ impl Workload {
         } else {
             self.write_mibps.to_string()
         };
+        let disk = match &self.disk {
+            Some(d) => format!(
+                " disk_mib={} disk_kibps={} disk_verify_ms={}",
+                d.mib, d.kibps, d.verify_ms
+            ),
+            None => String::new(),
+        };
         format!(
-            "heartbeat_ms={} wss_mib={} write_mibps={write} verify_ms={} prefill={}",
+            "heartbeat_ms={} wss_mib={} write_mibps={write} verify_ms={} prefill={}{disk}",
             self.heartbeat_ms,
             self.wss_mib,
             self.verify_ms,

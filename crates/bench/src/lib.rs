@@ -8,6 +8,7 @@
 
 pub mod felt;
 pub mod guest;
+pub mod lab;
 pub mod machine_info;
 pub mod memory;
 pub mod qemu;

@@ -11,6 +11,9 @@
 //!   2 GiB working set fits above the image on both (q35 would leave only 2 GiB).
 //! * `-cpu host,-vmx,-svm,-arch-capabilities`: this machine's nested KVM refuses to set
 //!   IA32_ARCH_CAPABILITIES (QEMU aborts at start) and cannot save nested state.
+//! * A guest with a disk runs on `microvm` instead (`auto-kernel-cmdline=on,acpi=off`, so that
+//!   the command line names its virtio-mmio devices, the only transport the test guest has;
+//!   see docs/test-guest.md): its disk is [`disk_args`], node `d0`.
 //! * `migration.store-global-state=off`: the guest is stopped before the migration (a save);
 //!   without the stored run state the destination starts the guest as soon as it is loaded,
 //!   like `tern restore` and `xm restore`, with no `cont` round trip to measure.
@@ -124,13 +127,19 @@ impl Qemu {
         let kernel = tern_testguest::path()
             .to_str()
             .context("test guest path is not UTF-8")?;
+        // A guest with a disk needs virtio-mmio, which only `microvm` has (see the module doc).
+        let machine = if w.disk.is_some() {
+            "microvm,auto-kernel-cmdline=on,rtc=off,pit=off,pic=off,acpi=off"
+        } else {
+            "pc,pit=off,hpet=off,max-ram-below-4g=3G"
+        };
         let args = [
             "-name",
             "tern-bench",
             "-accel",
             "kvm",
             "-machine",
-            "pc,pit=off,hpet=off,max-ram-below-4g=3G",
+            machine,
             "-cpu",
             "host,-vmx,-svm,-arch-capabilities",
             "-m",
@@ -155,7 +164,15 @@ impl Qemu {
             "-global",
             "migration.store-global-state=off",
         ];
-        Ok(args.iter().map(|s| s.to_string()).collect())
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if w.disk.is_some() {
+            args.extend(
+                ["-global", "virtio-mmio.force-legacy=false"]
+                    .iter()
+                    .map(|s| s.to_string()),
+            );
+        }
+        Ok(args)
     }
 
     /// Spawns QEMU (with `extra` arguments) and starts collecting its serial output.
@@ -223,6 +240,20 @@ impl Qemu {
         let guest = self.spawn(w, dir, &["-incoming".into(), self.restore_uri(file)?])?;
         Ok((guest, started))
     }
+}
+
+/// The arguments that give a (microvm) guest the raw image `image` as its virtio-blk disk,
+/// block node `d0`.
+pub fn disk_args(image: &Path) -> anyhow::Result<Vec<String>> {
+    let image = image.to_str().context("image path is not UTF-8")?;
+    Ok(vec![
+        "-blockdev".into(),
+        format!("driver=file,filename={image},node-name=f0,cache.direct=on,aio=threads"),
+        "-blockdev".into(),
+        "driver=raw,file=f0,node-name=d0".into(),
+        "-device".into(),
+        "virtio-blk-device,drive=d0".into(),
+    ])
 }
 
 /// The path, refused if it could break out of the single quotes of an `exec:` command.
@@ -414,6 +445,80 @@ impl QemuGuest {
             .event_time("STOP")
             .context("QEMU sent no STOP event")?;
         Ok(Some((status, seconds, stopped)))
+    }
+
+    /// Exports the guest's disk (node `d0`) writable over NBD at `host:port`, as a mirror's
+    /// target (the destination of a migration with its disk).
+    pub fn export_disk(&mut self, host: &str, port: u16) -> anyhow::Result<()> {
+        let qmp = self.qmp()?;
+        qmp.execute(
+            "nbd-server-start",
+            Some(json!({ "addr": { "type": "inet",
+                "data": { "host": host, "port": port.to_string() } } })),
+        )?;
+        qmp.execute(
+            "block-export-add",
+            Some(
+                json!({ "type": "nbd", "id": "e0", "node-name": "d0", "name": "d0",
+                "writable": true }),
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// Mirrors the guest's disk (node `d0`) to the NBD export `d0` at `host:port` and waits
+    /// until the mirror is in sync (its job is ready); the seconds that took.
+    pub fn mirror_disk(&mut self, host: &str, port: u16) -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let qmp = self.qmp()?;
+        qmp.execute(
+            "blockdev-add",
+            Some(
+                json!({ "driver": "nbd", "node-name": "target", "export": "d0",
+                "server": { "type": "inet", "host": host, "port": port.to_string() } }),
+            ),
+        )?;
+        qmp.execute(
+            "blockdev-mirror",
+            Some(json!({ "job-id": "m0", "device": "d0", "target": "target", "sync": "full" })),
+        )?;
+        guest::wait_for(
+            Duration::from_secs(600),
+            Duration::from_millis(50),
+            "QEMU's disk mirror to be in sync",
+            || {
+                let jobs = self.qmp()?.execute("query-block-jobs", None)?;
+                let job = jobs.as_array().and_then(|j| j.first()).cloned();
+                match job {
+                    Some(j) if j["ready"] == true => Ok(Some(())),
+                    Some(_) => Ok(None),
+                    None => bail!("QEMU's disk mirror ended before it was in sync"),
+                }
+            },
+        )?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    /// Ends the disk mirror once the guest is paused for good (its memory migrated): the
+    /// target gets the last writes, the guest keeps its own disk here (what libvirt does).
+    pub fn finish_mirror(&mut self) -> anyhow::Result<()> {
+        self.qmp()?
+            .execute("block-job-cancel", Some(json!({ "device": "m0" })))?;
+        guest::wait_for(
+            Duration::from_secs(60),
+            Duration::from_millis(2),
+            "QEMU's disk mirror to finish",
+            || {
+                let jobs = self.qmp()?.execute("query-block-jobs", None)?;
+                Ok(jobs.as_array().is_some_and(|j| j.is_empty()).then_some(()))
+            },
+        )
+    }
+
+    /// Resumes a guest started paused (`-S`).
+    pub fn cont(&mut self) -> anyhow::Result<()> {
+        self.qmp()?.execute("cont", None)?;
+        Ok(())
     }
 
     /// Polls `query-migrate` every `every` until the migration completed; its last answer.

@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -38,24 +38,6 @@ fn assert_arrived(from: &Host, to: &Host, name: &str, last_seq: u64, took: Durat
     );
     let after = to.wait_heartbeat(name, first.seq + 1, Duration::from_secs(10));
     to.assert_checks_clean(name, &after);
-}
-
-/// Asserts the guest still runs on `host` after a failed migration and checks itself clean.
-fn assert_still_runs(host: &Host, name: &str) {
-    // The guest gives up at its next record (about 20 ms at the tests' caps); a daemon killed
-    // and restarted meanwhile may answer sooner than that.
-    wait_for(Duration::from_secs(10), || {
-        host.state(name).as_deref() != Some("migrating")
-    });
-    let state = host.state(name).expect("the guest is listed on the source");
-    assert!(
-        state == "running" || state == "blocked",
-        "{name} is {state} on the source after a failed migration\n{}",
-        host.daemon_log()
-    );
-    let before = host.last_beat(name);
-    host.wait_heartbeat(name, before.seq + 3, Duration::from_secs(10));
-    host.assert_checks_clean(name, &before);
 }
 
 /// Moves `name` from `from` to `to` (at `address`) and checks its arrival.
@@ -228,30 +210,6 @@ fn fast_writers_converge_and_the_rate_cap_holds() {
         (180.0..=220.0).contains(&rate),
         "{rate:.1} Mbit/s with a 200 Mbit/s cap"
     );
-}
-
-/// Waits for a backgrounded `tern migrate` and asserts it failed with one `Error:` line.
-fn assert_migrate_failed(child: Child, context: &str) -> String {
-    let out = child.wait_with_output().expect("tern migrate");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "{context}: the migration succeeded: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(stderr.starts_with("Error: "), "{context}: {stderr:?}");
-    println!("{context}: {}", stderr.trim());
-    stderr
-}
-
-/// PID of the arriving guest's process on `host`, once there is one.
-fn incoming_pid(host: &Host) -> u32 {
-    let mut pid = None;
-    wait_for(Duration::from_secs(10), || {
-        pid = host.live_guest_processes().first().copied();
-        pid.is_some()
-    });
-    pid.expect("no guest process on the destination")
 }
 
 /// A slow live migration (a 400 Mbit/s cap over 256 MiB in use: about 6 s) to fail on purpose.

@@ -39,7 +39,13 @@ pub struct IncomingImage {
     path: PathBuf,
     size: u64,
     committed: bool,
+    /// Bytes written since writeback was last started.
+    unflushed: std::sync::atomic::AtomicU64,
 }
+
+/// Writeback of what arrived is started every this many bytes, so that a sync (at the end of
+/// each round, and the last one inside the guest's downtime) finds little left to write.
+const WRITEBACK_EVERY: u64 = 32 << 20;
 
 impl IncomingImage {
     /// Starts receiving image `name` (a plain file name) of `size` bytes in `dir`, of which
@@ -91,6 +97,7 @@ impl IncomingImage {
             path,
             size,
             committed: false,
+            unflushed: std::sync::atomic::AtomicU64::new(0),
         };
         // Holes everywhere to start with: what never arrives reads as zeros.
         image.file.set_len(size).map_err(io("cannot size"))?;
@@ -127,10 +134,23 @@ impl IncomingImage {
 
     /// Writes `data` at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), IncomingError> {
+        use std::sync::atomic::Ordering;
         self.check(offset, data.len() as u64)?;
         self.file
             .write_all_at(data, offset)
-            .map_err(|source| self.io_error("cannot write", source))
+            .map_err(|source| self.io_error("cannot write", source))?;
+        let pending = self
+            .unflushed
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if pending + data.len() as u64 >= WRITEBACK_EVERY {
+            self.unflushed.store(0, Ordering::Relaxed);
+            // SAFETY: starts writeback of the file's dirty pages; waits for nothing, touches
+            // no memory of ours. A failure only means the later sync has more to do.
+            unsafe {
+                libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            }
+        }
+        Ok(())
     }
 
     /// Makes `len` bytes at `offset` read as zeros, holding no blocks.
