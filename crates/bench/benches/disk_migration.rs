@@ -51,7 +51,8 @@ struct Figures {
     /// Everything sent, and the disk data of it.
     bytes: u64,
     disk_bytes: u64,
-    /// What had to move at least: the memory in use and the allocated, non-zero disk data.
+    /// What had to move: the memory in use, the allocated disk data, and the disk blocks the
+    /// guest wrote during the move (each write once, as a mirror would send it).
     needed_bytes: u64,
     rounds: u64,
     throttle_percent: u64,
@@ -255,12 +256,13 @@ fn tern_once(lab: &NetLab, tern: &Path, w: &Workload) -> anyhow::Result<Figures>
                 .heartbeats("bench")?
                 .pop()
                 .map(|(_, b)| b)
-                .filter(|b| b.passes > first.passes && b.disk_verified > first.disk_verified))
+                .filter(|b| checked_since(b, &first, w)))
         },
     )?;
     let destination = h2.heartbeats("bench")?;
     let felt = felt::measure(&source, &destination, start, end).context("the heartbeats")?;
     let disk_speed_kept = disk_speed_kept(&source, &destination, start, end);
+    let needed = needed_bytes(w, &source, &destination, start, end);
     h2.run(&["destroy", "bench"])?;
     let ns = |k: &str| s[k].as_u64().unwrap_or(0) as f64;
     Ok(Figures {
@@ -272,16 +274,37 @@ fn tern_once(lab: &NetLab, tern: &Path, w: &Workload) -> anyhow::Result<Figures>
         total_s: s["total_seconds"].as_f64().unwrap_or(0.0),
         bytes: s["bytes_sent"].as_u64().unwrap_or(0),
         disk_bytes: s["disks"]["bytes_sent"].as_u64().unwrap_or(0),
-        needed_bytes: needed_bytes(w),
+        needed_bytes: needed,
         rounds: s["rounds"].as_array().map_or(0, |r| r.len() as u64),
         throttle_percent: s["max_throttle_percent"].as_u64().unwrap_or(0),
         checks_clean: last.mem_errors == 0 && last.reg_errors == 0 && last.disk_errors == 0,
     })
 }
 
-/// What has to move at least: the guest's memory in use and its image's allocated data.
-fn needed_bytes(w: &Workload) -> u64 {
-    w.touched_estimate() + ALLOCATED_BYTES
+/// Whether the guest checked its memory, and its disk if it writes one, since `first`.
+fn checked_since(b: &Heartbeat, first: &Heartbeat, w: &Workload) -> bool {
+    let writes_disk = w.disk.as_ref().is_some_and(|d| d.kibps > 0);
+    b.passes > first.passes && (!writes_disk || b.disk_verified > first.disk_verified)
+}
+
+/// What had to move: the guest's memory in use, its image's allocated data, and the disk
+/// blocks it wrote from `start` to `end` (each write once: what a mirror sends), from its
+/// heartbeats on both hosts.
+fn needed_bytes(
+    w: &Workload,
+    source: &[(f64, Heartbeat)],
+    destination: &[(f64, Heartbeat)],
+    start: f64,
+    end: f64,
+) -> u64 {
+    let all: Vec<&(f64, Heartbeat)> = source.iter().chain(destination.iter()).collect();
+    let before = all.iter().rev().find(|(at, _)| *at <= start);
+    let after = all.iter().find(|(at, _)| *at >= end);
+    let written = match (before, after) {
+        (Some(b), Some(a)) => a.1.disk_written.saturating_sub(b.1.disk_written) * 4096,
+        _ => 0,
+    };
+    w.touched_estimate() + ALLOCATED_BYTES + written
 }
 
 /// QEMU as libvirt moves a guest with its local disk: the destination (started paused)
@@ -309,18 +332,30 @@ fn qemu_once(lab: &NetLab, q: &Qemu, w: &Workload) -> anyhow::Result<Figures> {
     let mut extra = vec!["-incoming".to_string(), uri.clone(), "-S".to_string()];
     extra.extend(disk_args(&dst_image)?);
     let mut dst = q.spawn_in(w, &dst_dir, &extra, Some(lab.ns(Member::Host2)))?;
-    dst.export_disk(&host2, QEMU_NBD_PORT)?;
+    dst.export_disk(&host2, QEMU_NBD_PORT)
+        .with_context(|| dst.stderr_tail())?;
     let start = tern_bench::unix_now();
-    let mirrored_s = src.mirror_disk(&host2, QEMU_NBD_PORT)?;
-    let Some((status, _, stopped)) = src.migrate_live(&uri, DOWNTIME_MS, QEMU_GIVE_UP)? else {
+    let mirrored_s = src
+        .mirror_disk(&host2, QEMU_NBD_PORT)
+        .with_context(|| format!("{}; destination {}", src.stderr_tail(), dst.stderr_tail()))?;
+    let migrated = src
+        .migrate_live(&uri, DOWNTIME_MS, QEMU_GIVE_UP)
+        .with_context(|| format!("{}; destination {}", src.stderr_tail(), dst.stderr_tail()))?;
+    let Some((status, _, stopped)) = migrated else {
         bail!("QEMU's memory migration did not converge in {QEMU_GIVE_UP:?}");
     };
-    src.finish_mirror()?;
-    dst.cont()?;
+    src.finish_mirror().with_context(|| src.stderr_tail())?;
+    dst.stop_export().with_context(|| dst.stderr_tail())?;
+    dst.cont().with_context(|| dst.stderr_tail())?;
     let end = tern_bench::unix_now();
     let resumed = dst.wait_resumed()?;
     println!("  QEMU: disk in sync after {mirrored_s:.2} s");
-    let first = guest::last_beat(&dst)?;
+    let first = guest::wait_for(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        "heartbeats under QEMU on the destination",
+        || Ok(guest::last_beat(&dst).ok()),
+    )?;
     let last = guest::wait_for(
         Duration::from_secs(60),
         Duration::from_millis(200),
@@ -328,13 +363,14 @@ fn qemu_once(lab: &NetLab, q: &Qemu, w: &Workload) -> anyhow::Result<Figures> {
         || {
             Ok(guest::last_beat(&dst)
                 .ok()
-                .filter(|b| b.passes > first.passes && b.disk_verified > first.disk_verified))
+                .filter(|b| checked_since(b, &first, w)))
         },
     )?;
     let source = guest::beats(&src.lines()?);
     let destination = guest::beats(&dst.lines()?);
     let felt = felt::measure(&source, &destination, start, end).context("the heartbeats")?;
     let disk_speed_kept = disk_speed_kept(&source, &destination, start, end);
+    let needed = needed_bytes(w, &source, &destination, start, end);
     let _ = src.quit();
     let _ = dst.quit();
     let disk_bytes =
@@ -352,7 +388,7 @@ fn qemu_once(lab: &NetLab, q: &Qemu, w: &Workload) -> anyhow::Result<Figures> {
         total_s: end - start,
         bytes: ram + disk_bytes,
         disk_bytes,
-        needed_bytes: needed_bytes(w),
+        needed_bytes: needed,
         rounds: status["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
         throttle_percent: status["cpu-throttle-percentage"].as_u64().unwrap_or(0),
         checks_clean: last.mem_errors == 0 && last.reg_errors == 0 && last.disk_errors == 0,
@@ -415,8 +451,9 @@ fn report(results: &[Figures], link_bps: f64, info: &MachineInfo, qemu: Option<&
          live-migrated with its disk from host1 to host2 of the test lab, each host with a disk \
          directory of its own; the guest writes numbered, checksummed blocks over that 1 GiB at \
          the given rate and reads them back throughout. The hosts' link is shaped to \
-         {LINK_MBIT} Mbit/s (measured: {:.0} Mbit/s). *What had to move* is the memory in use \
-         and the image's allocated non-zero data; *total / link* is the total time over the \
+         {LINK_MBIT} Mbit/s (measured: {:.0} Mbit/s). *What had to move* is the memory in use, \
+         the image's allocated data and every disk block the guest wrote during the move (once \
+         each, as a mirror would send them); *total / link* is the total time over the \
          time those bytes take on the link. The guest's figures are from its heartbeats as in \
          the memory-only benchmark; *disk speed kept* is its disk writing during the move over \
          before it. QEMU runs the guest on its `microvm` machine (virtio-mmio, as tern) and \

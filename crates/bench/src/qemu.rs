@@ -512,7 +512,22 @@ impl QemuGuest {
                 let jobs = self.qmp()?.execute("query-block-jobs", None)?;
                 Ok(jobs.as_array().is_some_and(|j| j.is_empty()).then_some(()))
             },
-        )
+        )?;
+        // Disconnects from the destination's export.
+        self.qmp()?
+            .execute("blockdev-del", Some(json!({ "node-name": "target" })))?;
+        Ok(())
+    }
+
+    /// Stops exporting the disk (before the guest resumes and writes it itself).
+    pub fn stop_export(&mut self) -> anyhow::Result<()> {
+        let qmp = self.qmp()?;
+        qmp.execute(
+            "block-export-del",
+            Some(json!({ "id": "e0", "mode": "hard" })),
+        )?;
+        qmp.execute("nbd-server-stop", None)?;
+        Ok(())
     }
 
     /// Resumes a guest started paused (`-S`).

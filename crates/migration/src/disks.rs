@@ -50,6 +50,11 @@ pub trait SourceDisk: Send + Sync {
     fn block_size(&self) -> u64;
     /// The blocks written since the log started or was last taken (bit i: block i).
     fn take_written(&self) -> Vec<u64>;
+    /// The engine is about to read `range`: forgets the marks of the blocks wholly inside it
+    /// (what was written there so far goes with the read; a later write marks them again).
+    fn rearm(&self, range: Range<u64>);
+    /// Caps the guest's writes to this disk at `bytes_per_sec` (None: no cap).
+    fn limit_writes(&self, bytes_per_sec: Option<u64>);
     /// Reads `buf.len()` bytes at `offset` of the image.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String>;
 }
@@ -99,7 +104,15 @@ pub(crate) struct DiskCopy {
     skipped: u64,
     /// Data bytes sent so far.
     sent: u64,
+    /// Bytes allocated in the images when the bulk pass began.
+    allocated: u64,
+    /// Per disk: the rate the guest wrote at over the last round, bytes per second.
+    write_rates: Vec<f64>,
+    last_take: Instant,
 }
+
+/// The least a throttled guest may still write to a disk, bytes per second.
+const MIN_WRITE_RATE: f64 = 1048576.0;
 
 impl DiskCopy {
     pub fn new(disks: Vec<Arc<dyn SourceDisk>>) -> DiskCopy {
@@ -112,6 +125,33 @@ impl DiskCopy {
             rounds: Vec::new(),
             skipped: 0,
             sent: 0,
+            allocated: 0,
+            write_rates: Vec::new(),
+            last_take: Instant::now(),
+        }
+    }
+
+    /// Bytes allocated in the images when the bulk pass began.
+    pub fn allocated(&self) -> u64 {
+        self.allocated
+    }
+
+    /// Slows the guest's disk writes as auto-converge slows its vCPUs: to `100 - percent`
+    /// percent of the rate it wrote at over the last round (at least 1 MiB/s); no cap at 0.
+    pub fn throttle(&mut self, percent: u8) {
+        for (disk, rate) in self.disks.iter().zip(&self.write_rates) {
+            let cap = (percent > 0).then(|| {
+                (rate * f64::from(100 - percent.min(100)) / 100.0).max(MIN_WRITE_RATE) as u64
+            });
+            disk.limit_writes(cap);
+        }
+    }
+
+    /// Lifts the caps on the guest's writes (before the pause: a write waiting for its turn
+    /// would hold the pause up).
+    pub fn unthrottle(&mut self) {
+        for disk in &self.disks {
+            disk.limit_writes(None);
         }
     }
 
@@ -154,6 +194,7 @@ impl DiskCopy {
             .map(|d| d.allocated().map_err(|e| disk_err(d.as_ref(), e)))
             .collect::<Result<_, _>>()?;
         let mut left: u64 = extents.iter().flatten().map(|r| r.end - r.start).sum();
+        self.allocated = left;
         for (index, ranges) in extents.iter().enumerate() {
             for range in ranges {
                 let mut at = range.start;
@@ -177,8 +218,13 @@ impl DiskCopy {
     /// Adds the blocks written since the last look to what the next round sends; returns
     /// the bytes it will send.
     pub fn take_written(&mut self) -> u64 {
+        let seconds = self.last_take.elapsed().as_secs_f64().max(1e-3);
+        self.last_take = Instant::now();
+        self.write_rates.clear();
         for (disk, pending) in self.disks.iter().zip(self.pending.iter_mut()) {
             let written = blocks_to_ranges(&disk.take_written(), disk.block_size(), disk.size());
+            let bytes: u64 = written.iter().map(|r| r.end - r.start).sum();
+            self.write_rates.push(bytes as f64 / seconds);
             *pending = merge(std::mem::take(pending), written);
         }
         self.pending_bytes()
@@ -230,6 +276,7 @@ impl DiskCopy {
     ) -> Result<DiskTally, MigrationError> {
         let disk = self.disks[index].clone();
         let buf = &mut self.buf[..len as usize];
+        disk.rearm(offset..offset + len);
         disk.read_at(buf, offset)
             .map_err(|e| disk_err(disk.as_ref(), e))?;
         let mut tally = DiskTally::default();

@@ -100,7 +100,9 @@ impl StopReason {
         match self {
             StopReason::FitsBudget => "the remaining pages fit the downtime budget",
             StopReason::RoundLimit => "the round limit was reached",
-            StopReason::ByteLimit => "the byte limit (3x guest memory) was reached",
+            StopReason::ByteLimit => {
+                "the byte limit (3x guest memory and copied disks) was reached"
+            }
             StopReason::NotConverging => {
                 "the guest dirtied memory faster than it could be sent, even slowed down"
             }

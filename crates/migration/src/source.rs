@@ -525,7 +525,8 @@ impl Sender<'_> {
             self.vm.rearm(region, 0, bits).map_err(vm_err)?;
         }
         let first = self.populated()?;
-        let memory_bytes = self.plan.offer.info.memory_bytes;
+        // The disks count as memory here: a pass over both, three times both sent at most.
+        let memory_bytes = self.plan.offer.info.memory_bytes + self.disks.allocated();
         let mut convergence = Convergence::new(self.plan.limits.clone(), memory_bytes);
         // Post-copy's pre-copy is never throttled and ends early (see `postcopy::switch`).
         let mut watch = self.plan.postcopy.then(|| SwitchWatch::new(&first));
@@ -576,6 +577,7 @@ impl Sender<'_> {
             }
             round += 1;
         };
+        self.disks.unthrottle();
         let mut stop = self.pause(true)?;
         stop.stop_reason = reason;
         let t = Instant::now();
@@ -743,6 +745,7 @@ impl Sender<'_> {
         if percent != self.throttle {
             log::info!("auto-converge: vCPUs throttled to {percent}%");
             self.vm.set_throttle(percent).map_err(vm_err)?;
+            self.disks.throttle(percent);
             self.throttle = percent;
             self.max_throttle = self.max_throttle.max(percent);
         }
@@ -997,6 +1000,7 @@ impl Sender<'_> {
 
     /// Puts the guest back as it was: full speed, no dirty log, running if it ran.
     fn undo(&mut self, live: bool, was_running: bool) {
+        self.disks.unthrottle();
         self.disks.stop();
         if let Err(e) = self.vm.set_throttle(0) {
             log::error!("cannot end throttling: {e}");

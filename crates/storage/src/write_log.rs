@@ -8,6 +8,8 @@
 //! written is ever missed.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// The written blocks of a disk of `size` bytes, in blocks of `block_size` bytes (a power of
 /// two), while the log is on. Shared between the disk's worker and a migration.
@@ -18,7 +20,22 @@ pub struct WriteLog {
     on: AtomicBool,
     /// Bit i of word w: block `w * 64 + i` was written.
     words: Vec<AtomicU64>,
+    /// A cap on the guest's write rate, while a migration slows the guest down.
+    limit: Mutex<Option<Bucket>>,
 }
+
+/// A token bucket of bytes.
+#[derive(Debug)]
+struct Bucket {
+    bytes_per_sec: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+/// The most a bucket holds: 20 ms of its rate (a burst the guest may write at once).
+const BURST_SECONDS: f64 = 0.02;
+/// The longest a throttled write sleeps before it looks whether the cap was lifted.
+pub const WAIT_STEP: Duration = Duration::from_millis(2);
 
 impl WriteLog {
     /// An empty log, off.
@@ -32,6 +49,7 @@ impl WriteLog {
             words: (0..blocks.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            limit: Mutex::new(None),
         }
     }
 
@@ -77,6 +95,71 @@ impl WriteLog {
                 word.fetch_or(1 << (block % 64), Ordering::SeqCst);
             }
         }
+    }
+
+    /// Forgets the marks of the blocks wholly inside `len` bytes at `offset`: the migration
+    /// is about to read them, so what was written there so far goes with the read; a write
+    /// after this marks them again.
+    pub fn clear_range(&self, offset: u64, len: u64) {
+        let first = offset.div_ceil(self.block_size);
+        let end = offset.saturating_add(len).min(self.size) / self.block_size;
+        for block in first..end {
+            if let Some(word) = self.words.get((block / 64) as usize) {
+                word.fetch_and(!(1 << (block % 64)), Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Caps the guest's writes at `bytes_per_sec` (None: no cap), as a migration's
+    /// auto-converge slows the guest down.
+    pub fn set_limit(&self, bytes_per_sec: Option<u64>) {
+        let mut limit = self.limit.lock().unwrap_or_else(|p| p.into_inner());
+        *limit = bytes_per_sec.map(|rate| Bucket {
+            bytes_per_sec: rate.max(1) as f64,
+            tokens: rate as f64 * BURST_SECONDS,
+            at: Instant::now(),
+        });
+    }
+
+    /// How long a write of `len` bytes must wait under the cap (zero without one); the
+    /// writer waits that long before it writes.
+    pub fn delay(&self, len: u64) -> Duration {
+        let mut limit = self.limit.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(bucket) = limit.as_mut() else {
+            return Duration::ZERO;
+        };
+        let now = Instant::now();
+        let burst = bucket.bytes_per_sec * BURST_SECONDS;
+        let refill = now.duration_since(bucket.at).as_secs_f64() * bucket.bytes_per_sec;
+        bucket.tokens = (bucket.tokens + refill).min(burst.max(len as f64));
+        bucket.at = now;
+        bucket.tokens -= len as f64;
+        if bucket.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-bucket.tokens / bucket.bytes_per_sec)
+        }
+    }
+
+    /// Waits as long as a write of `len` bytes must under the cap, in short steps, so that
+    /// lifting the cap (as a migration does before it pauses the guest) ends the wait within
+    /// [`WAIT_STEP`].
+    pub fn throttle(&self, len: u64) {
+        let until = Instant::now() + self.delay(len);
+        loop {
+            let now = Instant::now();
+            if now >= until || !self.is_limited() {
+                return;
+            }
+            std::thread::sleep((until - now).min(WAIT_STEP));
+        }
+    }
+
+    fn is_limited(&self) -> bool {
+        self.limit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// The blocks marked since the last take (bit i of word w: block `w * 64 + i`), clearing
@@ -125,6 +208,31 @@ mod tests {
         log.stop();
         assert!(marked(&log.take()).is_empty(), "stop forgets");
         assert!(!log.is_on());
+    }
+
+    #[test]
+    fn a_cleared_range_forgets_only_its_whole_blocks() {
+        let log = WriteLog::new(8 * BLOCK, BLOCK);
+        log.start();
+        for b in 0..8 {
+            log.mark(b * BLOCK, 1);
+        }
+        log.clear_range(BLOCK + 512, 3 * BLOCK); // blocks 2 and 3 whole, 1 and 4 in part
+        assert_eq!(marked(&log.take()), vec![0, 1, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn a_write_limit_delays_writes_past_its_rate() {
+        let log = WriteLog::new(BLOCK, BLOCK);
+        assert_eq!(log.delay(1 << 20), Duration::ZERO, "no limit");
+        log.set_limit(Some(10 << 20));
+        let first = log.delay(1 << 20);
+        let second = log.delay(1 << 20);
+        // 1 MiB at 10 MiB/s is 100 ms; the bucket's burst (20 ms) goes first.
+        assert!(first > Duration::from_millis(60) && first < Duration::from_millis(100));
+        assert!(second > Duration::from_millis(150), "{second:?}");
+        log.set_limit(None);
+        assert_eq!(log.delay(1 << 20), Duration::ZERO);
     }
 
     #[test]

@@ -132,8 +132,13 @@ fn newest_source(dir: &std::path::Path) -> Option<(std::time::SystemTime, PathBu
             }
         }
     }
+    // The crates the tern executable is not built from: changing them does not relink it.
+    const NOT_IN_TERN: [&str; 3] = ["bench", "demo", "testkit"];
     let mut best = None;
     for krate in std::fs::read_dir(dir).ok()?.flatten() {
+        if NOT_IN_TERN.iter().any(|n| krate.file_name() == *n) {
+            continue;
+        }
         walk(&krate.path().join("src"), &mut best);
     }
     best

@@ -119,6 +119,15 @@ impl SourceDisk for FileDisk {
         self.written.take()
     }
 
+    fn rearm(&self, range: Range<u64>) {
+        self.written
+            .clear_range(range.start, range.end - range.start);
+    }
+
+    fn limit_writes(&self, bytes_per_sec: Option<u64>) {
+        self.written.set_limit(bytes_per_sec);
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
         self.file
             .read_exact_at(buf, offset)

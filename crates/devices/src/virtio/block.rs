@@ -357,6 +357,8 @@ impl Requests {
         if len > MAX_REQUEST || !self.in_range(offset, len) || len as u64 % SECTOR != 0 {
             return S_IOERR;
         }
+        // A migration slowing the guest down caps its writes too (auto-converge).
+        self.written.throttle(len as u64);
         self.buf.resize(len, 0);
         let mut buf = std::mem::take(&mut self.buf);
         let result = reader

@@ -284,6 +284,14 @@ impl SourceDisk for FakeDisk {
         self.log.take()
     }
 
+    fn rearm(&self, range: Range<u64>) {
+        self.log.clear_range(range.start, range.end - range.start);
+    }
+
+    fn limit_writes(&self, bytes_per_sec: Option<u64>) {
+        self.log.set_limit(bytes_per_sec);
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
         let data = self.data.lock().unwrap();
         let at = offset as usize;
