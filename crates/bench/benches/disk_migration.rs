@@ -236,8 +236,9 @@ fn tern_once(lab: &NetLab, tern: &Path, w: &Workload) -> anyhow::Result<Figures>
     let end = tern_bench::unix_now();
     let s: serde_json::Value = serde_json::from_str(out.trim()).context("tern's summary")?;
     println!(
-        "  tern disks: {}; stopped: {}",
+        "  tern disks: {}; downtime parts {}; stopped: {}",
         s["disks"],
+        s["downtime_parts"],
         s["stop_reason"].as_str().unwrap_or("")
     );
     let source = felt::kept_beats(kept.path())?;
@@ -339,12 +340,11 @@ fn qemu_once(lab: &NetLab, q: &Qemu, w: &Workload) -> anyhow::Result<Figures> {
         .mirror_disk(&host2, QEMU_NBD_PORT)
         .with_context(|| format!("{}; destination {}", src.stderr_tail(), dst.stderr_tail()))?;
     let migrated = src
-        .migrate_live(&uri, DOWNTIME_MS, QEMU_GIVE_UP)
+        .migrate_live_with_mirror(&uri, DOWNTIME_MS, QEMU_GIVE_UP)
         .with_context(|| format!("{}; destination {}", src.stderr_tail(), dst.stderr_tail()))?;
     let Some((status, _, stopped)) = migrated else {
         bail!("QEMU's memory migration did not converge in {QEMU_GIVE_UP:?}");
     };
-    src.finish_mirror().with_context(|| src.stderr_tail())?;
     dst.stop_export().with_context(|| dst.stderr_tail())?;
     dst.cont().with_context(|| dst.stderr_tail())?;
     let end = tern_bench::unix_now();

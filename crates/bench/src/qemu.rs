@@ -412,12 +412,37 @@ impl QemuGuest {
         downtime_ms: u64,
         give_up: Duration,
     ) -> anyhow::Result<Option<(serde_json::Value, f64, f64)>> {
+        self.migrate_live_then(uri, downtime_ms, give_up, false)
+    }
+
+    /// [`QemuGuest::migrate_live`] of a guest whose disk is being mirrored: the migration
+    /// stops before the switchover (the guest paused), the mirror is ended there (its last
+    /// writes reach the target), and the migration completes: as libvirt does with
+    /// `pause-before-switchover`. (Ending the mirror after the migration completed writes to
+    /// a disk QEMU has handed over: QEMU 7.2 aborts.)
+    pub fn migrate_live_with_mirror(
+        &mut self,
+        uri: &str,
+        downtime_ms: u64,
+        give_up: Duration,
+    ) -> anyhow::Result<Option<(serde_json::Value, f64, f64)>> {
+        self.migrate_live_then(uri, downtime_ms, give_up, true)
+    }
+
+    fn migrate_live_then(
+        &mut self,
+        uri: &str,
+        downtime_ms: u64,
+        give_up: Duration,
+        mirror: bool,
+    ) -> anyhow::Result<Option<(serde_json::Value, f64, f64)>> {
         let qmp = self.qmp()?;
         qmp.execute(
             "migrate-set-capabilities",
             Some(json!({ "capabilities": [
                 { "capability": "auto-converge", "state": true },
-                { "capability": "events", "state": true }
+                { "capability": "events", "state": true },
+                { "capability": "pause-before-switchover", "state": mirror }
             ]})),
         )?;
         qmp.execute(
@@ -431,6 +456,13 @@ impl QemuGuest {
             match s["status"].as_str() {
                 Some("completed") => break s,
                 Some("failed") | Some("cancelled") => bail!("QEMU's migration failed: {s}"),
+                Some("pre-switchover") => {
+                    self.finish_mirror()?;
+                    self.qmp()?.execute(
+                        "migrate-continue",
+                        Some(json!({ "state": "pre-switchover" })),
+                    )?;
+                }
                 _ => {}
             }
             if t.elapsed() > give_up {
