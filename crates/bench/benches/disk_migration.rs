@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use tern_bench::felt::{self, Felt};
 use tern_bench::guest::{self, Console, DiskLoad, Heartbeat, Workload};
-use tern_bench::lab::{measure_link, shape};
+use tern_bench::lab::shaped;
 use tern_bench::machine_info::MachineInfo;
 use tern_bench::qemu::{self, disk_args, Qemu};
 use tern_testkit::{relocation_toml_with, KvmLock, Member, NetLab, TernHost, LAB_HOSTS_ALLOW};
@@ -100,24 +100,9 @@ fn rates() -> Vec<u64> {
 
 fn run() -> anyhow::Result<()> {
     let tern = tern_testkit::find_tern()?;
-    let qemu = match std::env::var("TERN_BENCH_QEMU").as_deref() {
-        Ok("off") => None,
-        _ => match qemu::detect() {
-            Ok(q) => Some(q),
-            Err(why) => {
-                eprintln!("warning: QEMU left out: {why}");
-                None
-            }
-        },
-    };
+    let qemu = qemu::unless_off();
     let _lock = KvmLock::acquire();
-    let lab = NetLab::new()?;
-    shape(&lab, LINK_MBIT)?;
-    let link_bps = measure_link(&lab)?;
-    println!(
-        "link host1 -> host2: shaped to {LINK_MBIT} Mbit/s, measured {:.0} Mbit/s",
-        link_bps * 8.0 / 1e6
-    );
+    let (lab, link_bps) = shaped(LINK_MBIT)?;
     let mut results = Vec::new();
     for rate in rates() {
         let f = tern_once(&lab, &tern, &workload(rate))

@@ -8,6 +8,19 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use tern_testkit::{run_in_netns, Member, NetLab};
 
+/// A new lab whose hosts' link is shaped to `mbit`; the rate one TCP stream gets on it
+/// (printed), bytes per second.
+pub fn shaped(mbit: u64) -> anyhow::Result<(NetLab, f64)> {
+    let lab = NetLab::new()?;
+    shape(&lab, mbit)?;
+    let link_bps = measure_link(&lab)?;
+    println!(
+        "link host1 -> host2: shaped to {mbit} Mbit/s, measured {:.0} Mbit/s",
+        link_bps * 8.0 / 1e6
+    );
+    Ok((lab, link_bps))
+}
+
 /// A token bucket of `mbit` megabits per second on each host's uplink: both directions of every host-to-host path.
 pub fn shape(lab: &NetLab, mbit: u64) -> anyhow::Result<()> {
     for m in Member::HOSTS {

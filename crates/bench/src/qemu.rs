@@ -41,6 +41,21 @@ pub struct Qemu {
     pub version_line: String,
 }
 
+/// The QEMU a benchmark puts beside tern: none with `TERN_BENCH_QEMU=off`, or when none can
+/// run here (said on stderr).
+pub fn unless_off() -> Option<Qemu> {
+    if std::env::var("TERN_BENCH_QEMU").as_deref() == Ok("off") {
+        return None;
+    }
+    match detect() {
+        Ok(q) => Some(q),
+        Err(why) => {
+            eprintln!("warning: QEMU left out: {why}");
+            None
+        }
+    }
+}
+
 /// Finds `qemu-system-x86_64` (or `$TERN_BENCH_QEMU`) and checks it can use KVM; the reason
 /// when it cannot.
 pub fn detect() -> Result<Qemu, String> {

@@ -145,18 +145,7 @@ fn disk_workload_runs_a_minute_on_a_file_and_on_nbd() {
     }
     // The blocks on the disks themselves check out too (written by the guest, read by us).
     host.ok(&["destroy", "filedisk"]);
-    let image = std::fs::read(&file_disk).expect("image");
-    let written = image
-        .chunks(4096)
-        .take(4096)
-        .enumerate()
-        .filter(|(i, block)| {
-            matches!(
-                tern_testguest::check_disk_block(block, *i as u64),
-                Ok(Some(_))
-            )
-        })
-        .count();
+    let written = valid_disk_blocks(&file_disk, 4096);
     assert!(
         written > 4000,
         "only {written} valid blocks on the file disk"

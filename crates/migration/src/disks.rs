@@ -187,28 +187,13 @@ impl DiskCopy {
         between: &mut Between<'_, T>,
     ) -> Result<DiskTally, MigrationError> {
         let started = Instant::now();
-        let mut tally = DiskTally::default();
         let extents: Vec<Vec<Range<u64>>> = self
             .disks
             .iter()
             .map(|d| d.allocated().map_err(|e| disk_err(d.as_ref(), e)))
             .collect::<Result<_, _>>()?;
-        let mut left: u64 = extents.iter().flatten().map(|r| r.end - r.start).sum();
-        self.allocated = left;
-        for (index, ranges) in extents.iter().enumerate() {
-            for range in ranges {
-                let mut at = range.start;
-                while at < range.end {
-                    between(w, left, self.sent)?;
-                    let len = (range.end - at).min(CHUNK as u64);
-                    let t = self.send_chunk(w, index, at, len, false)?;
-                    tally.bytes += t.bytes;
-                    tally.zero_bytes += t.zero_bytes;
-                    left = left.saturating_sub(len);
-                    at += len;
-                }
-            }
-        }
+        self.allocated = extents.iter().flatten().map(|r| r.end - r.start).sum();
+        let tally = self.send_ranges(w, &extents, false, between)?;
         self.bulk = tally;
         self.bulk_seconds = started.elapsed().as_secs_f64();
         self.skipped += tally.zero_bytes;
@@ -242,16 +227,29 @@ impl DiskCopy {
         w: &mut SnapshotWriter<Channel<T>>,
         between: &mut Between<'_, T>,
     ) -> Result<DiskTally, MigrationError> {
-        let mut tally = DiskTally::default();
-        let mut left = self.pending_bytes();
         let pending = std::mem::replace(&mut self.pending, vec![Vec::new(); self.disks.len()]);
-        for (index, ranges) in pending.iter().enumerate() {
+        let tally = self.send_ranges(w, &pending, true, between)?;
+        self.rounds.push(tally.bytes);
+        Ok(tally)
+    }
+
+    /// Sends the byte `ranges` of each disk chunk by chunk (see [`DiskCopy::send_chunk`]).
+    fn send_ranges<T: Transport>(
+        &mut self,
+        w: &mut SnapshotWriter<Channel<T>>,
+        ranges: &[Vec<Range<u64>>],
+        send_zeros: bool,
+        between: &mut Between<'_, T>,
+    ) -> Result<DiskTally, MigrationError> {
+        let mut tally = DiskTally::default();
+        let mut left: u64 = ranges.iter().flatten().map(|r| r.end - r.start).sum();
+        for (index, ranges) in ranges.iter().enumerate() {
             for range in ranges {
                 let mut at = range.start;
                 while at < range.end {
                     between(w, left, self.sent)?;
                     let len = (range.end - at).min(CHUNK as u64);
-                    let t = self.send_chunk(w, index, at, len, true)?;
+                    let t = self.send_chunk(w, index, at, len, send_zeros)?;
                     tally.bytes += t.bytes;
                     tally.zero_bytes += t.zero_bytes;
                     left = left.saturating_sub(len);
@@ -259,7 +257,6 @@ impl DiskCopy {
                 }
             }
         }
-        self.rounds.push(tally.bytes);
         Ok(tally)
     }
 

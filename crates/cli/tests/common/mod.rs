@@ -507,3 +507,19 @@ pub fn assert_still_runs(host: &Host, name: &str) {
     host.wait_heartbeat(name, before.seq + 3, Duration::from_secs(10));
     host.assert_checks_clean(name, &before);
 }
+
+/// How many of the first `blocks` 4 KiB blocks of `image` are blocks the test guest wrote
+/// and checks out (read here, after the guest is gone).
+pub fn valid_disk_blocks(image: &Path, blocks: usize) -> usize {
+    let data = std::fs::read(image).expect("image");
+    data.chunks(4096)
+        .take(blocks)
+        .enumerate()
+        .filter(|(i, block)| {
+            matches!(
+                tern_testguest::check_disk_block(block, *i as u64),
+                Ok(Some(_))
+            )
+        })
+        .count()
+}
