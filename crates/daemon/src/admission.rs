@@ -981,6 +981,17 @@ fn check_absolute(what: &str, path: &Path) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Where disks copied here go: `disk_dir` if it is a directory of the storage (canonical),
+/// else (not set) the first directory of the storage; None if there is none.
+fn copied_disk_dir(storage: &Storage, disk_dir: Option<&Path>) -> Option<PathBuf> {
+    match disk_dir {
+        Some(dir) => std::fs::canonicalize(dir)
+            .ok()
+            .filter(|d| storage.directories().any(|s| s == d)),
+        None => storage.directories().next().map(Path::to_path_buf),
+    }
+}
+
 /// The largest disk image a migration may copy here (64 TiB).
 const COPIED_DISK_MAX: u64 = 64 << 40;
 
@@ -1003,21 +1014,9 @@ fn place_copied_disks(
             theirs: offer.protocol,
         });
     }
-    let no_storage = || Refusal::NoDiskStorage {
+    let dir = copied_disk_dir(storage, disk_dir).ok_or_else(|| Refusal::NoDiskStorage {
         vdev: shown(&first.vdev),
-    };
-    let dir = match disk_dir {
-        // Only a directory of the storage itself (checked at start too).
-        Some(dir) => std::fs::canonicalize(dir)
-            .ok()
-            .filter(|d| storage.directories().any(|s| s == d))
-            .ok_or_else(no_storage)?,
-        None => storage
-            .directories()
-            .next()
-            .ok_or_else(no_storage)?
-            .to_path_buf(),
-    };
+    })?;
     let mut names = HashSet::new();
     let mut needed = 0u64;
     for copied in &offer.copy_disks {

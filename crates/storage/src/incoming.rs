@@ -77,6 +77,7 @@ impl IncomingImage {
             });
         }
         let partial = Self::partial_path_of(dir, name);
+        remove_if_stale(&partial);
         let io = |what| {
             let partial = partial.clone();
             move |source| IncomingError::Io {
@@ -91,6 +92,10 @@ impl IncomingImage {
             .create_new(true)
             .open(&partial)
             .map_err(io("cannot create"))?;
+        // Held while this receiver lives: a later one tells a live image from a leftover.
+        if !lock(&file) {
+            return Err(io("cannot lock")(std::io::Error::last_os_error()));
+        }
         let image = IncomingImage {
             file,
             partial: partial.clone(),
@@ -231,6 +236,24 @@ impl Drop for IncomingImage {
     }
 }
 
+/// Removes `partial` if it was left by a receiver that died: every receiver holds a lock
+/// on its temporary image for as long as it lives, so one that can be locked has none. A
+/// receiver's image stays, and creating the image again fails on it.
+fn remove_if_stale(partial: &Path) {
+    let Ok(file) = File::options().read(true).open(partial) else {
+        return;
+    };
+    if lock(&file) {
+        let _ = std::fs::remove_file(partial);
+    }
+}
+
+/// Takes an exclusive lock on `file` without waiting; false if another holds one.
+fn lock(file: &File) -> bool {
+    // SAFETY: flock on a descriptor we hold; it touches no memory.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
 /// Bytes an unprivileged writer may still allocate in the file system of `dir`.
 pub fn free_bytes(dir: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -274,6 +297,23 @@ mod tests {
         assert_eq!(back, [5u8; 4096]);
         file.read_exact_at(&mut back, 9 * MIB).unwrap();
         assert_eq!(back, [0u8; 4096]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_leftover_of_a_dead_receiver_is_replaced_a_live_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = IncomingImage::create(dir.path(), "a.img", MIB, 0).unwrap();
+        assert!(
+            IncomingImage::create(dir.path(), "a.img", MIB, 0).is_err(),
+            "a receiver is writing it"
+        );
+        drop(live);
+        // A killed receiver leaves its image, and its lock goes with its process.
+        let partial = IncomingImage::partial_path_of(dir.path(), "a.img");
+        std::fs::write(&partial, b"half").unwrap();
+        let img = IncomingImage::create(dir.path(), "a.img", MIB, 0).unwrap();
+        img.commit().unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
