@@ -444,6 +444,8 @@ impl Machine {
             return Ok(self.ram.set_dirty_logging(&self.vm, true)?);
         };
         rings.clear().map_err(ring_err)?;
+        // Looked at whole once here, before the first pass, in its holes only after.
+        self.ram.forget_data();
         for index in 0..self.ram.log_slices().len() {
             if self.ram.slice_data_pages(index)?.is_empty() {
                 self.start_slice_log(&rings, index)?;
