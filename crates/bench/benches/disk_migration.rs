@@ -227,24 +227,9 @@ fn tern_once(lab: &NetLab, tern: &Path, w: &Workload) -> anyhow::Result<Figures>
         s["stop_reason"].as_str().unwrap_or("")
     );
     let source = felt::kept_beats(kept.path())?;
-    let first = guest::wait_for(
-        Duration::from_secs(20),
-        Duration::from_millis(100),
-        "heartbeats on the destination",
-        || Ok(h2.heartbeats("bench")?.pop().map(|(_, b)| b)),
-    )?;
-    let last = guest::wait_for(
-        Duration::from_secs(60),
-        Duration::from_millis(200),
-        "full memory and disk checks on the destination",
-        || {
-            Ok(h2
-                .heartbeats("bench")?
-                .pop()
-                .map(|(_, b)| b)
-                .filter(|b| checked_since(b, &first, w)))
-        },
-    )?;
+    let last = checks_on_arrival(w, "on the destination", || {
+        Ok(h2.heartbeats("bench")?.pop().map(|(_, b)| b))
+    })?;
     let destination = h2.heartbeats("bench")?;
     let felt = felt::measure(&source, &destination, start, end).context("the heartbeats")?;
     let disk_speed_kept = disk_speed_kept(&source, &destination, start, end);
@@ -265,6 +250,27 @@ fn tern_once(lab: &NetLab, tern: &Path, w: &Workload) -> anyhow::Result<Figures>
         throttle_percent: s["max_throttle_percent"].as_u64().unwrap_or(0),
         checks_clean: last.mem_errors == 0 && last.reg_errors == 0 && last.disk_errors == 0,
     })
+}
+
+/// Waits for the arrived guest's first heartbeat (`last_beat` reads its latest one), then
+/// for its memory and disk checks after it; that heartbeat.
+fn checks_on_arrival(
+    w: &Workload,
+    where_: &str,
+    mut last_beat: impl FnMut() -> anyhow::Result<Option<Heartbeat>>,
+) -> anyhow::Result<Heartbeat> {
+    let first = guest::wait_for(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        &format!("heartbeats {where_}"),
+        &mut last_beat,
+    )?;
+    guest::wait_for(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        &format!("full memory and disk checks {where_}"),
+        || Ok(last_beat()?.filter(|b| checked_since(b, &first, w))),
+    )
 }
 
 /// Whether the guest checked its memory, and its disk if it writes one, since `first`.
@@ -335,22 +341,9 @@ fn qemu_once(lab: &NetLab, q: &Qemu, w: &Workload) -> anyhow::Result<Figures> {
     let end = tern_bench::unix_now();
     let resumed = dst.wait_resumed()?;
     println!("  QEMU: disk in sync after {mirrored_s:.2} s");
-    let first = guest::wait_for(
-        Duration::from_secs(20),
-        Duration::from_millis(50),
-        "heartbeats under QEMU on the destination",
-        || Ok(guest::last_beat(&dst).ok()),
-    )?;
-    let last = guest::wait_for(
-        Duration::from_secs(60),
-        Duration::from_millis(200),
-        "full memory and disk checks under QEMU on the destination",
-        || {
-            Ok(guest::last_beat(&dst)
-                .ok()
-                .filter(|b| checked_since(b, &first, w)))
-        },
-    )?;
+    let last = checks_on_arrival(w, "under QEMU on the destination", || {
+        Ok(guest::last_beat(&dst).ok())
+    })?;
     let source = guest::beats(&src.lines()?);
     let destination = guest::beats(&dst.lines()?);
     let felt = felt::measure(&source, &destination, start, end).context("the heartbeats")?;

@@ -26,6 +26,8 @@ use kvm_bindings::{
     KVM_DIRTY_LOG_PAGE_OFFSET,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
+
+use crate::memory::LogSlice;
 use vmm_sys_util::ioctl::ioctl;
 use vmm_sys_util::ioctl_io_nr;
 
@@ -157,20 +159,10 @@ pub struct DirtyRings {
     inner: Mutex<Harvest>,
 }
 
-/// A log slice as the rings see it.
-#[derive(Clone, Debug)]
-pub struct RingSlice {
-    /// Index of its RAM slot.
-    pub ram_slot: usize,
-    /// Its first page, counted from the RAM slot's first page.
-    pub first_page: u64,
-    pub pages: u64,
-}
-
 struct Harvest {
     rings: Vec<Ring>,
     /// The log slices, indexed by KVM slot number.
-    slices: Vec<RingSlice>,
+    slices: Vec<LogSlice>,
     /// Whether each slice logs (KVM write-protected it and reports its writes).
     logging: Vec<bool>,
     bitmaps: Vec<Vec<u64>>,
@@ -189,7 +181,7 @@ impl DirtyRings {
         vm: &VmFd,
         vcpus: &[&VcpuFd],
         slot_pages: &[u64],
-        slices: Vec<RingSlice>,
+        slices: Vec<LogSlice>,
     ) -> std::io::Result<Self> {
         let rings = vcpus
             .iter()

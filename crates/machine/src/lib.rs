@@ -245,15 +245,7 @@ impl Machine {
         let rings = if ring {
             let fds: Vec<&kvm_ioctls::VcpuFd> = vcpus.iter().map(|v| v.fd()).collect();
             let slot_pages: Vec<u64> = ram.slots().iter().map(|s| s.pages()).collect();
-            let slices = ram
-                .log_slices()
-                .iter()
-                .map(|s| dirty_ring::RingSlice {
-                    ram_slot: s.ram_slot,
-                    first_page: s.first_page,
-                    pages: s.pages,
-                })
-                .collect();
+            let slices = ram.log_slices().to_vec();
             let rings = dirty_ring::DirtyRings::new(&vm, &fds, &slot_pages, slices)
                 .map_err(|e| MachineError::Device(format!("cannot map the dirty rings: {e}")))?;
             Some(Arc::new(rings))
