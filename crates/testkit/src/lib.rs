@@ -4,13 +4,14 @@
 //! directory, driven through the real `tern` CLI; dropping it destroys its guests and stops the
 //! daemon. Nothing here panics: callers decide (tests assert, benchmarks report).
 //!
-//! For networking, a [`NetLab`] builds two hosts, a client and a storage server on one
-//! layer-2 segment out of network namespaces (root and iproute2 needed); a `TernHost` can run
+//! For networking, a [`NetLab`] builds three hosts, a client, a storage server and three etcd
+//! members on one layer-2 segment out of network namespaces (root and iproute2 needed); a `TernHost` can run
 //! its daemon in a lab host ([`TernHost::start_in_netns`]) and an [`NbdExport`] serves a
 //! shared disk from the storage namespace. `scripts/testnet` builds the same lab for manual
-//! use through the `tern-testnet` binary.
+//! use through the `tern-testnet` binary. An [`EtcdCluster`] runs a real etcd for pools.
 
 mod cmd;
+mod etcd;
 mod host;
 mod nbd;
 mod netlab;
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 pub use cmd::{ensure_program, find_program, output_within, run_within};
+pub use etcd::{EtcdCerts, EtcdCluster};
 pub use host::{path_arg, TernHost};
 pub use nbd::NbdExport;
 pub use netlab::{

@@ -5,8 +5,10 @@
 //!  namespace <lab>-switch          bridge sw0, ports host1 host2 client storage (veth)
 //!      │ veth host1 ⇄ eth0 ─ namespace <lab>-host1    br0 (10.77.0.1/24) ⊃ eth0; guests' TAPs join br0
 //!      │ veth host2 ⇄ eth0 ─ namespace <lab>-host2    br0 (10.77.0.2/24) ⊃ eth0
+//!      │ veth host3 ⇄ eth0 ─ namespace <lab>-host3    br0 (10.77.0.3/24) ⊃ eth0
 //!      │ veth client ⇄ eth0 ─ namespace <lab>-client  eth0 10.77.0.100/24
-//!      └ veth storage ⇄ eth0 ─ namespace <lab>-storage eth0 10.77.0.200/24 (NBD server)
+//!      │ veth storage ⇄ eth0 ─ namespace <lab>-storage eth0 10.77.0.200/24 (NBD server)
+//!      └ veth etcd1..3 ⇄ eth0 ─ namespaces <lab>-etcd1..3 eth0 10.77.0.221..223/24 (a pool's etcd)
 //! ```
 //!
 //! Guests get addresses from 10.77.0.10 ([`guest_ip`]). Every interface lives in a lab
@@ -66,28 +68,42 @@ pub enum Member {
     /// A tern host: daemons run here, guests' TAPs join its `br0`.
     Host1,
     Host2,
+    Host3,
     /// Where a test's clients (ping, curl, a TCP stream) run.
     Client,
     /// The shared-storage server (NBD).
     Storage,
+    /// The members of a pool's etcd cluster.
+    Etcd1,
+    Etcd2,
+    Etcd3,
 }
 
 impl Member {
-    pub const ALL: [Member; 4] = [
+    pub const ALL: [Member; 8] = [
         Member::Host1,
         Member::Host2,
+        Member::Host3,
         Member::Client,
         Member::Storage,
+        Member::Etcd1,
+        Member::Etcd2,
+        Member::Etcd3,
     ];
-    pub const HOSTS: [Member; 2] = [Member::Host1, Member::Host2];
+    pub const HOSTS: [Member; 3] = [Member::Host1, Member::Host2, Member::Host3];
+    pub const ETCD: [Member; 3] = [Member::Etcd1, Member::Etcd2, Member::Etcd3];
 
-    /// `host1`, `host2`, `client`, `storage`: the namespace suffix and switch port name.
+    /// `host1`, `client`, `etcd1`, …: the namespace suffix and switch port name.
     pub fn name(self) -> &'static str {
         match self {
             Member::Host1 => "host1",
             Member::Host2 => "host2",
+            Member::Host3 => "host3",
             Member::Client => "client",
             Member::Storage => "storage",
+            Member::Etcd1 => "etcd1",
+            Member::Etcd2 => "etcd2",
+            Member::Etcd3 => "etcd3",
         }
     }
 
@@ -96,14 +112,18 @@ impl Member {
         match self {
             Member::Host1 => Ipv4Addr::new(10, 77, 0, 1),
             Member::Host2 => Ipv4Addr::new(10, 77, 0, 2),
+            Member::Host3 => Ipv4Addr::new(10, 77, 0, 3),
             Member::Client => Ipv4Addr::new(10, 77, 0, 100),
             Member::Storage => Ipv4Addr::new(10, 77, 0, 200),
+            Member::Etcd1 => Ipv4Addr::new(10, 77, 0, 221),
+            Member::Etcd2 => Ipv4Addr::new(10, 77, 0, 222),
+            Member::Etcd3 => Ipv4Addr::new(10, 77, 0, 223),
         }
     }
 
     /// Whether guests run here (it has a `br0`).
     pub fn is_host(self) -> bool {
-        matches!(self, Member::Host1 | Member::Host2)
+        matches!(self, Member::Host1 | Member::Host2 | Member::Host3)
     }
 
     /// The interface holding the member's address: `br0` on hosts, `eth0` elsewhere.
@@ -116,8 +136,8 @@ impl Member {
     }
 }
 
-/// `hosts_allow` that admits exactly the lab's two hosts.
-pub const LAB_HOSTS_ALLOW: &str = r"^10\.77\.0\.[12]$";
+/// `hosts_allow` that admits exactly the lab's hosts.
+pub const LAB_HOSTS_ALLOW: &str = r"^10\.77\.0\.[123]$";
 
 /// The daemon config's `[relocation]` table for host `member`: the server on its lab address,
 /// `hosts_allow` as given (regular expressions); incoming guests may use the test guest's
@@ -154,10 +174,10 @@ pub fn guest_ip(n: u8) -> Option<Ipv4Addr> {
     (n < 90).then(|| Ipv4Addr::new(10, 77, 0, 10 + n))
 }
 
-/// A lab: five network namespaces and the links between them. See the module docs.
+/// A lab: nine network namespaces and the links between them. See the module docs.
 pub struct NetLab {
     prefix: String,
-    members: [String; 4],
+    members: [String; 8],
     switch: String,
     owner_file: Option<PathBuf>,
     /// Whether dropping this value removes the lab (not for `scripts/testnet`'s, nor for one
