@@ -12,7 +12,7 @@ pub mod vmm;
 pub use framing::{read_message, write_message, FramingError};
 pub use messages::{
     CopiedDiskSummary, DiskCopySummary, DiskProgress, DomainDisk, DomainInfo, DomainState,
-    DowntimeParts, MigrateOptions, MigrationCancel, MigrationProgress, MigrationRound,
-    MigrationSummary, PostcopySummary, Progress, Reply, Request, RestoreSummary, SavePhases,
-    SaveSummary, DEFAULT_MAX_DOWNTIME_MS,
+    DowntimeParts, EvacuationEvent, EvacuationSummary, MigrateOptions, MigrationCancel,
+    MigrationProgress, MigrationRound, MigrationSummary, PlannedMove, PostcopySummary, Progress,
+    Reply, Request, RestoreSummary, SavePhases, SaveSummary, DEFAULT_MAX_DOWNTIME_MS,
 };

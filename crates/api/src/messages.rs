@@ -74,6 +74,71 @@ pub enum Request {
     TrustRemove {
         host: String,
     },
+    /// The hosts of this host's pool, with their state (a list of tern-pool `HostView`s).
+    PoolHosts,
+    /// Every guest of the pool and its host (a list of tern-pool `GuestRecord`s).
+    PoolGuests,
+    /// Move every guest of `host` (this host) to the other hosts of the pool, as planned from
+    /// their free memory, CPU features and policies; `host` is in maintenance from then on.
+    /// Progress: [`EvacuationEvent`]s; answered with an [`EvacuationSummary`] (with
+    /// `dry_run`, the plan only, nothing moved or changed).
+    Evacuate {
+        host: String,
+        live: bool,
+        parallel: u32,
+        dry_run: bool,
+    },
+    /// End `host`'s maintenance: guests may be placed on it again.
+    ResumeHost {
+        host: String,
+    },
+}
+
+/// One step of an evacuation, as it happens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EvacuationEvent {
+    /// What goes where (the plan, as `EvacuationSummary::moves`).
+    Plan { moves: Vec<PlannedMove> },
+    /// A guest's migration progressed.
+    Progress {
+        guest: String,
+        to: String,
+        progress: MigrationProgress,
+    },
+    /// A guest's migration ended.
+    Moved {
+        guest: String,
+        to: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        downtime_ms: Option<f64>,
+    },
+}
+
+/// One guest's place in an evacuation plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlannedMove {
+    pub guest: String,
+    pub uuid: String,
+    pub memory_mib: u64,
+    /// The destination's name in the pool, and its relocation address.
+    pub to: String,
+    pub address: String,
+}
+
+/// What an evacuation did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvacuationSummary {
+    pub host: String,
+    pub dry_run: bool,
+    pub moves: Vec<PlannedMove>,
+    /// Guests that now run elsewhere.
+    pub moved: Vec<String>,
+    /// Guests still here, and why.
+    pub failed: Vec<(String, String)>,
+    pub total_seconds: f64,
 }
 
 /// How to migrate.

@@ -38,6 +38,18 @@ pub enum VmmRequest {
         #[serde(flatten)]
         options: crate::messages::MigrateOptions,
         security: LinkSecurity,
+        /// The daemon keeps the guest's ownership in a pool: at the commit point the process
+        /// asks it ([`VmmReply::HandingOver`]) and goes on only if it answers
+        /// [`VmmRequest::HandoverDecision`] with `allowed`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ask_handover: bool,
+    },
+    /// The daemon's answer to [`VmmReply::HandingOver`]: whether the guest is the
+    /// destination's now (its ownership moved), or why not.
+    HandoverDecision {
+        allowed: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// Post-copy migration `migration_id`, arriving here, goes on over a new connection from
     /// the source: the process answers `Ok`, then the daemon passes the connection's
@@ -162,6 +174,16 @@ pub enum VmmReply {
     Saved(crate::messages::SaveSummary),
     MigrationProgress(crate::messages::MigrationProgress),
     Migrated(Box<crate::messages::MigrationSummary>),
+    /// A migration reached its commit point: may the guest become the destination's? (Asked
+    /// only when the daemon said `ask_handover`.)
+    HandingOver {
+        migration_id: String,
+    },
+    /// The migration failed after the daemon allowed its handover: the guest stays here, so
+    /// its ownership must come back. (Sent before the error.)
+    HandoverUndone {
+        migration_id: String,
+    },
 }
 
 /// First line a guest process prints on stdout: it is ready, or it failed to start.

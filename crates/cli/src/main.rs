@@ -5,6 +5,7 @@ mod checkpoint;
 mod client;
 mod console;
 mod migrate;
+mod pool;
 mod progress;
 
 use std::path::{Path, PathBuf};
@@ -49,10 +50,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the guests of this host.
+    /// List the guests of this host (with --pool: every guest of its pool and its host).
     List {
         #[arg(long)]
+        pool: bool,
+        #[arg(long)]
         json: bool,
+    },
+    /// The hosts of this host's pool.
+    Host {
+        #[command(subcommand)]
+        command: HostCommand,
     },
     /// Attach to a guest's serial console (Ctrl-] detaches).
     Console {
@@ -167,6 +175,36 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum HostCommand {
+    /// List the pool's hosts: state, memory, guests.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move every guest of HOST (run on HOST itself) to the pool's other hosts, as planned
+    /// from their free memory, CPU features and what they let in; HOST stays in maintenance
+    /// (no guest is placed on it) until `tern host resume`. Refused, moving nothing, if the
+    /// other hosts cannot take every guest. Run again after an interruption, it moves what is
+    /// left.
+    Evacuate {
+        host: String,
+        /// Migrate live (the guests keep running while their memory is copied).
+        #[arg(short, long)]
+        live: bool,
+        /// How many guests move at a time.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        parallel: u32,
+        /// Print the plan; move nothing, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End HOST's maintenance: guests may be placed on it again.
+    Resume { host: String },
+}
+
+#[derive(Subcommand)]
 enum TrustCommand {
     /// Trust the host with this key fingerprint (`sha256:…`, from `tern fingerprint` there).
     Add {
@@ -224,7 +262,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Vmm { dir } => return Ok(ExitCode::from(tern_vmm::run(&dir) as u8)),
         Command::Create { file, paused, json } => create(socket, &file, paused, json)?,
-        Command::List { json } => list(socket, json)?,
+        Command::List { pool: true, json } => pool::pool_list(socket, json)?,
+        Command::List { pool: false, json } => list(socket, json)?,
+        Command::Host { command } => match command {
+            HostCommand::List { json } => pool::host_list(socket, json)?,
+            HostCommand::Resume { host } => pool::resume(socket, &host)?,
+            HostCommand::Evacuate {
+                host,
+                live,
+                parallel,
+                dry_run,
+                json,
+            } => {
+                if !pool::evacuate(socket, &host, live, parallel, dry_run, json)? {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        },
         Command::Console {
             domain,
             dump,

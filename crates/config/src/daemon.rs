@@ -25,6 +25,17 @@
 //! disk_dir = "/srv/guests"
 //! nbd_servers = ["192.0.2.200:10809"]
 //! bridges = ["br0"]
+//!
+//! # Joining a pool of hosts kept in etcd (without this table the host is on its own).
+//! [pool]
+//! name = "rack1"
+//! endpoints = ["https://192.0.2.50:2379", "https://192.0.2.51:2379", "https://192.0.2.52:2379"]
+//! host = "node10"                 # this host's name in the pool (default: its hostname)
+//! address = "192.0.2.10:8002"     # where other hosts reach its relocation server
+//! ca_file = "/etc/tern/etcd-ca.pem"       # TLS to etcd, and the client certificate
+//! cert_file = "/etc/tern/etcd-client.pem"
+//! key_file = "/etc/tern/etcd-client.key"
+//! lease_ttl_s = 10                # a host silent this long is down
 //! ```
 //!
 //! Every key is optional. Unlike guest configs, unknown keys are errors: this file belongs to
@@ -55,6 +66,32 @@ pub struct DaemonConfig {
     pub guest_memory_mib: Option<u64>,
     /// The `[relocation]` table: accepting guests migrated from other hosts.
     pub relocation: RelocationConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolConfig>,
+}
+
+/// The `[pool]` table: this host is one of a pool whose state is kept in etcd.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: String,
+    pub endpoints: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_s: u64,
+}
+
+fn default_lease_ttl() -> u64 {
+    10
 }
 
 impl Default for DaemonConfig {
@@ -65,6 +102,7 @@ impl Default for DaemonConfig {
             hide_cpu_features: Vec::new(),
             guest_memory_mib: None,
             relocation: RelocationConfig::default(),
+            pool: None,
         }
     }
 }
@@ -232,7 +270,59 @@ impl From<HostsAllow> for Vec<String> {
 
 /// Parses a daemon config from TOML text. Absent keys take their defaults.
 pub fn parse_daemon_config(text: &str) -> Result<DaemonConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| toml_error(text, &e))
+    let config: DaemonConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+    if let Some(pool) = &config.pool {
+        pool.check()
+            .map_err(|message| ConfigError::Invalid { message })?;
+    }
+    Ok(config)
+}
+
+impl PoolConfig {
+    /// Refuses what cannot work: names that cannot be keys, endpoints that are not URLs, a
+    /// certificate without its key.
+    fn check(&self) -> Result<(), String> {
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 63
+                && n != "."
+                && n != ".."
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !name_ok(&self.name) {
+            return Err(format!(
+                "[pool] name {}: use up to 63 of a-z, A-Z, 0-9, '-', '_', '.'",
+                quote(&self.name)
+            ));
+        }
+        if let Some(host) = self.host.as_deref().filter(|h| !name_ok(h)) {
+            return Err(format!(
+                "[pool] host {}: use up to 63 of a-z, A-Z, 0-9, '-', '_', '.'",
+                quote(host)
+            ));
+        }
+        if self.endpoints.is_empty() {
+            return Err("[pool] endpoints: name at least one etcd endpoint".into());
+        }
+        if let Some(bad) = self
+            .endpoints
+            .iter()
+            .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+        {
+            return Err(format!(
+                "[pool] endpoints: {} is not an http:// or https:// URL",
+                quote(bad)
+            ));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err("[pool] cert_file and key_file go together".into());
+        }
+        if !(2..=600).contains(&self.lease_ttl_s) {
+            return Err("[pool] lease_ttl_s must be between 2 and 600".into());
+        }
+        Ok(())
+    }
 }
 
 /// Reads and parses the daemon config file at `path`. Errors start with `path`.
@@ -311,6 +401,37 @@ mod tests {
     }
 
     #[test]
+    fn pool_tables_are_checked() {
+        let ok = parse_daemon_config(
+            "[pool]\nname = \"lab\"\nendpoints = [\"https://10.0.0.1:2379\"]\nhost = \"h1\"\n",
+        )
+        .unwrap();
+        let pool = ok.pool.unwrap();
+        assert_eq!(pool.lease_ttl_s, 10);
+        assert_eq!(pool.host.as_deref(), Some("h1"));
+        for (bad, says) in [
+            ("name = \"a/b\"\nendpoints = [\"http://x:1\"]", "name"),
+            ("name = \"p\"\nendpoints = []", "endpoints"),
+            ("name = \"p\"\nendpoints = [\"x:1\"]", "URL"),
+            (
+                "name = \"p\"\nendpoints = [\"http://x:1\"]\ncert_file = \"/c\"",
+                "key_file",
+            ),
+            (
+                "name = \"p\"\nendpoints = [\"http://x:1\"]\nlease_ttl_s = 1",
+                "lease_ttl_s",
+            ),
+            (
+                "name = \"p\"\nendpoints = [\"http://x:1\"]\nnope = 1",
+                "nope",
+            ),
+        ] {
+            let err = parse_daemon_config(&format!("[pool]\n{bad}\n")).unwrap_err();
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn empty_file_is_all_defaults() {
         let c = parse_daemon_config("").unwrap();
         assert_eq!(c, DaemonConfig::default());
@@ -362,7 +483,7 @@ hosts_allow = ['^localhost$', '^192\.0\.2\.[0-9]+$']
     fn errors_name_line_and_key() {
         assert_eq!(
             err("state_dir = '/x'\nsokcet = '/y'\n"),
-            "line 2: unknown field `sokcet`, expected one of `state_dir`, `socket`, `hide_cpu_features`, `guest_memory_mib`, `relocation`"
+            "line 2: unknown field `sokcet`, expected one of `state_dir`, `socket`, `hide_cpu_features`, `guest_memory_mib`, `relocation`, `pool`"
         );
         assert_eq!(
             err("[relocation]\nserver = true\nportt = 1\n"),

@@ -15,7 +15,7 @@ pub mod mac;
 pub mod xl;
 
 pub use daemon::{
-    load_daemon_config, parse_daemon_config, DaemonConfig, HostsAllow, InvalidPattern,
+    load_daemon_config, parse_daemon_config, DaemonConfig, HostsAllow, InvalidPattern, PoolConfig,
     RelocationConfig,
 };
 pub use error::ConfigError;

@@ -4,8 +4,10 @@
 pub mod admission;
 pub mod checkpoint;
 pub mod console;
+pub mod evacuation;
 pub mod guest_process;
 pub mod peer_log;
+pub mod pool;
 pub mod registry;
 pub mod relocation;
 pub mod server;
@@ -39,7 +41,8 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
         &config.state_dir,
         &config.relocation,
     )?);
-    let registry = registry::Registry::new(&config.state_dir, policy, trust.clone())?;
+    let pool = pool::PoolLink::join(&config, &trust)?;
+    let registry = registry::Registry::new(&config.state_dir, policy, trust.clone(), pool)?;
     registry.adopt_existing();
     if config.relocation.server {
         relocation::start(&config.relocation, registry.clone(), trust)?;

@@ -26,6 +26,7 @@ use tern_vmm::record::{write_atomically, DomainDir};
 
 use crate::admission::Resident;
 use crate::guest_process::Control;
+use crate::pool::PoolLink;
 use crate::trust::HostTrust;
 
 pub use incoming::Resumption;
@@ -103,6 +104,8 @@ pub struct Registry {
     policy: HostPolicy,
     /// This host's relocation identity and whom it trusts.
     trust: Arc<HostTrust>,
+    /// The pool this host is one of, if any.
+    pool: Option<Arc<PoolLink>>,
     domains: Mutex<BTreeMap<u32, Domain>>,
     /// Signalled on every change, for requests that wait for one.
     changed: Condvar,
@@ -119,6 +122,7 @@ impl Registry {
         state_dir: &Path,
         policy: HostPolicy,
         trust: Arc<HostTrust>,
+        pool: Option<Arc<PoolLink>>,
     ) -> anyhow::Result<Arc<Self>> {
         let dir = domains_dir(state_dir);
         std::fs::create_dir_all(&dir)
@@ -128,6 +132,7 @@ impl Registry {
             state_dir: state_dir.to_path_buf(),
             policy,
             trust,
+            pool,
             domains: Mutex::new(BTreeMap::new()),
             changed: Condvar::new(),
         }))
@@ -184,7 +189,7 @@ impl Registry {
         if let Some(d) = self.lock().get_mut(&id) {
             d.life = life;
         }
-        self.changed.notify_all();
+        self.note_change();
     }
 
     /// Removes a domain and its directory.
@@ -192,7 +197,36 @@ impl Registry {
         if let Some(d) = self.lock().remove(&id) {
             let _ = std::fs::remove_dir_all(d.dir.path());
         }
+        self.note_change();
+    }
+
+    /// Removes a domain that ended here for good, and in a pool its ownership record (kept if
+    /// the guest moved to another host: the record names that host then).
+    fn forget_for_good(&self, id: u32) {
+        // Released first: whoever waits for the domain to go then finds the record gone too.
+        let uuid = self.lock().get(&id).map(|d| d.uuid.clone());
+        if let (Some(pool), Some(uuid)) = (&self.pool, uuid) {
+            pool.release(&uuid);
+        }
+        self.forget(id);
+    }
+
+    /// Wakes whoever waits for a change, and tells the pool this host's load.
+    fn note_change(&self) {
         self.changed.notify_all();
+        if let Some(pool) = &self.pool {
+            let (guests, memory) = self
+                .lock()
+                .values()
+                .filter(|d| !matches!(d.life, Life::Ended(_)))
+                .fold((0u32, 0u64), |(n, m), d| (n + 1, m + d.config.memory_mib));
+            pool.publish_load(guests, memory);
+        }
+    }
+
+    /// The pool this host is one of, if any.
+    pub fn pool(&self) -> Option<&Arc<PoolLink>> {
+        self.pool.as_ref()
     }
 
     /// This host's relocation identity and whom it trusts.
@@ -234,6 +268,14 @@ impl Registry {
         self.wait_until(timeout, |d| !d.contains_key(&id))
     }
 
+    /// Every domain's UUID and life.
+    pub fn list_lives(&self) -> Vec<(String, Life)> {
+        self.lock()
+            .values()
+            .map(|d| (d.uuid.clone(), d.life.clone()))
+            .collect()
+    }
+
     /// Rows for `tern list`.
     pub fn list(&self) -> Vec<DomainInfo> {
         // Copied out first: asking guest processes for their status must not hold the table.
@@ -256,6 +298,18 @@ impl Registry {
                 (info, d.dir.clone(), d.life.clone())
             })
             .collect();
+        // A host cut off from etcd cannot hand its guests over: say so on each.
+        let pool_note = self
+            .pool
+            .as_ref()
+            .map(|p| p.health())
+            .filter(|h| !h.reachable)
+            .map(|h| {
+                format!(
+                    "pool: etcd unreachable, no migration until it is back ({})",
+                    h.error.unwrap_or_default()
+                )
+            });
         snapshot
             .into_iter()
             .map(|(info, dir, life)| {
@@ -263,7 +317,7 @@ impl Registry {
                 DomainInfo {
                     state,
                     cpu_time_s: cpu_ns as f64 / 1e9,
-                    note,
+                    note: note.or_else(|| pool_note.clone()),
                     ..info
                 }
             })

@@ -241,6 +241,14 @@ impl Server {
         };
         let config = admit_offer(&policy, &offer)?;
         let source_key = ch.transport().peer_fingerprint();
+        if let Some(pool) = self.registry.pool() {
+            let uuid = config
+                .uuid
+                .map(|u| u.to_string())
+                .context("a guest of the pool must have a UUID")?;
+            let key = source_key.map(|k| k.to_string());
+            pool.check_incoming(&uuid, key.as_deref(), peer.ip())?;
+        }
         log::info!(
             "accepting '{}' from {peer}{} (migration {}, {}, {} MiB)",
             config.name,

@@ -81,6 +81,13 @@ fn absolute(path: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(p)
 }
 
+/// This host's pool, or why there is none.
+fn in_pool(registry: &Registry) -> anyhow::Result<&Arc<crate::pool::PoolLink>> {
+    registry
+        .pool()
+        .ok_or_else(|| anyhow::anyhow!("this host is not in a pool ([pool] in its daemon config)"))
+}
+
 fn handle(
     registry: &Arc<Registry>,
     request: Request,
@@ -159,6 +166,29 @@ fn handle(
         Request::TrustRemove { host } => {
             let removed = registry.trust().remove(&host)?;
             serde_json::to_value(removed)?
+        }
+        Request::PoolHosts => serde_json::to_value(in_pool(registry)?.hosts()?)?,
+        Request::PoolGuests => serde_json::to_value(in_pool(registry)?.guests()?)?,
+        Request::ResumeHost { host } => {
+            in_pool(registry)?.set_maintenance_of(&host, false)?;
+            serde_json::Value::Null
+        }
+        Request::Evacuate {
+            host,
+            live,
+            parallel,
+            dry_run,
+        } => {
+            let options = crate::evacuation::EvacuateOptions {
+                live,
+                parallel,
+                dry_run,
+            };
+            let summary = crate::evacuation::evacuate(registry, &host, options, |event| {
+                let data = serde_json::to_value(event).unwrap_or_default();
+                let _ = write_message(client, &Reply::Progress { data });
+            })?;
+            serde_json::to_value(summary)?
         }
         Request::Console { .. } => anyhow::bail!("console requests are handled separately"),
     })

@@ -185,7 +185,7 @@ pub struct TrustedEntry {
 }
 
 /// This host's name, for its certificate.
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .ok()

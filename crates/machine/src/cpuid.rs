@@ -173,6 +173,24 @@ pub fn known_feature_names() -> Vec<&'static str> {
     FEATURE_NAMES.iter().map(|f| f.4).collect()
 }
 
+/// The known features (by name) that guests of this host get: what KVM supports here, less
+/// `hidden`. A pool publishes them, so that a guest goes only where all it was given is.
+pub fn guest_visible_features(hidden: &[String]) -> Result<Vec<String>, String> {
+    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    let mut entries = supported(&kvm).map_err(|e| format!("cannot read KVM's CPUID: {e}"))?;
+    hide_features(&mut entries, hidden)?;
+    Ok(FEATURE_NAMES
+        .iter()
+        .filter(|&&(leaf, subleaf, reg, bit, _)| {
+            entries
+                .iter()
+                .filter(|e| e.function == leaf && e.index == subleaf)
+                .any(|e| [e.eax, e.ebx, e.ecx, e.edx][reg] & (1 << bit) != 0)
+        })
+        .map(|f| f.4.to_string())
+        .collect())
+}
+
 /// Clears the feature bits named in `names` (e.g. `avx2`) in `entries`, so that guests do not
 /// see them: a pool of hosts offers its guests a common set of features, and guests can move
 /// between any two of them. An unknown name is an error.

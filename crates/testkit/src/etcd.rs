@@ -42,6 +42,8 @@ pub struct EtcdCluster {
     dir: tempfile::TempDir,
     certs: Option<EtcdCerts>,
     token: String,
+    /// Where clients reach the members from (a lab's client namespace), if not from here.
+    client_ns: Option<String>,
 }
 
 impl EtcdCluster {
@@ -58,7 +60,7 @@ impl EtcdCluster {
                 child: None,
             });
         }
-        EtcdCluster::start(members, false)
+        EtcdCluster::start(members, false, None)
     }
 
     /// Three members in the lab's `etcd1..3` namespaces, clients with TLS and certificates.
@@ -74,10 +76,14 @@ impl EtcdCluster {
                 child: None,
             })
             .collect();
-        EtcdCluster::start(members, true)
+        EtcdCluster::start(members, true, Some(lab.ns(Member::Client).to_string()))
     }
 
-    fn start(members: Vec<EtcdMember>, tls: bool) -> anyhow::Result<EtcdCluster> {
+    fn start(
+        members: Vec<EtcdMember>,
+        tls: bool,
+        client_ns: Option<String>,
+    ) -> anyhow::Result<EtcdCluster> {
         ensure_program("etcd", "etcd-server")?;
         let dir = tempfile::Builder::new()
             .prefix("tern-etcd-")
@@ -94,6 +100,7 @@ impl EtcdCluster {
             dir,
             certs,
             token: format!("tern-test-{}", std::process::id()),
+            client_ns,
         };
         for i in 0..cluster.members.len() {
             cluster.start_member(i)?;
@@ -150,7 +157,8 @@ impl EtcdCluster {
         self.start_member(i)
     }
 
-    /// A client of this cluster.
+    /// A client of this cluster (for a lab's, to be used in its namespaces: see
+    /// [`EtcdCluster::run_client`]).
     pub fn client(&self) -> anyhow::Result<tern_pool::Etcd> {
         let tls = match &self.certs {
             Some(c) => Some(tern_pool::EtcdTls {
@@ -167,6 +175,18 @@ impl EtcdCluster {
             tls.as_ref(),
             Duration::from_secs(5),
         )?)
+    }
+
+    /// Runs `f` with a client where the members can be reached (a lab's client namespace).
+    pub fn run_client<T: Send>(
+        &self,
+        f: impl FnOnce(&tern_pool::Etcd) -> T + Send,
+    ) -> anyhow::Result<T> {
+        let client = self.client()?;
+        match &self.client_ns {
+            Some(ns) => crate::netns::run_in_netns(ns, || f(&client)),
+            None => Ok(f(&client)),
+        }
     }
 
     fn client_url(&self, m: &EtcdMember) -> String {
@@ -226,8 +246,10 @@ impl EtcdCluster {
 
     /// Waits until the cluster answers a read (it has a leader).
     fn wait_ready(&self) -> anyhow::Result<()> {
-        let client = self.client()?;
-        let ok = crate::wait_for(READY_TIMEOUT, || client.get("/tern-ready").is_ok());
+        let ok = crate::wait_for(READY_TIMEOUT, || {
+            self.run_client(|c| c.get("/tern-ready").is_ok())
+                .unwrap_or(false)
+        });
         if !ok {
             let logs: Vec<String> = self
                 .members

@@ -145,6 +145,9 @@ impl Vmm {
             | VmmRequest::Save { .. }
             | VmmRequest::Migrate { .. }
             | VmmRequest::ResumePostcopy { .. } => Ok(()),
+            VmmRequest::HandoverDecision { .. } => {
+                Err("no migration asked about a handover".into())
+            }
         };
         match result {
             Ok(()) => VmmReply::Ok,
@@ -494,6 +497,7 @@ fn serve_connection(vmm: &Arc<Vmm>, stream: UnixStream) {
             migration_id,
             options,
             security,
+            ask_handover,
         } = req
         {
             let job = migrate_out::Request {
@@ -502,6 +506,7 @@ fn serve_connection(vmm: &Arc<Vmm>, stream: UnixStream) {
                 security,
                 migration_id,
                 options,
+                ask_handover,
             };
             return migrate_out::serve(vmm, reader, writer, job);
         }

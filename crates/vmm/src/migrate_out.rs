@@ -43,13 +43,19 @@ pub(crate) struct Request {
     pub migration_id: String,
     pub options: MigrateOptions,
     pub security: LinkSecurity,
+    /// Ask the daemon at the commit point (it moves the guest's ownership in its pool).
+    pub ask_handover: bool,
 }
+
+/// How long the daemon may take to decide a handover (an etcd transaction, read back if its
+/// answer was lost).
+const HANDOVER_DECISION_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serves a Migrate request: moves to `MigratingOut` (one check-and-set, so that of two
 /// requests at once exactly one starts), takes the connection's descriptor, migrates, answers.
 pub(crate) fn serve(
     vmm: &Arc<Vmm>,
-    reader: BufReader<UnixStream>,
+    mut reader: BufReader<UnixStream>,
     mut writer: UnixStream,
     request: Request,
 ) {
@@ -72,7 +78,7 @@ pub(crate) fn serve(
         crate::end_migration_leftovers(&mut vmm.machine());
     }
     let reply = match take_connection(&reader, &mut writer) {
-        Ok(stream) => migrate(vmm, stream, &request, &mut writer),
+        Ok(stream) => migrate(vmm, stream, &request, &mut reader, &mut writer),
         Err(e) => {
             let _ = vmm.life.apply(Event::MigrationFailed);
             VmmReply::Error {
@@ -118,20 +124,31 @@ fn migrate(
     vmm: &Arc<Vmm>,
     stream: TcpStream,
     request: &Request,
+    answers: &mut BufReader<UnixStream>,
     daemon: &mut UnixStream,
 ) -> VmmReply {
     let mut images = Vec::new();
+    let mut handed_over = false;
     let result = plan(vmm, request).map(|(plan, disks)| {
         images = disks.iter().map(|d| d.path()).collect();
         let source = MachineSource { vmm, disks };
         let mut observer = DaemonObserver {
             vmm,
-            daemon,
+            daemon: &mut *daemon,
+            answers: request.ask_handover.then_some(&mut *answers),
+            handed_over: &mut handed_over,
             destination: &request.destination,
             migration_id: &request.migration_id,
         };
         offer_and_send(&source, stream, request, &plan, &mut observer)
     });
+    if handed_over && matches!(result, Ok(Err(SendError::Failed(_)))) {
+        // The guest stays here: the daemon moves its ownership back.
+        let undone = VmmReply::HandoverUndone {
+            migration_id: request.migration_id.clone(),
+        };
+        let _ = write_message(daemon, &undone);
+    }
     match result {
         Err(e) => {
             let _ = vmm.life.apply(Event::MigrationFailed);
@@ -430,8 +447,42 @@ impl SourceVm for MachineSource<'_> {
 struct DaemonObserver<'a> {
     vmm: &'a Vmm,
     daemon: &'a mut UnixStream,
+    /// Where the daemon's answers come, when it decides the handover.
+    answers: Option<&'a mut BufReader<UnixStream>>,
+    /// The daemon allowed the handover (the guest's ownership moved).
+    handed_over: &'a mut bool,
     destination: &'a str,
     migration_id: &'a str,
+}
+
+impl DaemonObserver<'_> {
+    /// Asks the daemon whether the guest may become the destination's.
+    fn ask_handover(&mut self) -> Result<(), String> {
+        let Some(answers) = self.answers.as_mut() else {
+            return Ok(());
+        };
+        let question = VmmReply::HandingOver {
+            migration_id: self.migration_id.to_string(),
+        };
+        write_message(self.daemon, &question).map_err(|e| format!("the daemon went away ({e})"))?;
+        let _ = answers
+            .get_ref()
+            .set_read_timeout(Some(HANDOVER_DECISION_TIMEOUT));
+        let answer = tern_api::read_message::<tern_api::vmm::VmmRequest>(&mut **answers);
+        let _ = answers.get_ref().set_read_timeout(None);
+        match answer {
+            Ok(tern_api::vmm::VmmRequest::HandoverDecision { allowed: true, .. }) => {
+                *self.handed_over = true;
+                Ok(())
+            }
+            Ok(tern_api::vmm::VmmRequest::HandoverDecision { reason, .. }) => Err(format!(
+                "the handover was refused: {}",
+                reason.unwrap_or_else(|| "no reason given".into())
+            )),
+            Ok(other) => Err(format!("the daemon answered the handover with {other:?}")),
+            Err(e) => Err(format!("the daemon did not decide the handover ({e})")),
+        }
+    }
 }
 
 impl Observer for DaemonObserver<'_> {
@@ -465,7 +516,8 @@ impl Observer for DaemonObserver<'_> {
     /// from here on a cancel is refused.
     fn commit(&mut self) -> Result<(), String> {
         self.keep_going()?;
-        self.vmm.life.apply(Event::CommitPoint).map(|_| ())
+        self.vmm.life.apply(Event::CommitPoint)?;
+        self.ask_handover()
     }
 
     fn postcopy_started(&mut self) {

@@ -179,8 +179,12 @@ impl Registry {
                 d.life = Life::Live { pid: *pid };
             }
         }
+        let uuid = domains.get(&id).map(|d| d.uuid.clone());
         drop(domains);
-        self.changed.notify_all();
+        self.note_change();
+        if let (Some(pool), Some(uuid)) = (&self.pool, uuid) {
+            pool.settle(&uuid);
+        }
     }
 
     /// The process of an arriving guest ended before the guest was handed over: nothing of it

@@ -56,7 +56,16 @@ impl Registry {
             .uuid
             .get_or_insert_with(uuid::Uuid::new_v4)
             .to_string();
-        let (id, dir) = self.register(&config, &uuid)?;
+        // In a pool only the owner runs a guest; an arriving one was checked at its offer.
+        let claims = self.pool.is_some() && !matches!(launch, Launch::Incoming { .. });
+        if let (true, Some(pool)) = (claims, &self.pool) {
+            pool.claim(&config, &uuid)?;
+        }
+        let registered = self.register(&config, &uuid);
+        if let (Err(_), true, Some(pool)) = (&registered, claims, &self.pool) {
+            pool.release(&uuid);
+        }
+        let (id, dir) = registered?;
         let (restore, incoming, fd) = match launch {
             Launch::Boot => (None, None, None),
             Launch::Restore(spec) => (Some(spec), None, None),
@@ -78,7 +87,11 @@ impl Registry {
         match started {
             Ok(summary) => Ok((id, uuid, summary)),
             Err(e) => {
-                self.forget(id);
+                if claims {
+                    self.forget_for_good(id);
+                } else {
+                    self.forget(id);
+                }
                 Err(e)
             }
         }

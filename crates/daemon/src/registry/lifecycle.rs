@@ -82,7 +82,7 @@ impl Registry {
             return;
         };
         match action {
-            Action::Destroy | Action::CoredumpDestroy => self.forget(id),
+            Action::Destroy | Action::CoredumpDestroy => self.forget_for_good(id),
             Action::Preserve => {
                 let state = match reason {
                     ExitReason::Poweroff | ExitReason::Reboot => DomainState::Shutdown,
@@ -123,7 +123,7 @@ impl Registry {
         let (id, dir, life) = self.find(key)?;
         match life {
             Life::Ended(_) => {
-                self.forget(id);
+                self.forget_for_good(id);
                 Ok(())
             }
             Life::Starting => bail!("domain '{key}' is still starting; try again"),

@@ -16,13 +16,17 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use std::sync::Arc;
+
 use tern_api::vmm::{VmmReply, VmmRequest, VmmRunState};
 use tern_api::{
-    read_message, MigrateOptions, MigrationCancel, MigrationProgress, MigrationSummary,
+    read_message, write_message, MigrateOptions, MigrationCancel, MigrationProgress,
+    MigrationSummary,
 };
 
 use super::{list_state, Life, Registry};
 use crate::guest_process::{self, Control};
+use crate::pool::PoolLink;
 
 /// How long connecting to another host's relocation server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,6 +97,7 @@ impl Registry {
     ) -> anyhow::Result<MigrationSummary> {
         let (id, dir) = self.find_live(key)?;
         let addr = resolve(destination)?;
+        let handover = self.pool_handover(id, &addr)?;
         let _record = self.begin_outgoing(id, &addr.to_string())?;
         let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
             .with_context(|| format!("cannot reach the relocation server at {addr}"))?;
@@ -107,6 +112,7 @@ impl Registry {
             migration_id,
             options: options.clone(),
             security: self.trust.outgoing(),
+            ask_handover: handover.is_some(),
         };
         hand_over_connection(reader, writer, &request, stream)?;
         if self.outgoing_handed_over(id) {
@@ -115,7 +121,7 @@ impl Registry {
                 log::warn!("cannot hand on the cancel of domain {id}'s migration: {e:#}");
             }
         }
-        let summary = follow_migration(reader, progress)?;
+        let summary = follow_migration(reader, writer, handover.as_ref(), progress)?;
         if !self.wait_gone(id, Duration::from_secs(30)) {
             bail!("migrated, but domain '{key}' did not stop here afterwards");
         }
@@ -123,7 +129,55 @@ impl Registry {
     }
 }
 
+/// In a pool: whose guest moves where, for the handover.
+struct PoolHandover {
+    pool: Arc<PoolLink>,
+    uuid: String,
+    /// The destination's name in the pool.
+    to: String,
+}
+
+impl PoolHandover {
+    /// Moves the guest's ownership to the destination, or says why it cannot.
+    fn decide(&self, migration_id: &str) -> VmmRequest {
+        match self.pool.hand_over(&self.uuid, &self.to, migration_id) {
+            Ok(()) => VmmRequest::HandoverDecision {
+                allowed: true,
+                reason: None,
+            },
+            Err(e) => {
+                log::warn!(
+                    "pool: no handover of guest {} to {}: {e:#}",
+                    self.uuid,
+                    self.to
+                );
+                VmmRequest::HandoverDecision {
+                    allowed: false,
+                    reason: Some(format!("{e:#}")),
+                }
+            }
+        }
+    }
+}
+
 impl Registry {
+    /// In a pool, the destination must be one of its hosts: the handover names it.
+    fn pool_handover(&self, id: u32, addr: &SocketAddr) -> anyhow::Result<Option<PoolHandover>> {
+        let Some(pool) = &self.pool else {
+            return Ok(None);
+        };
+        let uuid = self
+            .lock()
+            .get(&id)
+            .map(|d| d.uuid.clone())
+            .with_context(|| format!("domain {id} is gone"))?;
+        Ok(Some(PoolHandover {
+            pool: pool.clone(),
+            uuid,
+            to: pool.host_at(addr)?,
+        }))
+    }
+
     /// Records that domain `id` is about to migrate to `destination`; refused if it already is.
     fn begin_outgoing(&self, id: u32, destination: &str) -> anyhow::Result<OutgoingRecord<'_>> {
         let mut domains = self.lock();
@@ -276,14 +330,32 @@ fn hand_over_connection(
     Ok(())
 }
 
-/// Passes on the migration's progress until the guest process reports it done.
+/// Passes on the migration's progress until the guest process reports it done; in a pool,
+/// decides its handover when it asks, and takes the guest back if it stays here after all.
 fn follow_migration(
     reader: &mut BufReader<UnixStream>,
+    writer: &mut UnixStream,
+    handover: Option<&PoolHandover>,
     mut progress: impl FnMut(&MigrationProgress),
 ) -> anyhow::Result<MigrationSummary> {
     loop {
         match read_message::<VmmReply>(reader) {
             Ok(VmmReply::MigrationProgress(p)) => progress(&p),
+            Ok(VmmReply::HandingOver { migration_id }) => {
+                let decision = match handover {
+                    Some(h) => h.decide(&migration_id),
+                    None => VmmRequest::HandoverDecision {
+                        allowed: true,
+                        reason: None,
+                    },
+                };
+                write_message(writer, &decision).context("the guest process went away")?;
+            }
+            Ok(VmmReply::HandoverUndone { migration_id }) => {
+                if let Some(h) = handover {
+                    h.pool.take_back(&h.uuid, &migration_id);
+                }
+            }
             Ok(VmmReply::Migrated(summary)) => return Ok(*summary),
             Ok(VmmReply::Error { message }) => bail!(message),
             Ok(other) => bail!("unexpected reply from guest process: {other:?}"),

@@ -1,0 +1,263 @@
+//! A pool of three hosts on a three-member etcd (real etcd with TLS, in the lab's
+//! namespaces): evacuating a host, and ownership refusing a guest to a host that does not own
+//! it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{relocation_toml, Host};
+use tern_testkit::{EtcdCluster, KvmLock, Member, NetLab, LAB_HOSTS_ALLOW};
+
+/// Each guest's memory; host2 and host3 let their guests have 512 MiB together.
+const GUEST_MIB: u64 = 128;
+/// A guest that writes and verifies its memory stamps and checks its registers.
+const CHECKING: &str = "heartbeat_ms=100 wss_mib=16 write_mibps=4";
+
+/// Dropped in this order: the daemons, etcd, the lab.
+struct Pool {
+    hosts: Vec<Host>,
+    _etcd: EtcdCluster,
+    _lab: NetLab,
+    _lock: KvmLock,
+}
+
+impl Pool {
+    /// host1 (room for anything), host2 and host3 (512 MiB of guests each), all trusting each
+    /// other, in pool "lab".
+    fn start() -> Pool {
+        let lock = KvmLock::acquire();
+        let lab = NetLab::new().expect("build the network lab");
+        let etcd = EtcdCluster::in_lab(&lab).expect("start etcd");
+        let hosts: Vec<Host> = Member::HOSTS
+            .iter()
+            .map(|&m| {
+                let top = if m == Member::Host1 {
+                    ""
+                } else {
+                    "guest_memory_mib = 512"
+                };
+                let pool = etcd.pool_toml(
+                    "lab",
+                    m.name(),
+                    &format!("{}:8002", m.ip()),
+                    "lease_ttl_s = 3",
+                );
+                Host::in_lab(
+                    &lab,
+                    m,
+                    &format!("{}\n{pool}", relocation_toml(m, &[LAB_HOSTS_ALLOW], top)),
+                )
+            })
+            .collect();
+        for (i, a) in hosts.iter().enumerate() {
+            for (j, b) in hosts.iter().enumerate().skip(i + 1) {
+                a.trust(b, &format!("host{}", j + 1)).expect("trust");
+                b.trust(a, &format!("host{}", i + 1)).expect("trust");
+            }
+        }
+        Pool {
+            hosts,
+            _etcd: etcd,
+            _lab: lab,
+            _lock: lock,
+        }
+    }
+
+    fn host(&self, name: &str) -> &Host {
+        let i = Member::HOSTS
+            .iter()
+            .position(|m| m.name() == name)
+            .unwrap_or_else(|| panic!("no host {name}"));
+        &self.hosts[i]
+    }
+
+    /// `tern list --pool --json` on `on`: (guest name, host) sorted.
+    fn pool_guests(&self, on: &Host) -> Vec<(String, String)> {
+        let out = on.ok(&["list", "--pool", "--json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("pool list");
+        let mut rows: Vec<(String, String)> = list
+            .iter()
+            .map(|g| {
+                (
+                    g["name"].as_str().unwrap_or("").to_string(),
+                    g["host"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    /// Every host's own `tern list`: (guest name, host) sorted.
+    fn local_guests(&self) -> Vec<(String, String)> {
+        let mut rows = Vec::new();
+        for (m, h) in Member::HOSTS.iter().zip(&self.hosts) {
+            for d in h.list() {
+                rows.push((
+                    d["name"].as_str().unwrap_or("").to_string(),
+                    m.name().to_string(),
+                ));
+            }
+        }
+        rows.sort();
+        rows
+    }
+
+    /// `tern host list --json` on `on`: (host, state, guests).
+    fn host_states(&self, on: &Host) -> Vec<(String, String, u64)> {
+        let out = on.ok(&["host", "list", "--json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("host list");
+        list.iter()
+            .map(|h| {
+                (
+                    h["name"].as_str().unwrap_or("").to_string(),
+                    h["state"].as_str().unwrap_or("").to_string(),
+                    h["guests"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn six_guests_are_evacuated_live_as_planned_and_a_plan_that_cannot_fit_moves_nothing() {
+    let pool = Pool::start();
+    let h1 = pool.host("host1");
+    let names: Vec<String> = (1..=6).map(|i| format!("g{i}")).collect();
+    for name in &names {
+        h1.create_guest(name, GUEST_MIB, 1, CHECKING);
+    }
+    assert!(
+        common::wait_for(Duration::from_secs(10), || {
+            pool.host_states(h1)
+                .iter()
+                .any(|h| h.0 == "host1" && h.2 == 6)
+        }),
+        "host1 did not publish its 6 guests: {:?}",
+        pool.host_states(h1)
+    );
+
+    // The plan, first without moving anything.
+    let out = h1.ok(&["host", "evacuate", "host1", "--dry-run", "--json"]);
+    let plan: serde_json::Value = serde_json::from_str(&out).expect("plan");
+    let planned: Vec<(String, String)> = plan["moves"]
+        .as_array()
+        .expect("moves")
+        .iter()
+        .map(|m| {
+            (
+                m["guest"].as_str().unwrap().to_string(),
+                m["to"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(planned.len(), 6, "{plan}");
+    for to in ["host2", "host3"] {
+        assert_eq!(planned.iter().filter(|m| m.1 == to).count(), 3, "{plan}");
+    }
+    assert_eq!(
+        pool.local_guests()
+            .iter()
+            .filter(|g| g.1 == "host1")
+            .count(),
+        6
+    );
+    let before: Vec<_> = names.iter().map(|n| (n.clone(), h1.last_beat(n))).collect();
+
+    let out = h1.ok(&[
+        "host",
+        "evacuate",
+        "host1",
+        "--live",
+        "--parallel",
+        "2",
+        "--json",
+    ]);
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("summary");
+    assert_eq!(
+        summary["moved"].as_array().map(Vec::len),
+        Some(6),
+        "{summary}"
+    );
+    assert!(
+        summary["failed"].as_array().is_some_and(Vec::is_empty),
+        "{summary}"
+    );
+
+    // Each guest runs where the plan said, with its checks clean and its heartbeat going on.
+    for (name, beat) in &before {
+        let to = &planned.iter().find(|m| &m.0 == name).expect("planned").1;
+        let host = pool.host(to);
+        let now = host.wait_heartbeat(name, beat.seq + 1, Duration::from_secs(30));
+        assert!(now.seq > beat.seq);
+        host.assert_checks_clean(name, beat);
+        assert!(!h1.has(name), "{name} still on host1");
+    }
+    let mut expected = planned.clone();
+    expected.sort();
+    assert_eq!(pool.local_guests(), expected);
+    for h in &pool.hosts {
+        assert_eq!(pool.pool_guests(h), expected, "the pool as host sees it");
+    }
+    let states = pool.host_states(h1);
+    assert!(
+        states.contains(&("host1".into(), "maintenance".into(), 0)),
+        "{states:?}"
+    );
+
+    // host2 cannot go: host1 is in maintenance and host3 has 128 MiB left for 3 guests.
+    let err = pool
+        .host("host2")
+        .fails(&["host", "evacuate", "host2", "--live"]);
+    assert!(err.contains("no host can take guest"), "{err}");
+    assert_eq!(pool.local_guests(), expected, "nothing moved");
+    let states = pool.host_states(h1);
+    assert!(
+        states.contains(&("host2".into(), "up".into(), 3)),
+        "{states:?}"
+    );
+
+    // host1 takes guests again once resumed.
+    h1.ok(&["host", "resume", "host1"]);
+    let states = pool.host_states(h1);
+    assert!(
+        states.contains(&("host1".into(), "up".into(), 0)),
+        "{states:?}"
+    );
+}
+
+#[test]
+fn only_the_owner_restores_a_guest_and_a_saved_guest_is_free_to_go() {
+    let pool = Pool::start();
+    let (h1, h2) = (pool.host("host1"), pool.host("host2"));
+    h1.create_guest("g", GUEST_MIB, 1, CHECKING);
+    let file = h1.dir.join("g.ckpt");
+    let file = file.to_str().expect("path");
+    h1.ok(&["save", "-c", "g", file]);
+
+    // The guest runs on host1: host2 may not bring a copy of it to life.
+    let err = h2.fails(&["restore", file]);
+    assert!(
+        err.contains("belongs to host host1") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(!h2.has("g"));
+    assert_eq!(
+        pool.pool_guests(h2),
+        vec![("g".to_string(), "host1".to_string())]
+    );
+
+    // Saved and stopped, it belongs to no host: restored on host2, it is host2's.
+    h1.ok(&["save", "g", file]);
+    assert!(pool.pool_guests(h2).is_empty());
+    h2.ok(&["restore", file]);
+    let beat = h2.wait_heartbeat("g", 1, Duration::from_secs(30));
+    h2.assert_checks_clean("g", &beat);
+    assert_eq!(
+        pool.pool_guests(h1),
+        vec![("g".to_string(), "host2".to_string())]
+    );
+    let err = h1.fails(&["restore", file]);
+    assert!(err.contains("belongs to host host2"), "{err}");
+}
