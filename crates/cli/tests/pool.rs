@@ -17,7 +17,7 @@ const CHECKING: &str = "heartbeat_ms=100 wss_mib=16 write_mibps=4";
 /// Dropped in this order: the daemons, etcd, the lab.
 struct Pool {
     hosts: Vec<Host>,
-    _etcd: EtcdCluster,
+    etcd: EtcdCluster,
     _lab: NetLab,
     _lock: KvmLock,
 }
@@ -58,7 +58,7 @@ impl Pool {
         }
         Pool {
             hosts,
-            _etcd: etcd,
+            etcd,
             _lab: lab,
             _lock: lock,
         }
@@ -260,4 +260,74 @@ fn only_the_owner_restores_a_guest_and_a_saved_guest_is_free_to_go() {
     );
     let err = h1.fails(&["restore", file]);
     assert!(err.contains("belongs to host host2"), "{err}");
+}
+
+/// How many of `names` the pool says run on a host other than host1.
+fn moved_off_host1(pool: &Pool, names: &[String]) -> usize {
+    pool.local_guests()
+        .iter()
+        .filter(|(n, h)| names.contains(n) && h != "host1")
+        .count()
+}
+
+#[test]
+fn an_evacuation_survives_a_killed_etcd_member_and_a_killed_daemon_run_again_finishes_it() {
+    let mut pool = Pool::start();
+    let names: Vec<String> = (1..=6).map(|i| format!("g{i}")).collect();
+    for name in &names {
+        pool.host("host1")
+            .create_guest(name, GUEST_MIB, 1, CHECKING);
+    }
+    let before: Vec<_> = names
+        .iter()
+        .map(|n| (n.clone(), pool.host("host1").last_beat(n)))
+        .collect();
+    let mut first = pool
+        .host("host1")
+        .spawn(&["host", "evacuate", "host1", "--live", "--json"]);
+
+    // One etcd member dies once the first guest has moved: the others carry on.
+    assert!(common::wait_for(
+        Duration::from_secs(60),
+        || moved_off_host1(&pool, &names) >= 1
+    ));
+    pool.etcd.kill(0);
+    // The evacuating daemon dies halfway.
+    assert!(
+        common::wait_for(Duration::from_secs(60), || moved_off_host1(&pool, &names)
+            >= 3),
+        "{:?}",
+        pool.local_guests()
+    );
+    pool.hosts[0].kill_daemon();
+    let status = first.wait().expect("first evacuate");
+    assert!(
+        !status.success(),
+        "the first evacuation ended with its daemon"
+    );
+
+    // Restarted (it adopts the guests still there), run again: it moves what is left.
+    pool.hosts[0].start_daemon();
+    let out = pool
+        .host("host1")
+        .ok(&["host", "evacuate", "host1", "--live", "--json"]);
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("summary");
+    assert!(
+        summary["failed"].as_array().is_some_and(Vec::is_empty),
+        "{summary}"
+    );
+    let left = 6 - summary["moved"].as_array().map_or(0, Vec::len);
+    assert!((1..6).contains(&left), "{summary}");
+
+    // Every guest runs on exactly one host, the one its ownership record names.
+    let local = pool.local_guests();
+    assert_eq!(local.len(), 6, "{local:?}");
+    assert!(local.iter().all(|(_, h)| h != "host1"), "{local:?}");
+    for h in &pool.hosts {
+        assert_eq!(pool.pool_guests(h), local);
+    }
+    for (name, beat) in &before {
+        let host = &local.iter().find(|g| &g.0 == name).expect("placed").1;
+        pool.host(host).assert_checks_clean(name, beat);
+    }
 }
