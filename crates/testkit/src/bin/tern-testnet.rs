@@ -1,5 +1,5 @@
 //! `tern-testnet up|down|status`: the lab of `tern-testkit`'s `NetLab` under fixed names
-//! (`tern-host1`, `tern-host2`, `tern-client`, `tern-storage`, `tern-switch`), for manual use
+//! (`tern-host1..3`, `tern-client`, `tern-storage`, `tern-etcd1..3`, `tern-switch`), for manual use
 //! and the README demo. `scripts/testnet` runs this; tests build their own labs.
 
 use std::process::ExitCode;
