@@ -247,6 +247,12 @@ fn only_the_owner_restores_a_guest_and_a_saved_guest_is_free_to_go() {
         pool.pool_guests(h2),
         vec![("g".to_string(), "host1".to_string())]
     );
+    // Nor may host1 run a second copy; the record of the one that runs stays.
+    h1.fails(&["restore", file]);
+    assert_eq!(
+        pool.pool_guests(h2),
+        vec![("g".to_string(), "host1".to_string())]
+    );
 
     // Saved and stopped, it belongs to no host: restored on host2, it is host2's.
     h1.ok(&["save", "g", file]);

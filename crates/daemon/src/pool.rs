@@ -175,7 +175,7 @@ impl PoolLink {
         peer_ip: IpAddr,
     ) -> anyhow::Result<()> {
         let Some((record, _)) = ownership::read(&self.etcd, &self.keys, uuid)? else {
-            bail!("guest {uuid} is not a guest of pool host's: it has no ownership record");
+            bail!("guest {uuid} has no ownership record in this pool: no host of it owns it");
         };
         if record.host == self.name {
             bail!("this host owns guest '{}' already", record.name);

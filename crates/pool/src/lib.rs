@@ -17,7 +17,6 @@ pub mod plan;
 pub mod records;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 pub use etcd::{Etcd, EtcdError, EtcdTls};
 pub use keys::Keys;
@@ -97,6 +96,3 @@ impl PoolView<'_> {
             .collect())
     }
 }
-
-/// Shared ownership of a client, for the daemon's threads.
-pub type SharedEtcd = Arc<Etcd>;

@@ -56,16 +56,17 @@ impl Registry {
             .uuid
             .get_or_insert_with(uuid::Uuid::new_v4)
             .to_string();
-        // In a pool only the owner runs a guest; an arriving one was checked at its offer.
+        let (id, dir) = self.register(&config, &uuid)?;
+        // In a pool only the owner runs a guest (an arriving one was checked at its offer).
+        // Claimed once this host's own admission let it in, so that a refusal here (the same
+        // guest already here, say) never touches the record of a guest that runs.
         let claims = self.pool.is_some() && !matches!(launch, Launch::Incoming { .. });
         if let (true, Some(pool)) = (claims, &self.pool) {
-            pool.claim(&config, &uuid)?;
+            if let Err(e) = pool.claim(&config, &uuid) {
+                self.forget(id);
+                return Err(e);
+            }
         }
-        let registered = self.register(&config, &uuid);
-        if let (Err(_), true, Some(pool)) = (&registered, claims, &self.pool) {
-            pool.release(&uuid);
-        }
-        let (id, dir) = registered?;
         let (restore, incoming, fd) = match launch {
             Launch::Boot => (None, None, None),
             Launch::Restore(spec) => (Some(spec), None, None),
