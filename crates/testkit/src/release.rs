@@ -2,8 +2,9 @@
 //! release's checkpoints and accepts guests migrated from it. This is the one place that names
 //! the release's commit; releases are also tagged (`v0.1.0`, ...) in the repository.
 //!
-//! Moving to a new release: set [`PREVIOUS`] to the release just made, write its fixture with
-//! `scripts/release-fixture` using that release's build, and commit it under `tests/fixtures/`.
+//! Moving to a new release: set [`PREVIOUS`] to the release just made, write its fixtures with
+//! `scripts/release-fixture` using that release's build, on an Intel and an AMD host, and
+//! commit them under `tests/fixtures/` as `tern-<version>.<CPU vendor>.tern`.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -28,17 +29,31 @@ pub const PREVIOUS: Release = Release {
 /// How long building a release from scratch may take (a cold build on two cores).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
+/// This host's CPU vendor (`GenuineIntel`, `AuthenticAMD`), as /proc/cpuinfo says.
+pub fn cpu_vendor() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("vendor_id"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// The repository's root (this crate lives in `crates/testkit`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 impl Release {
-    /// The checkpoint this release wrote (see `scripts/release-fixture`).
+    /// The checkpoint this release wrote (see `scripts/release-fixture`) on a host of this
+    /// host's CPU vendor: a guest keeps the CPU features it was started with, and the other
+    /// vendor's host lacks some of them (a restore there is refused, rightly).
     pub fn fixture(&self) -> PathBuf {
         repo_root()
             .join("tests/fixtures")
-            .join(format!("tern-{}.tern", self.version))
+            .join(format!("tern-{}.{}.tern", self.version, cpu_vendor()))
     }
 
     /// Builds this release's `tern` from the repository's own history (once; later calls
