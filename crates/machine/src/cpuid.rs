@@ -108,16 +108,25 @@ pub fn feature_words(entries: &[kvm_cpuid_entry2]) -> Vec<(u32, u32, [u32; 4])> 
                 .iter()
                 .find(|e| e.function == function && e.index == index)
                 .map(|e| {
-                    // Leaf 1 EBX is topology, not features; 0x8000_0008 only EBX has features.
-                    let regs = match function {
-                        0x1 => [0, 0, e.ecx & !LEAF1_ECX_HYPERVISOR, e.edx & !LEAF1_EDX_HTT],
-                        0x8000_0008 => [0, e.ebx, 0, 0],
-                        _ => [e.eax, e.ebx, e.ecx, e.edx],
-                    };
+                    let regs = feature_registers(function, index, [e.eax, e.ebx, e.ecx, e.edx]);
                     (function, index, regs)
                 })
         })
         .collect()
+}
+
+/// The feature bits of a leaf's registers, the rest cleared: leaf 1 EAX is the signature and
+/// EBX topology, leaf 7.0 EAX the highest subleaf, 0x8000_0001 EAX/EBX the signature and brand,
+/// and of 0x8000_0008 only EBX holds features. Two hosts differing there run the same guests.
+fn feature_registers(function: u32, index: u32, regs: [u32; 4]) -> [u32; 4] {
+    let [eax, ebx, ecx, edx] = regs;
+    match (function, index) {
+        (0x1, _) => [0, 0, ecx & !LEAF1_ECX_HYPERVISOR, edx & !LEAF1_EDX_HTT],
+        (0x7, 0) => [0, ebx, ecx, edx],
+        (0x8000_0001, _) => [0, 0, ecx, edx],
+        (0x8000_0008, _) => [0, ebx, 0, 0],
+        _ => regs,
+    }
 }
 
 /// Names of well-known feature bits, by (leaf, subleaf, register index 0..4 = eax..edx, bit).
@@ -224,6 +233,8 @@ pub fn missing_features(
 ) -> Vec<String> {
     let mut missing = Vec::new();
     for &(leaf, subleaf, regs) in saved {
+        // Words saved by earlier builds may hold more than features.
+        let regs = feature_registers(leaf, subleaf, regs);
         let have = host
             .iter()
             .find(|h| h.0 == leaf && h.1 == subleaf)
@@ -248,6 +259,16 @@ pub fn missing_features(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn signatures_and_subleaf_counts_are_not_features() {
+        let saved = vec![
+            (0x7, 0, [2, 1 << 5, 0, 0]),
+            (0x8000_0001, 0, [0xa50f00, 0x2000_0000, 0, 0]),
+        ];
+        let host = vec![(0x7, 0, [0, 1 << 5, 0, 0]), (0x8000_0001, 0, [0; 4])];
+        assert!(super::missing_features(&saved, &host).is_empty());
+    }
+
     #[test]
     fn missing_features_are_named() {
         let saved = vec![(0x7, 0, [0, (1 << 5) | (1 << 12), 0, 0])];
