@@ -154,6 +154,10 @@ pub enum VmmEvent {
     Exiting(ExitReason),
     /// An incoming migration completed: the guest is this host's now.
     Committed,
+    /// An incoming migration has the guest loaded: may it arrive? The daemon answers on the
+    /// monitor connection with [`VmmRequest::HandoverDecision`]; the process says `Ready` to
+    /// the source only if allowed.
+    MayArrive { migration_id: String },
 }
 
 /// Reply of the guest process to one request.

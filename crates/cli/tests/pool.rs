@@ -18,7 +18,7 @@ const CHECKING: &str = "heartbeat_ms=100 wss_mib=16 write_mibps=4";
 struct Pool {
     hosts: Vec<Host>,
     etcd: EtcdCluster,
-    _lab: NetLab,
+    lab: NetLab,
     _lock: KvmLock,
 }
 
@@ -59,8 +59,24 @@ impl Pool {
         Pool {
             hosts,
             etcd,
-            _lab: lab,
+            lab,
             _lock: lock,
+        }
+    }
+
+    /// Cuts `member` off from every etcd member (blackhole routes in its namespace); it still
+    /// reaches the other hosts.
+    fn cut_off_from_etcd(&self, member: Member) {
+        for e in Member::ETCD {
+            let out = self
+                .lab
+                .exec(
+                    member,
+                    "ip",
+                    &["route", "add", "blackhole", &format!("{}/32", e.ip())],
+                )
+                .expect("ip route");
+            assert!(out.status.success(), "blackhole route to {}", e.ip());
         }
     }
 
@@ -332,6 +348,90 @@ fn an_evacuation_survives_a_killed_etcd_member_and_a_killed_daemon_run_again_fin
     for h in &pool.hosts {
         assert_eq!(pool.pool_guests(h), local);
     }
+    for (name, beat) in &before {
+        let host = &local.iter().find(|g| &g.0 == name).expect("placed").1;
+        pool.host(host).assert_checks_clean(name, beat);
+    }
+}
+
+#[test]
+fn a_destination_cut_off_from_etcd_during_a_handover_leaves_the_guest_on_the_source() {
+    let pool = Pool::start();
+    let (h1, h3) = (pool.host("host1"), pool.host("host3"));
+    h1.create_guest("g", GUEST_MIB, 1, CHECKING);
+    let before = h1.last_beat("g");
+    // Slow enough to cut host3 off while the guest is on its way.
+    let migrate = h1.spawn_migrate("g", "10.77.0.3", &["--live", "--resource", "20"]);
+    assert!(
+        common::wait_for(Duration::from_secs(30), || h3.has("g")),
+        "the guest never started arriving on host3"
+    );
+    pool.cut_off_from_etcd(Member::Host3);
+    let err = common::assert_migrate_failed(migrate, "host3 cannot reach etcd");
+    assert!(err.contains("may not take the guest"), "{err}");
+
+    // The guest runs on host1 as before, which still owns it; nothing of it on host3.
+    let state = h1.state("g");
+    assert!(
+        matches!(state.as_deref(), Some("running" | "blocked")),
+        "{state:?}"
+    );
+    h1.assert_checks_clean("g", &before);
+    assert!(common::wait_for(Duration::from_secs(20), || !h3.has("g")));
+    assert_eq!(
+        pool.pool_guests(h1),
+        vec![("g".to_string(), "host1".to_string())]
+    );
+}
+
+#[test]
+fn an_evacuation_with_a_destination_cut_off_from_etcd_moves_the_others() {
+    let pool = Pool::start();
+    let h1 = pool.host("host1");
+    let names: Vec<String> = (1..=6).map(|i| format!("g{i}")).collect();
+    for name in &names {
+        h1.create_guest(name, GUEST_MIB, 1, CHECKING);
+    }
+    let before: Vec<_> = names.iter().map(|n| (n.clone(), h1.last_beat(n))).collect();
+    let out = h1.ok(&["host", "evacuate", "host1", "--dry-run", "--json"]);
+    let plan: serde_json::Value = serde_json::from_str(&out).expect("plan");
+    let to_host3: Vec<String> = plan["moves"]
+        .as_array()
+        .expect("moves")
+        .iter()
+        .filter(|m| m["to"] == "host3")
+        .map(|m| m["guest"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(to_host3.len(), 3, "{plan}");
+
+    // host3 loses etcd as the evacuation starts (its lease still shows it up for a while).
+    let evacuation = h1.spawn(&["host", "evacuate", "host1", "--live", "--json"]);
+    pool.cut_off_from_etcd(Member::Host3);
+    let out = evacuation.wait_with_output().expect("evacuate");
+    assert!(!out.status.success(), "some guests could not go");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("summary on stdout");
+    let mut failed: Vec<String> = summary["failed"]
+        .as_array()
+        .expect("failed")
+        .iter()
+        .map(|f| f[0].as_str().unwrap_or("").to_string())
+        .collect();
+    failed.sort();
+    assert_eq!(failed, to_host3, "{summary}");
+
+    // Those run on host1 still, the others on host2; each on one host, the one its record names.
+    let local = pool.local_guests();
+    for (name, host) in &local {
+        let expected = if to_host3.contains(name) {
+            "host1"
+        } else {
+            "host2"
+        };
+        assert_eq!(host, expected, "{local:?}");
+    }
+    assert_eq!(local.len(), 6, "{local:?}");
+    assert_eq!(pool.pool_guests(pool.host("host2")), local);
     for (name, beat) in &before {
         let host = &local.iter().find(|g| &g.0 == name).expect("placed").1;
         pool.host(host).assert_checks_clean(name, beat);

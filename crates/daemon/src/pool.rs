@@ -208,6 +208,22 @@ impl PoolLink {
         Ok(())
     }
 
+    /// Just before an arriving guest is ready to run here: etcd answers now, the guest is
+    /// still another host's (the handover has not happened), and this host is not in
+    /// maintenance. A host cut off from etcd takes no guest.
+    pub fn confirm_arrival(&self, uuid: &str) -> anyhow::Result<()> {
+        let Some((record, _)) = ownership::read(&self.etcd, &self.keys, uuid)? else {
+            bail!("guest {uuid} has no ownership record in this pool any more");
+        };
+        if record.host == self.name {
+            bail!("this host owns guest '{}' already", record.name);
+        }
+        if self.etcd.get(&self.keys.maintenance(&self.name))?.is_some() {
+            bail!("this host is in maintenance: it takes no guests");
+        }
+        Ok(())
+    }
+
     /// The pool host whose relocation server is at `addr` (a migration's destination).
     pub fn host_at(&self, addr: &SocketAddr) -> anyhow::Result<String> {
         let hosts = self.hosts()?;

@@ -271,6 +271,7 @@ impl Server {
             state_file: state_file.clone(),
             offer,
             security,
+            ask_arrival: self.registry.pool().is_some(),
         };
         let launch = Launch::Incoming {
             spec: Box::new(spec),

@@ -119,7 +119,7 @@ pub fn feature_words(entries: &[kvm_cpuid_entry2]) -> Vec<(u32, u32, [u32; 4])> 
 /// EBX topology, leaf 7.0 EAX the highest subleaf, 0x8000_0001 EAX/EBX the signature and brand,
 /// and of 0x8000_0008 only EBX holds features. Two hosts differing there run the same guests.
 fn feature_registers(function: u32, index: u32, regs: [u32; 4]) -> [u32; 4] {
-    let [eax, ebx, ecx, edx] = regs;
+    let [_, ebx, ecx, edx] = regs;
     match (function, index) {
         (0x1, _) => [0, 0, ecx & !LEAF1_ECX_HYPERVISOR, edx & !LEAF1_EDX_HTT],
         (0x7, 0) => [0, ebx, ecx, edx],

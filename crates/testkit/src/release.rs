@@ -51,9 +51,11 @@ impl Release {
     /// host's CPU vendor: a guest keeps the CPU features it was started with, and the other
     /// vendor's host lacks some of them (a restore there is refused, rightly).
     pub fn fixture(&self) -> PathBuf {
-        repo_root()
-            .join("tests/fixtures")
-            .join(format!("tern-{}.{}.tern", self.version, cpu_vendor()))
+        repo_root().join("tests/fixtures").join(format!(
+            "tern-{}.{}.tern",
+            self.version,
+            cpu_vendor()
+        ))
     }
 
     /// Builds this release's `tern` from the repository's own history (once; later calls

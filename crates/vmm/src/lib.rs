@@ -65,6 +65,9 @@ pub(crate) struct Vmm {
     monitors_open: AtomicUsize,
     /// A monitor connection was open and closed: the daemon went away.
     daemon_lost: AtomicBool,
+    /// Where the daemon's answers on a monitor connection go (whether an arriving guest may
+    /// arrive), while someone waits for one.
+    daemon_answers: Mutex<Option<mpsc::Sender<VmmRequest>>>,
     main: Sender<MainEvent>,
     /// The vCPUs used a good part of a CPU over the last sample period.
     busy: AtomicBool,
@@ -416,6 +419,7 @@ fn start(dir: &DomainDir, started: Instant) -> anyhow::Result<Started> {
         monitors: Mutex::new(Vec::new()),
         monitors_open: AtomicUsize::new(0),
         daemon_lost: AtomicBool::new(false),
+        daemon_answers: Mutex::new(None),
         main,
         busy: AtomicBool::new(false),
         cpu_time_ns,
@@ -602,7 +606,20 @@ fn keep_monitor(vmm: &Arc<Vmm>, mut reader: BufReader<UnixStream>, writer: UnixS
             .push(w);
     }
     vmm.monitors_open.fetch_add(1, Ordering::AcqRel);
-    // The daemon never sends more on a monitor connection; wait for it to hang up.
+    // The daemon sends only answers to questions asked on the connection; then it hangs up.
+    while let Ok(answer) = read_message::<VmmRequest>(&mut reader) {
+        let waiting = vmm
+            .daemon_answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match waiting {
+            Some(to) => {
+                let _ = to.send(answer);
+            }
+            None => log::warn!("the daemon answered a question nobody asked: {answer:?}"),
+        }
+    }
     let mut sink = [0u8; 64];
     while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
     if vmm.monitors_open.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -611,6 +628,23 @@ fn keep_monitor(vmm: &Arc<Vmm>, mut reader: BufReader<UnixStream>, writer: UnixS
 }
 
 impl Vmm {
+    /// Asks the daemon `question` on its monitor connections and waits up to `timeout` for its
+    /// answer.
+    fn ask_daemon(&self, question: &VmmEvent, timeout: Duration) -> Result<VmmRequest, String> {
+        let (tx, rx) = mpsc::channel();
+        *self
+            .daemon_answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        self.notify_monitors(question);
+        let answer = rx.recv_timeout(timeout);
+        *self
+            .daemon_answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        answer.map_err(|_| format!("the daemon did not answer within {timeout:?}"))
+    }
+
     /// Tells the daemon's monitor connections about `event`.
     fn notify_monitors(&self, event: &VmmEvent) {
         let mut monitors = self.monitors.lock().unwrap_or_else(|p| p.into_inner());

@@ -33,6 +33,9 @@ use crate::{MainEvent, Vmm};
 
 /// How long the daemon may take to attach to this process before the handover.
 const DAEMON_ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the daemon may take to say whether the guest may arrive (etcd reads, each endpoint
+/// tried in turn).
+const ARRIVAL_DECISION_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// An incoming migration waiting for its stream.
 pub(crate) struct Incoming {
@@ -48,6 +51,8 @@ pub(crate) struct Incoming {
     /// The guest's disks arriving in the stream (`--copy-storage`), under temporary names
     /// until `Go`; removed if the migration fails.
     disks: Option<ArrivingDisks>,
+    /// Ask the daemon before `Ready` (it keeps the guest's ownership in a pool).
+    ask_arrival: bool,
 }
 
 impl Incoming {
@@ -103,6 +108,7 @@ pub(crate) fn prepare(
             state_file: spec.state_file.clone(),
             postcopy: None,
             disks,
+            ask_arrival: spec.ask_arrival,
         },
         built.disks,
     ))
@@ -181,6 +187,9 @@ fn receive(vmm: &Vmm, job: &mut Incoming) -> anyhow::Result<bool> {
         (t.elapsed() - streamed).as_secs_f64() * 1e3
     );
     wait_for_daemon(vmm)?;
+    if job.ask_arrival {
+        may_arrive(vmm, &job.offer.migration_id)?;
+    }
     IncomingState::Ready.store(&job.state_file)?;
     Ok(destination::ready_and_wait_for_go(
         channel,
@@ -284,6 +293,27 @@ fn wait_for_daemon(vmm: &Vmm) -> Result<(), MigrationError> {
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Asks the daemon whether the guest may arrive here (in a pool: whether this host can reach
+/// etcd and may own it); a refusal ends the migration with the guest still on the source.
+fn may_arrive(vmm: &Vmm, migration_id: &str) -> Result<(), MigrationError> {
+    let question = VmmEvent::MayArrive {
+        migration_id: migration_id.to_string(),
+    };
+    match vmm.ask_daemon(&question, ARRIVAL_DECISION_TIMEOUT) {
+        Ok(tern_api::vmm::VmmRequest::HandoverDecision { allowed: true, .. }) => Ok(()),
+        Ok(tern_api::vmm::VmmRequest::HandoverDecision { reason, .. }) => {
+            Err(MigrationError::Cancelled(format!(
+                "the destination may not take the guest: {}",
+                reason.unwrap_or_else(|| "no reason given".into())
+            )))
+        }
+        Ok(other) => Err(MigrationError::Cancelled(format!(
+            "the destination's daemon answered {other:?}"
+        ))),
+        Err(e) => Err(MigrationError::Cancelled(e)),
     }
 }
 

@@ -39,6 +39,10 @@ pub struct IncomingSpec {
     /// How the stream's session is secured: TLS pinned to the key the source showed the
     /// daemon, or plaintext when this host runs `insecure`.
     pub security: tern_migration::link::LinkSecurity,
+    /// The daemon keeps guests' ownership in a pool: before saying `Ready` the process asks it
+    /// whether the guest may arrive ([`tern_api::vmm::VmmEvent::MayArrive`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ask_arrival: bool,
 }
 
 /// Where an incoming migration stands (`incoming.json`). The guest process moves it forward;

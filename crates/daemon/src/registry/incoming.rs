@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tern_api::vmm::{ExitReason, VmmRequest};
+
 use tern_config::DiskBackend;
 use tern_migration::Outcome;
 use tern_storage::IncomingImage;
@@ -162,6 +163,30 @@ impl Registry {
         );
         self.forget(id);
         true
+    }
+
+    /// The guest arriving in domain `id` is loaded: may it arrive? In a pool, only if this host
+    /// can reach etcd now and the guest is still another host's to hand over.
+    pub(super) fn may_arrive(&self, id: u32, migration_id: &str) -> VmmRequest {
+        let uuid = self.lock().get(&id).map(|d| d.uuid.clone());
+        let verdict = match (&self.pool, uuid) {
+            (None, _) => Ok(()),
+            (Some(_), None) => Err(anyhow::anyhow!("domain {id} is gone")),
+            (Some(pool), Some(uuid)) => pool.confirm_arrival(&uuid),
+        };
+        match verdict {
+            Ok(()) => VmmRequest::HandoverDecision {
+                allowed: true,
+                reason: None,
+            },
+            Err(e) => {
+                log::warn!("incoming migration {migration_id} may not arrive: {e:#}");
+                VmmRequest::HandoverDecision {
+                    allowed: false,
+                    reason: Some(format!("{e:#}")),
+                }
+            }
+        }
     }
 
     /// An arriving guest was handed over: it is this host's now.

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use tern_api::read_message;
 use tern_api::vmm::{ExitReason, VmmEvent, VmmRequest};
 use tern_api::DomainState;
+use tern_api::{read_message, write_message};
 use tern_config::{Action, DomainConfig};
 use tern_vmm::record::DomainDir;
 
@@ -37,12 +37,16 @@ impl Registry {
             .name(format!("monitor-{id}"))
             .spawn(move || {
                 // The process sees the monitor gone if this end closes: keep it open.
-                let _keep_open = writer;
+                let mut writer = writer;
                 let mut reason = None;
                 while let Ok(event) = read_message::<VmmEvent>(&mut reader) {
                     match event {
                         VmmEvent::Exiting(r) => reason = Some(r),
                         VmmEvent::Committed => registry.incoming_committed(id),
+                        VmmEvent::MayArrive { migration_id } => {
+                            let answer = registry.may_arrive(id, &migration_id);
+                            let _ = write_message(&mut writer, &answer);
+                        }
                     }
                 }
                 // Drain until the process really closed the socket.
