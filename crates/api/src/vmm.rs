@@ -158,6 +158,10 @@ pub enum VmmEvent {
     /// monitor connection with [`VmmRequest::HandoverDecision`]; the process says `Ready` to
     /// the source only if allowed.
     MayArrive { migration_id: String },
+    /// Migration `migration_id` reached its handover and the guest stays here after all (the
+    /// destination never ran it): in a pool its ownership comes back. Sent to the monitors of
+    /// the moment, or kept until a daemon attaches.
+    StaysHere { migration_id: String },
 }
 
 /// Reply of the guest process to one request.
@@ -181,11 +185,6 @@ pub enum VmmReply {
     /// A migration reached its commit point: may the guest become the destination's? (Asked
     /// only when the daemon said `ask_handover`.)
     HandingOver {
-        migration_id: String,
-    },
-    /// The migration failed after the daemon allowed its handover: the guest stays here, so
-    /// its ownership must come back. (Sent before the error.)
-    HandoverUndone {
         migration_id: String,
     },
 }

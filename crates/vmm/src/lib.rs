@@ -68,6 +68,8 @@ pub(crate) struct Vmm {
     /// Where the daemon's answers on a monitor connection go (whether an arriving guest may
     /// arrive), while someone waits for one.
     daemon_answers: Mutex<Option<mpsc::Sender<VmmRequest>>>,
+    /// Migrations after whose handover the guest stayed here, not yet told to a daemon.
+    stayed: Mutex<Vec<String>>,
     main: Sender<MainEvent>,
     /// The vCPUs used a good part of a CPU over the last sample period.
     busy: AtomicBool,
@@ -420,6 +422,7 @@ fn start(dir: &DomainDir, started: Instant) -> anyhow::Result<Started> {
         monitors_open: AtomicUsize::new(0),
         daemon_lost: AtomicBool::new(false),
         daemon_answers: Mutex::new(None),
+        stayed: Mutex::new(Vec::new()),
         main,
         busy: AtomicBool::new(false),
         cpu_time_ns,
@@ -606,6 +609,7 @@ fn keep_monitor(vmm: &Arc<Vmm>, mut reader: BufReader<UnixStream>, writer: UnixS
             .push(w);
     }
     vmm.monitors_open.fetch_add(1, Ordering::AcqRel);
+    vmm.tell_stays();
     // The daemon sends only answers to questions asked on the connection; then it hangs up.
     while let Ok(answer) = read_message::<VmmRequest>(&mut reader) {
         let waiting = vmm
@@ -645,10 +649,32 @@ impl Vmm {
         answer.map_err(|_| format!("the daemon did not answer within {timeout:?}"))
     }
 
-    /// Tells the daemon's monitor connections about `event`.
-    fn notify_monitors(&self, event: &VmmEvent) {
+    /// Tells the daemon's monitor connections about `event`; how many took it.
+    fn notify_monitors(&self, event: &VmmEvent) -> usize {
         let mut monitors = self.monitors.lock().unwrap_or_else(|p| p.into_inner());
         monitors.retain_mut(|m| write_message(m, event).is_ok());
+        monitors.len()
+    }
+
+    /// Migration `migration_id` passed its handover and the guest stays here: the daemon (now,
+    /// or the next one to attach) gives it its ownership back.
+    fn stays_here(&self, migration_id: &str) {
+        self.stayed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(migration_id.to_string());
+        self.tell_stays();
+    }
+
+    /// Tells the daemon of the migrations after which the guest stayed here.
+    fn tell_stays(&self) {
+        let mut stayed = self.stayed.lock().unwrap_or_else(|p| p.into_inner());
+        stayed.retain(|migration_id| {
+            let event = VmmEvent::StaysHere {
+                migration_id: migration_id.clone(),
+            };
+            self.notify_monitors(&event) == 0
+        });
     }
 }
 

@@ -47,9 +47,10 @@ pub(crate) struct Request {
     pub ask_handover: bool,
 }
 
-/// How long the daemon may take to decide a handover (an etcd transaction, read back if its
-/// answer was lost).
-const HANDOVER_DECISION_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the daemon may take to decide a handover: an etcd transaction, read back if its
+/// answer was lost, each call trying every endpoint. Longer than the daemon can take, so that
+/// the daemon (or its death) decides, not this timeout.
+const HANDOVER_DECISION_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Serves a Migrate request: moves to `MigratingOut` (one check-and-set, so that of two
 /// requests at once exactly one starts), takes the connection's descriptor, migrates, answers.
@@ -128,7 +129,7 @@ fn migrate(
     daemon: &mut UnixStream,
 ) -> VmmReply {
     let mut images = Vec::new();
-    let mut handed_over = false;
+    let mut asked_handover = false;
     let result = plan(vmm, request).map(|(plan, disks)| {
         images = disks.iter().map(|d| d.path()).collect();
         let source = MachineSource { vmm, disks };
@@ -136,18 +137,15 @@ fn migrate(
             vmm,
             daemon: &mut *daemon,
             answers: request.ask_handover.then_some(&mut *answers),
-            handed_over: &mut handed_over,
+            asked_handover: &mut asked_handover,
             destination: &request.destination,
             migration_id: &request.migration_id,
         };
         offer_and_send(&source, stream, request, &plan, &mut observer)
     });
-    if handed_over && matches!(result, Ok(Err(SendError::Failed(_)))) {
-        // The guest stays here: the daemon moves its ownership back.
-        let undone = VmmReply::HandoverUndone {
-            migration_id: request.migration_id.clone(),
-        };
-        let _ = write_message(daemon, &undone);
+    if asked_handover && matches!(result, Ok(Err(SendError::Failed(_)))) {
+        // The handover may have moved the guest's ownership, but no `Go` left: it stays here.
+        vmm.stays_here(&request.migration_id);
     }
     match result {
         Err(e) => {
@@ -449,8 +447,8 @@ struct DaemonObserver<'a> {
     daemon: &'a mut UnixStream,
     /// Where the daemon's answers come, when it decides the handover.
     answers: Option<&'a mut BufReader<UnixStream>>,
-    /// The daemon allowed the handover (the guest's ownership moved).
-    handed_over: &'a mut bool,
+    /// The daemon was asked for the handover (the guest's ownership may have moved).
+    asked_handover: &'a mut bool,
     destination: &'a str,
     migration_id: &'a str,
 }
@@ -465,16 +463,14 @@ impl DaemonObserver<'_> {
             migration_id: self.migration_id.to_string(),
         };
         write_message(self.daemon, &question).map_err(|e| format!("the daemon went away ({e})"))?;
+        *self.asked_handover = true;
         let _ = answers
             .get_ref()
             .set_read_timeout(Some(HANDOVER_DECISION_TIMEOUT));
         let answer = tern_api::read_message::<tern_api::vmm::VmmRequest>(&mut **answers);
         let _ = answers.get_ref().set_read_timeout(None);
         match answer {
-            Ok(tern_api::vmm::VmmRequest::HandoverDecision { allowed: true, .. }) => {
-                *self.handed_over = true;
-                Ok(())
-            }
+            Ok(tern_api::vmm::VmmRequest::HandoverDecision { allowed: true, .. }) => Ok(()),
             Ok(tern_api::vmm::VmmRequest::HandoverDecision { reason, .. }) => Err(format!(
                 "the handover was refused: {}",
                 reason.unwrap_or_else(|| "no reason given".into())
@@ -689,6 +685,7 @@ fn resolve(vmm: &Vmm, destination: &Destination, migration_id: &str) {
                     return;
                 }
                 log::warn!("migration {migration_id}: {destination} does not run the guest; resuming it here");
+                vmm.stays_here(migration_id);
                 crate::end_migration_leftovers(&mut vmm.machine());
                 if let Err(e) = vmm.settle_machine() {
                     log::error!("cannot resume the guest: {e}");

@@ -189,6 +189,15 @@ impl Registry {
         }
     }
 
+    /// Domain `id` stayed here after migration `migration_id` passed its handover (the
+    /// destination never ran it): in a pool, its ownership record comes back here.
+    pub(super) fn stays_here(&self, id: u32, migration_id: &str) {
+        let uuid = self.lock().get(&id).map(|d| d.uuid.clone());
+        if let (Some(pool), Some(uuid)) = (&self.pool, uuid) {
+            pool.take_back(&uuid, migration_id);
+        }
+    }
+
     /// An arriving guest was handed over: it is this host's now.
     pub(super) fn incoming_committed(&self, id: u32) {
         let mut domains = self.lock();

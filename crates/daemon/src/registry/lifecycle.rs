@@ -47,6 +47,9 @@ impl Registry {
                             let answer = registry.may_arrive(id, &migration_id);
                             let _ = write_message(&mut writer, &answer);
                         }
+                        VmmEvent::StaysHere { migration_id } => {
+                            registry.stays_here(id, &migration_id)
+                        }
                     }
                 }
                 // Drain until the process really closed the socket.

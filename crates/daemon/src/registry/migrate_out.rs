@@ -331,7 +331,7 @@ fn hand_over_connection(
 }
 
 /// Passes on the migration's progress until the guest process reports it done; in a pool,
-/// decides its handover when it asks, and takes the guest back if it stays here after all.
+/// decides its handover when it asks.
 fn follow_migration(
     reader: &mut BufReader<UnixStream>,
     writer: &mut UnixStream,
@@ -350,11 +350,6 @@ fn follow_migration(
                     },
                 };
                 write_message(writer, &decision).context("the guest process went away")?;
-            }
-            Ok(VmmReply::HandoverUndone { migration_id }) => {
-                if let Some(h) = handover {
-                    h.pool.take_back(&h.uuid, &migration_id);
-                }
             }
             Ok(VmmReply::Migrated(summary)) => return Ok(*summary),
             Ok(VmmReply::Error { message }) => bail!(message),
