@@ -7,22 +7,33 @@ use serde::{de::DeserializeOwned, Serialize};
 
 /// Longest accepted message line.
 pub const MAX_LINE: usize = 1 << 20;
+/// Longest reply the CLI accepts from its own daemon: a pool's listing of 50,000 guests is
+/// some 20 MB.
+pub const MAX_REPLY: usize = 256 << 20;
 
 /// Errors of the line framing.
 #[derive(Debug, thiserror::Error)]
 pub enum FramingError {
     #[error("connection closed")]
     Closed,
-    #[error("message longer than {MAX_LINE} bytes")]
-    TooLong,
+    #[error("message longer than {0} bytes")]
+    TooLong(usize),
     #[error("malformed message: {0}")]
     Malformed(String),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// Reads one message; `Closed` at a clean end of stream.
+/// Reads one message of at most [`MAX_LINE`] bytes; `Closed` at a clean end of stream.
 pub fn read_message<T: DeserializeOwned>(r: &mut impl BufRead) -> Result<T, FramingError> {
+    read_message_within(r, MAX_LINE)
+}
+
+/// Reads one message of at most `max` bytes; `Closed` at a clean end of stream.
+pub fn read_message_within<T: DeserializeOwned>(
+    r: &mut impl BufRead,
+    max: usize,
+) -> Result<T, FramingError> {
     let mut line = Vec::new();
     loop {
         let buf = r.fill_buf()?;
@@ -37,8 +48,8 @@ pub fn read_message<T: DeserializeOwned>(r: &mut impl BufRead) -> Result<T, Fram
             Some(i) => (i + 1, true),
             None => (buf.len(), false),
         };
-        if line.len() + take > MAX_LINE + 1 {
-            return Err(FramingError::TooLong);
+        if line.len() + take > max + 1 {
+            return Err(FramingError::TooLong(max));
         }
         line.extend_from_slice(&buf[..take]);
         r.consume(take);
@@ -83,7 +94,7 @@ mod tests {
         let mut r = BufReader::new(&long[..]);
         assert!(matches!(
             read_message::<String>(&mut r),
-            Err(FramingError::TooLong)
+            Err(FramingError::TooLong(_))
         ));
         let mut r = BufReader::new(&b"{not json\n"[..]);
         assert!(matches!(

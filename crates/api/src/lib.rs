@@ -9,7 +9,7 @@ pub mod framing;
 pub mod messages;
 pub mod vmm;
 
-pub use framing::{read_message, write_message, FramingError};
+pub use framing::{read_message, read_message_within, write_message, FramingError, MAX_REPLY};
 pub use messages::{
     CopiedDiskSummary, DiskCopySummary, DiskProgress, DomainDisk, DomainInfo, DomainState,
     DowntimeParts, EvacuationEvent, EvacuationSummary, MigrateOptions, MigrationCancel,

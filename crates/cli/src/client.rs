@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use tern_api::{read_message, write_message, Reply, Request};
+use tern_api::{read_message_within, write_message, Reply, Request, MAX_REPLY};
 
 /// A connection carrying one request.
 pub struct Connection {
@@ -36,7 +36,8 @@ pub fn finish(
     mut progress: impl FnMut(&serde_json::Value),
 ) -> anyhow::Result<serde_json::Value> {
     loop {
-        let reply: Reply = read_message(&mut conn.reader).context("the daemon did not answer")?;
+        let reply: Reply = read_message_within(&mut conn.reader, MAX_REPLY)
+            .context("the daemon did not answer")?;
         match reply {
             Reply::Ok { data } => return Ok(data),
             Reply::Error { message } => bail!(message),

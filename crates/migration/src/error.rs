@@ -74,7 +74,7 @@ impl MigrationError {
                 detail: "the peer closed it".into(),
             },
             FramingError::Io(io) => MigrationError::io(what, io),
-            FramingError::TooLong => MigrationError::Protocol("a message is too long".into()),
+            FramingError::TooLong(_) => MigrationError::Protocol("a message is too long".into()),
             FramingError::Malformed(m) => {
                 MigrationError::Protocol(format!("malformed message: {m}"))
             }
