@@ -36,10 +36,27 @@ pub struct EtcdCerts {
     pub client_key: PathBuf,
 }
 
+/// Where a cluster keeps its data, certificates and logs.
+enum DataDir {
+    /// Removed with the cluster.
+    Scratch(tempfile::TempDir),
+    /// Kept, with the members running, after this value is gone (`scripts/testnet`'s lab).
+    Kept(PathBuf),
+}
+
+impl DataDir {
+    fn path(&self) -> &Path {
+        match self {
+            DataDir::Scratch(d) => d.path(),
+            DataDir::Kept(p) => p,
+        }
+    }
+}
+
 /// A running etcd cluster.
 pub struct EtcdCluster {
     members: Vec<EtcdMember>,
-    dir: tempfile::TempDir,
+    dir: DataDir,
     certs: Option<EtcdCerts>,
     token: String,
     /// Where clients reach the members from (a lab's client namespace), if not from here.
@@ -60,46 +77,114 @@ impl EtcdCluster {
                 child: None,
             });
         }
-        EtcdCluster::start(members, false, None)
-    }
-
-    /// Three members in the lab's `etcd1..3` namespaces, clients with TLS and certificates.
-    pub fn in_lab(lab: &NetLab) -> anyhow::Result<EtcdCluster> {
-        let members = Member::ETCD
-            .iter()
-            .map(|m| EtcdMember {
-                name: m.name().to_string(),
-                ip: m.ip().to_string(),
-                client_port: CLIENT_PORT,
-                peer_port: PEER_PORT,
-                netns: Some(lab.ns(*m).to_string()),
-                child: None,
-            })
-            .collect();
-        EtcdCluster::start(members, true, Some(lab.ns(Member::Client).to_string()))
-    }
-
-    fn start(
-        members: Vec<EtcdMember>,
-        tls: bool,
-        client_ns: Option<String>,
-    ) -> anyhow::Result<EtcdCluster> {
-        ensure_program("etcd", "etcd-server")?;
         let dir = tempfile::Builder::new()
             .prefix("tern-etcd-")
             .tempdir_in(shm())
             .context("cannot create a directory for etcd")?;
+        EtcdCluster::start(members, DataDir::Scratch(dir), false, None)
+    }
+
+    /// Three members in the lab's `etcd1..3` namespaces, clients with TLS and certificates.
+    pub fn in_lab(lab: &NetLab) -> anyhow::Result<EtcdCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix("tern-etcd-")
+            .tempdir_in(shm())
+            .context("cannot create a directory for etcd")?;
+        EtcdCluster::start(
+            lab_members(lab),
+            DataDir::Scratch(dir),
+            true,
+            Some(lab.ns(Member::Client).to_string()),
+        )
+    }
+
+    /// The lab's cluster kept in `dir` that outlives this value (for `scripts/testnet`): the
+    /// running one if it answers, else started (again) with its data there.
+    pub fn in_lab_kept(lab: &NetLab, dir: &Path) -> anyhow::Result<EtcdCluster> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        if let Some(cluster) = EtcdCluster::in_lab_kept_if_up(lab, dir) {
+            if cluster.answers() {
+                return Ok(cluster);
+            }
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::create_dir_all(dir)?;
+        }
+        EtcdCluster::start(
+            lab_members(lab),
+            DataDir::Kept(dir.to_path_buf()),
+            true,
+            Some(lab.ns(Member::Client).to_string()),
+        )
+    }
+
+    /// The lab's kept cluster in `dir`, if it was started (whether it answers or not).
+    pub fn in_lab_kept_if_up(lab: &NetLab, dir: &Path) -> Option<EtcdCluster> {
+        dir.join("ca.pem").exists().then(|| EtcdCluster {
+            members: lab_members(lab),
+            dir: DataDir::Kept(dir.to_path_buf()),
+            certs: Some(certs_in(dir)),
+            token: KEPT_TOKEN.into(),
+            client_ns: Some(lab.ns(Member::Client).to_string()),
+        })
+    }
+
+    /// Whether the cluster answers a read now.
+    pub fn answers(&self) -> bool {
+        self.run_client(|c| c.get("/tern-ready").is_ok())
+            .unwrap_or(false)
+    }
+}
+
+/// The token of a kept cluster.
+const KEPT_TOKEN: &str = "tern-lab";
+
+/// The certificates [`make_certs`] wrote in `dir`.
+fn certs_in(dir: &Path) -> EtcdCerts {
+    EtcdCerts {
+        ca_file: dir.join("ca.pem"),
+        client_cert: dir.join("client.crt"),
+        client_key: dir.join("client.key"),
+    }
+}
+
+/// The lab's three members.
+fn lab_members(lab: &NetLab) -> Vec<EtcdMember> {
+    Member::ETCD
+        .iter()
+        .map(|m| EtcdMember {
+            name: m.name().to_string(),
+            ip: m.ip().to_string(),
+            client_port: CLIENT_PORT,
+            peer_port: PEER_PORT,
+            netns: Some(lab.ns(*m).to_string()),
+            child: None,
+        })
+        .collect()
+}
+
+impl EtcdCluster {
+    fn start(
+        members: Vec<EtcdMember>,
+        dir: DataDir,
+        tls: bool,
+        client_ns: Option<String>,
+    ) -> anyhow::Result<EtcdCluster> {
+        ensure_program("etcd", "etcd-server")?;
         let certs = if tls {
             let ips: Vec<String> = members.iter().map(|m| m.ip.clone()).collect();
             Some(make_certs(dir.path(), &ips)?)
         } else {
             None
         };
+        let token = match dir {
+            DataDir::Kept(_) => KEPT_TOKEN.to_string(),
+            DataDir::Scratch(_) => format!("tern-test-{}", std::process::id()),
+        };
         let mut cluster = EtcdCluster {
             members,
             dir,
             certs,
-            token: format!("tern-test-{}", std::process::id()),
+            token,
             client_ns,
         };
         for i in 0..cluster.members.len() {
@@ -239,6 +324,10 @@ impl EtcdCluster {
         if let Some(ns) = &m.netns {
             enter_netns(&mut cmd, ns)?;
         }
+        if let DataDir::Kept(_) = self.dir {
+            // Out of the terminal's job control: it outlives the command that started it.
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         let child = cmd.spawn().context("cannot start etcd")?;
         self.members[i].child = Some(child);
         Ok(())
@@ -273,6 +362,13 @@ impl EtcdCluster {
 
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
+        if let DataDir::Kept(_) = self.dir {
+            // Reaped by nobody: the lab's teardown kills whatever runs in its namespaces.
+            for m in &mut self.members {
+                m.child.take();
+            }
+            return;
+        }
         for i in 0..self.members.len() {
             self.kill(i);
         }
