@@ -181,7 +181,8 @@ enum HostCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Move every guest of HOST (run on HOST itself) to the pool's other hosts, as planned
+    /// Move every guest of HOST (from any host of the pool: HOST's daemon does it) to the
+    /// pool's other hosts, as planned
     /// from their free memory, CPU features and what they let in; HOST stays in maintenance
     /// (no guest is placed on it) until `tern host resume`. Refused, moving nothing, if the
     /// other hosts cannot take every guest. Run again after an interruption, it moves what is

@@ -300,7 +300,9 @@ fn serve(
                 outcome: Outcome::Pending,
             });
         }
-        ToDestination::Go { .. } | ToDestination::Resume { .. } => return Ok(()),
+        ToDestination::Go { .. }
+        | ToDestination::Resume { .. }
+        | ToDestination::Evacuate { .. } => return Ok(()),
     };
     ch.send(&ToSource::Accept { domain_id: 99 })?;
     let bytes = offer.info.memory_bytes as usize;

@@ -181,7 +181,8 @@ fn six_guests_are_evacuated_live_as_planned_and_a_plan_that_cannot_fit_moves_not
     );
     let before: Vec<_> = names.iter().map(|n| (n.clone(), h1.last_beat(n))).collect();
 
-    let out = h1.ok(&[
+    // Asked from host2: host1's daemon moves its guests (over the relocation channel).
+    let out = pool.host("host2").ok(&[
         "host",
         "evacuate",
         "host1",
@@ -223,8 +224,9 @@ fn six_guests_are_evacuated_live_as_planned_and_a_plan_that_cannot_fit_moves_not
     );
 
     // host2 cannot go: host1 is in maintenance and host3 has 128 MiB left for 3 guests.
+    // (Asked from host3: the refusal comes back from host2.)
     let err = pool
-        .host("host2")
+        .host("host3")
         .fails(&["host", "evacuate", "host2", "--live"]);
     assert!(err.contains("no host can take guest"), "{err}");
     assert_eq!(pool.local_guests(), expected, "nothing moved");
@@ -436,4 +438,44 @@ fn an_evacuation_with_a_destination_cut_off_from_etcd_moves_the_others() {
         let host = &local.iter().find(|g| &g.0 == name).expect("placed").1;
         pool.host(host).assert_checks_clean(name, beat);
     }
+}
+
+#[test]
+fn a_host_cut_off_from_etcd_keeps_its_guests_and_says_so() {
+    let pool = Pool::start();
+    let (h1, h2) = (pool.host("host1"), pool.host("host2"));
+    h1.create_guest("g", GUEST_MIB, 1, CHECKING);
+    let before = h1.last_beat("g");
+    pool.cut_off_from_etcd(Member::Host1);
+    let says_so = |h: &Host| {
+        h.list().iter().any(|d| {
+            d["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("etcd unreachable"))
+        })
+    };
+    assert!(
+        common::wait_for(Duration::from_secs(20), || says_so(h1)),
+        "{:?}",
+        h1.list()
+    );
+    let err = h1.fails(&["migrate", "g", "10.77.0.2", "--live"]);
+    assert!(err.contains("cannot reach etcd"), "{err}");
+    let state = h1.state("g");
+    assert!(
+        matches!(state.as_deref(), Some("running" | "blocked")),
+        "{state:?}"
+    );
+    h1.assert_checks_clean("g", &before);
+    assert!(!h2.has("g"));
+    // The others see host1 down once its lease ran out; the record still names it.
+    assert!(common::wait_for(Duration::from_secs(20), || {
+        pool.host_states(h2)
+            .iter()
+            .any(|h| h.0 == "host1" && h.1 == "down")
+    }));
+    assert_eq!(
+        pool.pool_guests(h2),
+        vec![("g".to_string(), "host1".to_string())]
+    );
 }

@@ -1,16 +1,21 @@
-//! Evacuating this host: maintenance first (no guest is placed here any more), then every
+//! Evacuating a host: run on it, or asked of it by another host of the pool over the
+//! relocation channel (its daemon is the source of every move). Maintenance first (no guest is placed here any more), then every
 //! guest it owns moved to the host the plan gives it, `parallel` at a time. Planned from what
 //! the pool says now, so an evacuation that was interrupted (a killed daemon) is simply run
 //! again: it moves what is left.
 
+use std::net::TcpStream;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tern_api::{EvacuationEvent, EvacuationSummary, MigrateOptions, PlannedMove};
+use tern_migration::link::{self, Security};
+use tern_migration::{ToDestination, ToSource};
 use tern_pool::{plan_evacuation, GuestRecord};
 
+use crate::pool::PoolLink;
 use crate::registry::{Life, Registry};
 
 /// How to evacuate.
@@ -21,8 +26,78 @@ pub struct EvacuateOptions {
     pub dry_run: bool,
 }
 
-/// Evacuates `host` (which must be this host), telling `events` what happens.
+/// Evacuates `host`, telling `events` what happens: this host itself, or another host of the
+/// pool asked over its relocation server (its daemon moves its guests).
 pub fn evacuate(
+    registry: &Arc<Registry>,
+    host: &str,
+    options: EvacuateOptions,
+    events: impl FnMut(&EvacuationEvent) + Send,
+) -> anyhow::Result<EvacuationSummary> {
+    let pool = registry
+        .pool()
+        .context("this host is not in a pool ([pool] in its daemon config)")?
+        .clone();
+    if host == pool.host() {
+        evacuate_here(registry, host, options, events)
+    } else {
+        ask_to_evacuate(registry, &pool, host, options, events)
+    }
+}
+
+/// How long a host asked to evacuate may stay silent (a guest's migration reports progress
+/// every few seconds).
+const REMOTE_SILENCE: Duration = Duration::from_secs(300);
+
+/// Asks `host`'s daemon, over its relocation server, to evacuate; passes its events on.
+fn ask_to_evacuate(
+    registry: &Registry,
+    pool: &PoolLink,
+    host: &str,
+    options: EvacuateOptions,
+    mut events: impl FnMut(&EvacuationEvent),
+) -> anyhow::Result<EvacuationSummary> {
+    let record = pool
+        .hosts()?
+        .into_iter()
+        .find(|h| h.record.name == host)
+        .with_context(|| format!("no host {host} in this pool"))?;
+    if record.state == tern_pool::HostState::Down {
+        bail!("host {host} is down: its daemon cannot be asked to evacuate it");
+    }
+    let address = &record.record.address;
+    let addr = crate::registry::resolve(address)?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .with_context(|| format!("cannot reach host {host} at {addr}"))?;
+    let security = Security::load(&registry.trust().outgoing())?;
+    let mut ch = link::open(stream, &security, &crate::registry::server_name(address))?;
+    let ask = ToDestination::Evacuate {
+        host: host.to_string(),
+        live: options.live,
+        parallel: options.parallel,
+        dry_run: options.dry_run,
+    };
+    let mut reply = link::ask(&mut ch, &ask, REMOTE_SILENCE)?;
+    loop {
+        match reply {
+            ToSource::Evacuation { event } => {
+                if let Ok(event) = serde_json::from_value::<EvacuationEvent>(event) {
+                    events(&event);
+                }
+            }
+            ToSource::Evacuated { summary } => {
+                return serde_json::from_value(summary)
+                    .with_context(|| format!("host {host} sent a malformed summary"));
+            }
+            ToSource::Refuse { reason } => bail!("host {host}: {reason}"),
+            other => bail!("host {host} answered {other:?}"),
+        }
+        reply = ch.receive::<ToSource>(REMOTE_SILENCE)?;
+    }
+}
+
+/// Evacuates this host (`host` must name it).
+pub fn evacuate_here(
     registry: &Arc<Registry>,
     host: &str,
     options: EvacuateOptions,
@@ -34,11 +109,7 @@ pub fn evacuate(
         .context("this host is not in a pool ([pool] in its daemon config)")?
         .clone();
     if host != pool.host() {
-        bail!(
-            "this is host {}, not {host}: run `tern host evacuate {host}` on {host} (its daemon \
-             moves its guests)",
-            pool.host()
-        );
+        bail!("this is host {}, not {host}", pool.host());
     }
     let guests = local_guests(registry, &pool.guests_on_me()?);
     let hosts = pool.hosts()?;

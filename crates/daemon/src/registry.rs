@@ -31,6 +31,7 @@ use crate::trust::HostTrust;
 
 pub use incoming::Resumption;
 pub(crate) use launch::Launch;
+pub(crate) use migrate_out::{resolve, server_name};
 
 /// Where a domain is in its life.
 #[derive(Clone, Debug, PartialEq)]

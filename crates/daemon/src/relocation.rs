@@ -198,12 +198,76 @@ impl Server {
                 }
             },
             ToDestination::Resume { migration_id } => self.resume(&channel, &migration_id, peer),
+            ToDestination::Evacuate {
+                host,
+                live,
+                parallel,
+                dry_run,
+            } => {
+                let options = crate::evacuation::EvacuateOptions {
+                    live,
+                    parallel,
+                    dry_run,
+                };
+                match self.may_evacuate(&channel) {
+                    Ok(()) => return self.evacuate_on_request(channel, peer, host, options),
+                    Err(reason) => ToSource::Refuse { reason },
+                }
+            }
             ToDestination::Go { .. } => ToSource::Refuse {
                 reason: "Go without a migration".into(),
             },
         };
         if let Err(e) = link::answer(&mut channel, &reply) {
             log::warn!("relocation from {peer}: cannot answer: {e}");
+        }
+    }
+
+    /// Whether a peer may have this host evacuated: only over TLS, from a trusted key (which
+    /// the session proves), when this host is in a pool.
+    fn may_evacuate(&self, ch: &Channel<Link>) -> Result<(), String> {
+        if self.registry.pool().is_none() {
+            return Err("this host is not in a pool".into());
+        }
+        if ch.transport().peer_fingerprint().is_none() {
+            return Err("evacuations are asked for over TLS only (this host is insecure)".into());
+        }
+        Ok(())
+    }
+
+    /// Evacuates this host for a peer of its pool, on a thread of its own (an evacuation
+    /// takes minutes; the handshake slot is freed at once), telling the peer as it goes.
+    fn evacuate_on_request(
+        &self,
+        mut channel: Channel<Link>,
+        peer: SocketAddr,
+        host: String,
+        options: crate::evacuation::EvacuateOptions,
+    ) {
+        let registry = self.registry.clone();
+        let run = move || {
+            log::info!("{peer} asks this host ({host}) to evacuate");
+            let result = crate::evacuation::evacuate_here(&registry, &host, options, |event| {
+                let event = serde_json::to_value(event).unwrap_or_default();
+                let _ = channel.send(&ToSource::Evacuation { event });
+            });
+            let reply = match result {
+                Ok(summary) => ToSource::Evacuated {
+                    summary: serde_json::to_value(summary).unwrap_or_default(),
+                },
+                Err(e) => ToSource::Refuse {
+                    reason: format!("{e:#}"),
+                },
+            };
+            if let Err(e) = link::answer(&mut channel, &reply) {
+                log::warn!("evacuation for {peer}: cannot answer: {e}");
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("evacuation".into())
+            .spawn(run)
+        {
+            log::error!("cannot start an evacuation: {e}");
         }
     }
 

@@ -126,6 +126,15 @@ pub enum ToDestination {
     Resume {
         migration_id: String,
     },
+    /// A host of the same pool asks this host to evacuate itself (`tern host evacuate HOST`
+    /// run elsewhere): answered with [`ToSource::Evacuation`] events as it goes, then
+    /// [`ToSource::Evacuated`] (or `Refuse`).
+    Evacuate {
+        host: String,
+        live: bool,
+        parallel: u32,
+        dry_run: bool,
+    },
 }
 
 /// A run of guest pages in a post-copy message: `pages` pages from `first_pfn`.
@@ -170,6 +179,11 @@ pub enum Outcome {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToSource {
+    /// An evacuation asked for with [`ToDestination::Evacuate`] went a step further (a
+    /// tern-api `EvacuationEvent`).
+    Evacuation { event: serde_json::Value },
+    /// The evacuation ended (a tern-api `EvacuationSummary`).
+    Evacuated { summary: serde_json::Value },
     /// The destination accepts the guest; it will be domain `domain_id` there.
     Accept { domain_id: u32 },
     /// The destination does not take the guest, for `reason`.

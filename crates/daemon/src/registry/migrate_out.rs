@@ -361,7 +361,7 @@ fn follow_migration(
 
 /// The host part of `destination` as the user wrote it (a name or an address), which a
 /// destination's CA-signed certificate must be valid for.
-fn server_name(destination: &str) -> String {
+pub(crate) fn server_name(destination: &str) -> String {
     if let Ok(addr) = destination.parse::<SocketAddr>() {
         return addr.ip().to_string();
     }
@@ -376,7 +376,7 @@ fn server_name(destination: &str) -> String {
 
 /// The address of the relocation server `destination` names: `host`, `host:port`, `a.b.c.d`,
 /// `[v6]:port`; the port is [`DEFAULT_PORT`] unless given.
-fn resolve(destination: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) fn resolve(destination: &str) -> anyhow::Result<SocketAddr> {
     if let Ok(addr) = destination.parse::<SocketAddr>() {
         return Ok(addr);
     }

@@ -505,6 +505,8 @@ fn message_name(m: &ToSource) -> &'static str {
         ToSource::Want { .. } => "Want",
         ToSource::Lacking { .. } => "Lacking",
         ToSource::Arrived(_) => "Arrived",
+        ToSource::Evacuation { .. } => "Evacuation",
+        ToSource::Evacuated { .. } => "Evacuated",
     }
 }
 
