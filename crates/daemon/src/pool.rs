@@ -369,3 +369,41 @@ fn host_memory_mib() -> u64 {
         })
         .map_or(0, |kib| kib / 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_needs_its_files_nbd_servers_and_bridges() {
+        let text = "name = 'g'\nmemory = 64\nkernel = '/srv/k/vmlinux'\n\
+                    disk = [ 'file:/srv/g/a.img,xvda,w', 'nbd:10.0.0.9:10809,xvdb,w' ]\n\
+                    vif = [ 'bridge=br1', '' ]\n";
+        let config = tern_config::parse_domain_config(text, None).unwrap().config;
+        let needs = needs(&config);
+        assert_eq!(needs.files, ["/srv/k/vmlinux", "/srv/g/a.img"]);
+        assert_eq!(needs.nbd_servers, ["10.0.0.9:10809"]);
+        assert_eq!(needs.bridges, ["br1"]);
+    }
+
+    #[test]
+    fn the_relocation_address_comes_from_the_pool_or_the_relocation_table() {
+        let mut config = tern_config::parse_daemon_config(
+            "[relocation]\nserver = true\naddress = '10.0.0.1'\nport = 9000\n\
+             [pool]\nname = 'p'\nendpoints = ['http://e:2379']\n",
+        )
+        .unwrap();
+        let pool = config.pool.clone().unwrap();
+        assert_eq!(relocation_address(&config, &pool), "10.0.0.1:9000");
+        let with_address = PoolConfig {
+            address: Some("node1:8002".into()),
+            ..pool.clone()
+        };
+        assert_eq!(relocation_address(&config, &with_address), "node1:8002");
+        config.relocation.storage = vec!["/srv".into()];
+        let a = admits(&config);
+        assert!(a.incoming);
+        assert_eq!(a.storage, ["/srv"]);
+        assert_eq!(a.bridges, None);
+    }
+}
