@@ -639,7 +639,11 @@ mod tests {
         assert_eq!(lab.ns(Member::Host1), "ternlab-42-7-host1");
         assert_eq!(lab.ns(Member::Storage), "ternlab-42-7-storage");
         assert_eq!(lab.switch_ns(), "ternlab-42-7-switch");
-        assert_eq!(lab.namespaces().len(), 5);
+        assert_eq!(lab.ns(Member::Etcd3), "ternlab-42-7-etcd3");
+        assert_eq!(lab.namespaces().len(), 9);
+        assert_eq!(Member::Host3.ip(), Ipv4Addr::new(10, 77, 0, 3));
+        assert_eq!(Member::Etcd1.ip(), Ipv4Addr::new(10, 77, 0, 221));
+        assert!(Member::Host3.is_host() && !Member::Etcd1.is_host());
         assert_eq!(Member::Host2.ip(), Ipv4Addr::new(10, 77, 0, 2));
         assert_eq!(Member::Storage.ip(), Ipv4Addr::new(10, 77, 0, 200));
         assert_eq!(guest_ip(0), Some(Ipv4Addr::new(10, 77, 0, 10)));
