@@ -479,3 +479,54 @@ fn a_host_cut_off_from_etcd_keeps_its_guests_and_says_so() {
         vec![("g".to_string(), "host1".to_string())]
     );
 }
+
+#[test]
+fn a_guest_lost_in_post_copy_and_forced_back_on_its_source_is_owned_there_again() {
+    let pool = Pool::start();
+    let (h1, h2) = (pool.host("host1"), pool.host("host2"));
+    // A post-copy that completes makes the handover final once the last page is in.
+    h1.create_guest("ok", GUEST_MIB, 1, CHECKING);
+    h1.migrate("ok", "10.77.0.3", &["--live", "--postcopy"]);
+    let settled = || {
+        let out = h1.ok(&["list", "--pool", "--json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("pool list");
+        list.iter()
+            .any(|g| g["name"] == "ok" && g["host"] == "host3" && g["handover"].is_null())
+    };
+    assert!(common::wait_for(Duration::from_secs(30), settled));
+    // Destroyed there, it leaves the pool.
+    pool.host("host3").ok(&["destroy", "ok"]);
+    assert!(pool.pool_guests(h1).is_empty());
+    h1.create_guest(
+        "pc",
+        256,
+        1,
+        "heartbeat_ms=100 wss_mib=128 write_mibps=256 verify_ms=1000",
+    );
+    // Slow enough that the destination still lacks pages when it is killed.
+    let migrate = h1.spawn_migrate("pc", "10.77.0.2", &["--live", "--postcopy", "-r", "100"]);
+    let in_postcopy = || {
+        h1.list().iter().any(|d| {
+            d["name"] == "pc" && d["note"].as_str().is_some_and(|n| n.contains("post-copy"))
+        })
+    };
+    assert!(common::wait_for(Duration::from_secs(120), in_postcopy));
+    // Running there, owned there; not yet final.
+    assert_eq!(pool.pool_guests(h1), vec![("pc".into(), "host2".into())]);
+    common::kill9(h2.guest_pid("pc"));
+    let err = common::assert_migrate_failed(migrate, "destination killed in post-copy");
+    assert!(err.contains("lost the guest during post-copy"), "{err}");
+
+    // The user runs the source's copy: the pool gives it back to host1.
+    let forced = h1.tern(&["unpause", "--force", "pc"]);
+    assert!(forced.status.success());
+    assert!(
+        common::wait_for(Duration::from_secs(20), || pool.pool_guests(h2)
+            == vec![("pc".to_string(), "host1".to_string())]),
+        "{:?}",
+        pool.pool_guests(h2)
+    );
+    let beat = h1.wait_heartbeat("pc", 1, Duration::from_secs(20));
+    h1.assert_checks_clean("pc", &beat);
+    assert!(!h2.has("pc"));
+}

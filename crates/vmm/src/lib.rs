@@ -189,6 +189,12 @@ impl Vmm {
         if let Some(w) = &warning {
             log::warn!("forced unpause: {w}");
         }
+        // The user runs this copy: in a pool its ownership comes back here.
+        if let State::PostcopyLost { migration_id, .. } | State::PostcopyOut { migration_id, .. } =
+            before
+        {
+            self.stays_here(migration_id);
+        }
         end_migration_leftovers(&mut self.machine());
         warning
     }

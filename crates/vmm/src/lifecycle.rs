@@ -61,7 +61,11 @@ pub(crate) enum State {
     /// Post-copy to `destination` failed after the guest ran there: its guest process ended
     /// (`reason`) before every page had arrived, so the guest's state since the handover is
     /// gone. The paused copy here is its last whole state; only a forced unpause runs it.
-    PostcopyLost { destination: String, reason: String },
+    PostcopyLost {
+        destination: String,
+        migration_id: String,
+        reason: String,
+    },
     /// The guest is arriving from `source`; nothing runs here before the source says `Go`.
     Incoming { source: String },
     /// Post-copy from `source`: the guest runs here while the rest of its pages arrive.
@@ -245,8 +249,16 @@ pub(crate) fn next(state: &State, event: &Event, name: &str) -> Result<State, St
         }),
         // The destination never ran it: it resumed here.
         (S::PostcopyOut { .. }, E::MigrationFailed) => Ok(S::Running),
-        (S::PostcopyOut { destination, .. }, E::PostcopyLost { reason }) => Ok(S::PostcopyLost {
+        (
+            S::PostcopyOut {
+                destination,
+                migration_id,
+                ..
+            },
+            E::PostcopyLost { reason },
+        ) => Ok(S::PostcopyLost {
             destination: destination.clone(),
+            migration_id: migration_id.clone(),
             reason: reason.clone(),
         }),
         (S::MigratingOut { back, .. }, E::MigrationFailed) => Ok((**back).clone()),
@@ -521,6 +533,7 @@ impl Lifecycle {
             State::PostcopyLost {
                 destination,
                 reason,
+                ..
             } => (
                 VmmRunState::Paused,
                 Some(format!(

@@ -149,6 +149,8 @@ pub(crate) fn serve(
             log::error!("{e:#}");
         }
         let _ = vmm.life.apply(Event::PostcopyArrived);
+        // The daemon may now make the handover final.
+        vmm.notify_monitors(&tern_api::vmm::VmmEvent::Committed);
     };
     let regions = postcopy.target.regions.clone();
     let destination = PostcopyDestination::new(

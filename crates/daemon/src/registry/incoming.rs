@@ -198,7 +198,8 @@ impl Registry {
         }
     }
 
-    /// An arriving guest was handed over: it is this host's now.
+    /// An arriving guest was handed over: it is this host's now. (Told again, in post-copy,
+    /// once every page is here.)
     pub(super) fn incoming_committed(&self, id: u32) {
         let mut domains = self.lock();
         if let Some(d) = domains.get_mut(&id) {
@@ -213,11 +214,20 @@ impl Registry {
                 d.life = Life::Live { pid: *pid };
             }
         }
-        let uuid = domains.get(&id).map(|d| d.uuid.clone());
+        let arrived = domains.get(&id).map(|d| (d.uuid.clone(), d.dir.clone()));
         drop(domains);
         self.note_change();
-        if let (Some(pool), Some(uuid)) = (&self.pool, uuid) {
-            pool.settle(&uuid);
+        // Final once the guest is whole here: a post-copy guest lost before its last page
+        // goes back to its source, which runs its copy.
+        if let (Some(pool), Some((uuid, dir))) = (&self.pool, arrived) {
+            let state = dir
+                .load_record()
+                .ok()
+                .and_then(|r| r.incoming)
+                .and_then(|spec| IncomingState::load(&spec.state_file));
+            if state == Some(IncomingState::Committed) {
+                pool.settle(&uuid);
+            }
         }
     }
 
