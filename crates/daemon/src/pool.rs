@@ -9,7 +9,7 @@
 //!   etcd then cannot hand a guest over, and the migration fails with the guest still here;
 //! - a guest that ends here for good drops its record ([`PoolLink::release`]).
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -166,27 +166,18 @@ impl PoolLink {
         }
     }
 
-    /// An offer of guest `uuid` came from a peer with key `peer_key` at `peer_ip`: the guest
-    /// must be one of the pool's, owned by that peer, and this host not in maintenance.
+    /// An offer of guest `uuid` came from a peer with key `peer_key` at `peer_ip`: besides
+    /// [`PoolLink::confirm_arrival`], the guest must be owned by that peer.
     pub fn check_incoming(
         &self,
         uuid: &str,
         peer_key: Option<&str>,
         peer_ip: IpAddr,
     ) -> anyhow::Result<()> {
-        let Some((record, _)) = ownership::read(&self.etcd, &self.keys, uuid)? else {
-            bail!("guest {uuid} has no ownership record in this pool: no host of it owns it");
-        };
-        if record.host == self.name {
-            bail!("this host owns guest '{}' already", record.name);
-        }
-        let hosts = self.hosts()?;
-        let me = hosts.iter().find(|h| h.record.name == self.name);
-        if me.is_some_and(|h| h.state == tern_pool::HostState::Maintenance) {
-            bail!("this host is in maintenance: it takes no guests");
-        }
-        let owner = hosts
-            .iter()
+        let record = self.confirm_arrival(uuid)?;
+        let owner = self
+            .hosts()?
+            .into_iter()
             .find(|h| h.record.name == record.host)
             .with_context(|| {
                 format!(
@@ -196,7 +187,7 @@ impl PoolLink {
             })?;
         let same_peer = match (&owner.record.fingerprint, peer_key) {
             (Some(theirs), Some(peer)) => theirs == peer,
-            _ => address_ip(&owner.record.address) == Some(peer_ip),
+            _ => crate::registry::resolve(&owner.record.address).is_ok_and(|a| a.ip() == peer_ip),
         };
         if !same_peer {
             bail!(
@@ -208,12 +199,12 @@ impl PoolLink {
         Ok(())
     }
 
-    /// Just before an arriving guest is ready to run here: etcd answers now, the guest is
-    /// still another host's (the handover has not happened), and this host is not in
-    /// maintenance. A host cut off from etcd takes no guest.
-    pub fn confirm_arrival(&self, uuid: &str) -> anyhow::Result<()> {
+    /// May guest `uuid` come here (at its offer, and again just before it is ready to run)?
+    /// etcd answers now, the guest is another host's (the handover has not happened), and this
+    /// host is not in maintenance: a host cut off from etcd takes no guest. Its record.
+    pub fn confirm_arrival(&self, uuid: &str) -> anyhow::Result<GuestRecord> {
         let Some((record, _)) = ownership::read(&self.etcd, &self.keys, uuid)? else {
-            bail!("guest {uuid} has no ownership record in this pool any more");
+            bail!("guest {uuid} has no ownership record in this pool: no host of it owns it");
         };
         if record.host == self.name {
             bail!("this host owns guest '{}' already", record.name);
@@ -221,7 +212,7 @@ impl PoolLink {
         if self.etcd.get(&self.keys.maintenance(&self.name))?.is_some() {
             bail!("this host is in maintenance: it takes no guests");
         }
-        Ok(())
+        Ok(record)
     }
 
     /// The pool host whose relocation server is at `addr` (a migration's destination).
@@ -229,7 +220,7 @@ impl PoolLink {
         let hosts = self.hosts()?;
         hosts
             .iter()
-            .find(|h| resolve(&h.record.address).is_some_and(|a| a == *addr))
+            .find(|h| crate::registry::resolve(&h.record.address).is_ok_and(|a| a == *addr))
             .map(|h| h.record.name.clone())
             .with_context(|| format!("{addr} is not the relocation server of a host of this pool"))
     }
@@ -348,14 +339,6 @@ fn needs(config: &DomainConfig) -> Needs {
         .filter_map(|v| v.bridge.clone())
         .collect();
     needs
-}
-
-fn resolve(address: &str) -> Option<SocketAddr> {
-    address.to_socket_addrs().ok()?.next()
-}
-
-fn address_ip(address: &str) -> Option<IpAddr> {
-    resolve(address).map(|a| a.ip())
 }
 
 /// The host's RAM, MiB (from /proc/meminfo).

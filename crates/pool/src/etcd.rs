@@ -127,7 +127,10 @@ impl Etcd {
         timeout: Duration,
     ) -> Result<Etcd, EtcdError> {
         if endpoints.is_empty() {
-            return Err(EtcdError::Tls("no etcd endpoints".into()));
+            return Err(EtcdError::Unreachable {
+                endpoints: String::new(),
+                reason: "no endpoints given".into(),
+            });
         }
         let mut config = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
@@ -146,11 +149,6 @@ impl Etcd {
             agent: config.build().into(),
             preferred: AtomicUsize::new(0),
         })
-    }
-
-    /// The endpoints, as given.
-    pub fn endpoints(&self) -> &[String] {
-        &self.endpoints
     }
 
     /// The value of `key`, if it exists (a linearizable read).
@@ -183,17 +181,6 @@ impl Etcd {
                 _ => return Ok(all),
             }
         }
-    }
-
-    /// How many keys are under `prefix`.
-    pub fn count_prefix(&self, prefix: &str) -> Result<u64, EtcdError> {
-        let body = json!({
-            "key": b64(prefix),
-            "range_end": B64.encode(prefix_end(prefix)),
-            "count_only": true,
-        });
-        let answer: RangeAnswer = self.call("/v3/kv/range", &body)?;
-        Ok(answer.count.max(0) as u64)
     }
 
     /// Sets `key` to `value`, deleted with `lease` (0: kept).
@@ -402,8 +389,6 @@ struct RangeAnswer {
     header: Header,
     kvs: Vec<KeyValue>,
     more: bool,
-    #[serde(deserialize_with = "int_string")]
-    count: i64,
 }
 
 #[derive(Default, Deserialize)]

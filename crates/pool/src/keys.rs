@@ -71,17 +71,6 @@ impl Keys {
     }
 }
 
-/// Whether `name` may name a pool or a host: it becomes part of keys.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && name != "."
-        && name != ".."
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,9 +82,5 @@ mod tests {
         assert_eq!(k.on("host1", "u1"), "/tern/lab/on/host1/u1");
         assert!(k.on("host1", "u1").starts_with(&k.on_host("host1")));
         assert_eq!(Keys::leaf(&k.alive("host2")), "host2");
-        assert!(valid_name("host-1.lab"));
-        assert!(!valid_name("a/b"));
-        assert!(!valid_name(""));
-        assert!(!valid_name(".."));
     }
 }

@@ -86,11 +86,6 @@ impl Membership {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// This host's name.
-    pub fn host(&self) -> String {
-        self.lock().record.name.clone()
-    }
-
     /// The record as last set.
     pub fn record(&self) -> HostRecord {
         self.lock().record.clone()

@@ -172,7 +172,7 @@ impl Registry {
         let verdict = match (&self.pool, uuid) {
             (None, _) => Ok(()),
             (Some(_), None) => Err(anyhow::anyhow!("domain {id} is gone")),
-            (Some(pool), Some(uuid)) => pool.confirm_arrival(&uuid),
+            (Some(pool), Some(uuid)) => pool.confirm_arrival(&uuid).map(|_| ()),
         };
         match verdict {
             Ok(()) => VmmRequest::HandoverDecision {
