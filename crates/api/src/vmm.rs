@@ -18,14 +18,32 @@ pub enum VmmRequest {
     PowerButton,
     /// Stop the guest and end the process.
     Destroy,
+    /// Tests only (the daemon's `[sandbox] test_requests`): attempt a system call no thread of
+    /// a guest process may make (`execve`), which its filter must stop by ending the process.
+    TestForbiddenCall,
     /// Switch this connection to a console stream ([`crate::console`] frames out, raw input in).
     Console,
     /// Keep this connection open and send [`VmmEvent`]s until the process ends.
     Monitor,
-    /// Write a checkpoint to `path`; the process ends afterwards unless `keep_running`.
+    /// Write a checkpoint to `path`; the process ends afterwards unless `keep_running`. What
+    /// a daemon asks of a guest process of an earlier build, which opens the file itself.
     Save {
         path: String,
         keep_running: bool,
+    },
+    /// Write a checkpoint into a file the daemon opened (its final place is `path`). The
+    /// process answers `Ok`; the daemon passes two descriptors, one byte with `SCM_RIGHTS`
+    /// each: the file, then the same file opened with O_DIRECT (the byte alone where the file
+    /// system has no O_DIRECT). Progress and `Saved` follow, the file flushed to disk. Unless
+    /// `keep_running`, the process then waits for [`VmmRequest::SavePlaced`] before it ends.
+    SaveInto {
+        path: String,
+        keep_running: bool,
+    },
+    /// After `SaveInto`: whether the daemon gave the checkpoint its final name. Without it
+    /// (`placed: false`, or no answer), the save failed and the guest runs on.
+    SavePlaced {
+        placed: bool,
     },
     /// Migrate the guest over a connection the daemon opened to `destination`'s relocation
     /// server. The process answers `Ok`; the daemon then passes the connection's descriptor

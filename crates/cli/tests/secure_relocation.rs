@@ -210,10 +210,15 @@ fn trusted_hosts_migrate_over_tls_and_the_wire_shows_no_guest_memory() {
     // The same capture sees guest memory when both hosts run insecure: the probe works.
     pair.h1.reconfigure(Member::Host1, "", "insecure = true");
     pair.h2.reconfigure(Member::Host2, "", "insecure = true");
-    assert!(pair
-        .h2
-        .daemon_log()
-        .contains("neither authenticated nor encrypted"));
+    // Logged as the relocation server starts, which a loaded machine may take a moment to.
+    assert!(
+        wait_for(Duration::from_secs(10), || pair
+            .h2
+            .daemon_log()
+            .contains("neither authenticated nor encrypted")),
+        "{}",
+        pair.h2.daemon_log()
+    );
     let capture = Capture::start(&pair, Member::Host2, pair.h2.dir.join("plain.pcap"));
     let out = pair
         .h1

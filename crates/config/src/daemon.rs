@@ -36,6 +36,17 @@
 //! cert_file = "/etc/tern/etcd-client.pem"
 //! key_file = "/etc/tern/etcd-client.key"
 //! lease_ttl_s = 10                # a host silent this long is down
+//!
+//! # How guest processes are contained; every key relaxes the default, full sandbox, and the
+//! # daemon warns at start for each one relaxed (for debugging only).
+//! [sandbox]
+//! seccomp = "enforce"             # "enforce" (default), "log" (the kernel logs what a
+//!                                 # filter would have stopped) or "off"
+//! namespaces = true               # own PID, mount and IPC namespaces per guest process
+//! cgroups = true                  # memory, CPU and task limits per guest
+//! memory_overhead_mib = 512       # memory a guest process may use beyond its guest's RAM
+//! cpu_overhead_percent = 100      # CPU beyond one CPU per vCPU (migrations, devices)
+//! tasks = 256                     # threads a guest process may have
 //! ```
 //!
 //! Every key is optional. Unlike guest configs, unknown keys are errors: this file belongs to
@@ -68,6 +79,107 @@ pub struct DaemonConfig {
     pub relocation: RelocationConfig,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolConfig>,
+    /// The `[sandbox]` table: how guest processes are contained.
+    pub sandbox: SandboxConfig,
+}
+
+/// What a guest process's system-call filters do with a call they do not allow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompMode {
+    /// The process is killed and the daemon names the call.
+    #[default]
+    Enforce,
+    /// The call goes ahead and the kernel logs it.
+    Log,
+    /// No filters.
+    Off,
+}
+
+/// The `[sandbox]` table. The defaults are the full sandbox; anything else is for debugging.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxConfig {
+    pub seccomp: SeccompMode,
+    /// Each guest process in PID, mount and IPC namespaces of its own.
+    pub namespaces: bool,
+    /// Each guest process in its own control group with memory, CPU and task limits.
+    pub cgroups: bool,
+    /// Memory a guest process may use beyond its guest's RAM (page tables, buffers, page
+    /// cache of its files), in MiB.
+    pub memory_overhead_mib: u64,
+    /// CPU a guest process may use beyond one CPU per vCPU, in hundredths of a CPU.
+    pub cpu_overhead_percent: u64,
+    /// Threads a guest process may have.
+    pub tasks: u64,
+    /// Guest processes accept requests that only tests make (attempting a forbidden system
+    /// call); never set on a real host.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub test_requests: bool,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            seccomp: SeccompMode::Enforce,
+            namespaces: true,
+            cgroups: true,
+            memory_overhead_mib: 512,
+            cpu_overhead_percent: 100,
+            tasks: 256,
+            test_requests: false,
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// Below this many tasks a guest process could not even start its threads.
+    const MIN_TASKS: u64 = 32;
+
+    fn check(&self) -> Result<(), String> {
+        if self.cgroups && self.tasks < Self::MIN_TASKS {
+            return Err(format!(
+                "[sandbox] tasks = {} is too few: a guest process needs at least {}",
+                self.tasks,
+                Self::MIN_TASKS
+            ));
+        }
+        Ok(())
+    }
+
+    /// What this config relaxes of the full sandbox, one line each (the daemon warns of them).
+    pub fn relaxed(&self) -> Vec<String> {
+        let mut relaxed = Vec::new();
+        match self.seccomp {
+            SeccompMode::Enforce => {}
+            SeccompMode::Log => relaxed.push(
+                "[sandbox] seccomp = \"log\": guest processes may make any system call (logged)"
+                    .to_string(),
+            ),
+            SeccompMode::Off => relaxed.push(
+                "[sandbox] seccomp = \"off\": guest processes may make any system call".into(),
+            ),
+        }
+        if !self.namespaces {
+            relaxed.push(
+                "[sandbox] namespaces = false: guest processes share the host's PID, mount \
+                 and IPC namespaces"
+                    .into(),
+            );
+        }
+        if !self.cgroups {
+            relaxed.push(
+                "[sandbox] cgroups = false: guest processes have no memory, CPU or task limits"
+                    .into(),
+            );
+        }
+        if self.test_requests {
+            relaxed.push(
+                "[sandbox] test_requests = true: guest processes take test-only requests".into(),
+            );
+        }
+        relaxed
+    }
 }
 
 /// The `[pool]` table: this host is one of a pool whose state is kept in etcd.
@@ -103,6 +215,7 @@ impl Default for DaemonConfig {
             guest_memory_mib: None,
             relocation: RelocationConfig::default(),
             pool: None,
+            sandbox: SandboxConfig::default(),
         }
     }
 }
@@ -275,6 +388,10 @@ pub fn parse_daemon_config(text: &str) -> Result<DaemonConfig, ConfigError> {
         pool.check()
             .map_err(|message| ConfigError::Invalid { message })?;
     }
+    config
+        .sandbox
+        .check()
+        .map_err(|message| ConfigError::Invalid { message })?;
     Ok(config)
 }
 
@@ -483,7 +600,7 @@ hosts_allow = ['^localhost$', '^192\.0\.2\.[0-9]+$']
     fn errors_name_line_and_key() {
         assert_eq!(
             err("state_dir = '/x'\nsokcet = '/y'\n"),
-            "line 2: unknown field `sokcet`, expected one of `state_dir`, `socket`, `hide_cpu_features`, `guest_memory_mib`, `relocation`, `pool`"
+            "line 2: unknown field `sokcet`, expected one of `state_dir`, `socket`, `hide_cpu_features`, `guest_memory_mib`, `relocation`, `pool`, `sandbox`"
         );
         assert_eq!(
             err("[relocation]\nserver = true\nportt = 1\n"),
@@ -498,6 +615,30 @@ hosts_allow = ['^localhost$', '^192\.0\.2\.[0-9]+$']
         assert_eq!(err("state_dir = ''"), "line 1: path must not be empty");
         assert_eq!(err("a = \n"), "line 1: invalid string; expected `\"`, `'`");
         assert!(err("x = 1\n[relocation\n").starts_with("line 2: "));
+    }
+
+    #[test]
+    fn the_sandbox_is_full_unless_relaxed() {
+        let full = parse_daemon_config("").expect("empty config");
+        assert_eq!(full.sandbox, SandboxConfig::default());
+        assert!(full.sandbox.relaxed().is_empty());
+        let relaxed = parse_daemon_config(
+            "[sandbox]\nseccomp = 'log'\nnamespaces = false\ncgroups = false\n",
+        )
+        .expect("relaxed sandbox");
+        assert_eq!(relaxed.sandbox.seccomp, SeccompMode::Log);
+        assert_eq!(relaxed.sandbox.relaxed().len(), 3);
+        assert_eq!(
+            err("[sandbox]\nseccomp = 'lenient'\n")
+                .split(',')
+                .next()
+                .unwrap_or_default(),
+            "line 2: unknown variant `lenient`"
+        );
+        assert_eq!(
+            err("[sandbox]\ntasks = 8\n"),
+            "[sandbox] tasks = 8 is too few: a guest process needs at least 32"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod xl;
 
 pub use daemon::{
     load_daemon_config, parse_daemon_config, DaemonConfig, HostsAllow, InvalidPattern, PoolConfig,
-    RelocationConfig,
+    RelocationConfig, SandboxConfig, SeccompMode,
 };
 pub use error::ConfigError;
 pub use mac::{MacAddr, MacAddrError};

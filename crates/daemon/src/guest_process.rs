@@ -3,8 +3,6 @@
 use std::io::{BufRead, BufReader};
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -12,6 +10,8 @@ use anyhow::{anyhow, bail, Context};
 use tern_api::vmm::{VmmReply, VmmRequest, VmmStartup, VmmStatus};
 use tern_api::RestoreSummary;
 use tern_api::{read_message, write_message};
+use tern_sandbox::cgroup::Joiner;
+use tern_sandbox::process::{self, Child, Spawn};
 use tern_vmm::record::DomainDir;
 
 /// How long a guest process may take to build its machine and report.
@@ -33,44 +33,46 @@ pub const INCOMING_FD: i32 = 3;
 /// `connection`, if given, is passed to the process as descriptor [`INCOMING_FD`].
 ///
 /// The process gets its own session so that signals aimed at the daemon (or its terminal)
-/// do not reach guests: guests outlive a daemon restart.
-pub fn spawn(dir: &DomainDir, connection: Option<RawFd>) -> anyhow::Result<Started> {
+/// do not reach guests: guests outlive a daemon restart. With `sandbox`, it also gets its own
+/// PID, mount and IPC namespaces; with `cgroup`, it joins that control group before it
+/// executes anything.
+pub fn spawn(
+    dir: &DomainDir,
+    connection: Option<RawFd>,
+    cgroup: Option<&Joiner>,
+    namespaces: bool,
+) -> anyhow::Result<Started> {
     let exe = std::env::current_exe().context("cannot find the tern executable")?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.process_log())
         .with_context(|| format!("cannot open {}", dir.process_log().display()))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("vmm")
-        .arg("--dir")
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log));
-    // SAFETY: setsid, dup2 and fcntl are async-signal-safe and touch nothing of the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(fd) = connection {
-                // dup2 clears close-on-exec on the copy; a descriptor that already has the
-                // number keeps its flag, so clear it by hand.
-                let r = if fd == INCOMING_FD {
-                    libc::fcntl(fd, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(fd, INCOMING_FD)
-                };
-                if r < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
+    let cgroup_fds = cgroup.map(Joiner::raw_fds).unwrap_or_default();
+    let args = [
+        "vmm".into(),
+        "--dir".into(),
+        dir.path().as_os_str().to_owned(),
+    ];
+    let child = process::spawn(&Spawn {
+        program: &exe,
+        args: &args,
+        stderr: &log,
+        pass: connection.map(|fd| (fd, INCOMING_FD)),
+        cgroup_procs: &cgroup_fds,
+        namespaces,
+    })
+    .context("cannot start the guest process")?;
+    // Written here: in its own PID namespace the process knows itself only as 1.
+    if let Err(e) = std::fs::write(dir.pid_file(), child.pid.to_string()) {
+        child.kill();
+        let _ = child.wait();
+        return Err(e).context("cannot record the guest process's PID");
     }
-    let mut child = cmd.spawn().context("cannot start the guest process")?;
-    let stdout = child.stdout.take().context("guest process has no stdout")?;
+    let stdout = child
+        .stdout
+        .try_clone()
+        .context("guest process has no stdout")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
@@ -89,9 +91,10 @@ pub fn spawn(dir: &DomainDir, connection: Option<RawFd>) -> anyhow::Result<Start
         )),
     };
     match startup {
-        Ok(VmmStartup::Ready { pid, restore }) => Ok(Started {
+        // Its own word for its PID would be 1 in a PID namespace of its own.
+        Ok(VmmStartup::Ready { restore, .. }) => Ok(Started {
+            pid: child.pid,
             child,
-            pid,
             restore,
         }),
         Ok(VmmStartup::Failed { message }) => {
@@ -99,7 +102,7 @@ pub fn spawn(dir: &DomainDir, connection: Option<RawFd>) -> anyhow::Result<Start
             Err(anyhow!(message))
         }
         Err(e) => {
-            let _ = child.kill();
+            child.kill();
             let _ = child.wait();
             Err(e)
         }

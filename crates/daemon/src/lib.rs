@@ -10,6 +10,7 @@ pub mod peer_log;
 pub mod pool;
 pub mod registry;
 pub mod relocation;
+pub mod sandbox;
 pub mod server;
 pub mod trust;
 
@@ -33,9 +34,11 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let _lock = lock_state_dir(&config.state_dir)?;
     let listener = bind_socket(&config.socket)?;
     check_cpu_features(&config.hide_cpu_features)?;
+    sandbox::check(&config.sandbox)?;
     let policy = registry::HostPolicy {
         hidden_cpu_features: config.hide_cpu_features.clone(),
         guest_memory_mib: config.guest_memory_mib,
+        sandbox: config.sandbox.clone(),
     };
     let trust = Arc::new(trust::HostTrust::open(
         &config.state_dir,

@@ -97,6 +97,8 @@ pub struct HostPolicy {
     pub hidden_cpu_features: Vec<String>,
     /// The most RAM all guests may have together, MiB.
     pub guest_memory_mib: Option<u64>,
+    /// How guest processes are contained.
+    pub sandbox: tern_config::SandboxConfig,
 }
 
 /// The daemon's view of its domains.
@@ -358,7 +360,19 @@ fn list_state(dir: &DomainDir, life: Life) -> (DomainState, u64, Option<String>)
             Some(format!("arriving from {source}")),
         ),
         Life::Starting => (DomainState::Paused, 0, None),
-        Life::Ended(state) => (state, 0, None),
+        Life::Ended(state) => (state, 0, crash_note(dir, state)),
+    }
+}
+
+/// Why a crashed domain's process ended, as it or its sandbox recorded it.
+fn crash_note(dir: &DomainDir, state: DomainState) -> Option<String> {
+    if state != DomainState::Crashed {
+        return None;
+    }
+    let text = std::fs::read(dir.exit_file()).ok()?;
+    match serde_json::from_slice(&text).ok()? {
+        tern_api::vmm::ExitReason::Crash { message } => Some(message),
+        _ => None,
     }
 }
 

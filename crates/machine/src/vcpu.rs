@@ -22,6 +22,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use tern_devices::{Bus, GuestEvent, GuestEventSender};
+use tern_sandbox::ThreadKind;
 
 use crate::cpuid;
 
@@ -435,9 +436,10 @@ impl Vcpu {
             index,
             message: format!("cannot map kvm_run for kicks: {e}"),
         })?;
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || runner.run())
+        let thread =
+            tern_sandbox::thread::spawn(ThreadKind::Vcpu, format!("vcpu{index}"), move || {
+                runner.run()
+            })
             .map_err(|e| VcpuError::Other {
                 index,
                 message: format!("cannot start thread: {e}"),

@@ -331,11 +331,14 @@ fn export_name_refusal_is_a_closed_connection() {
 
 #[test]
 fn oldstyle_server_is_refused() {
+    // One write: the client hangs up once it has read the magics, and a later write of the
+    // rest would find the connection gone.
     let f = Fake::start(|p| {
-        p.send(&NBD_MAGIC.to_be_bytes());
-        p.send(&OLDSTYLE_MAGIC.to_be_bytes());
-        p.send(&(1u64 << 30).to_be_bytes());
-        p.send(&[0u8; 4 + 124]);
+        let mut greeting = NBD_MAGIC.to_be_bytes().to_vec();
+        greeting.extend_from_slice(&OLDSTYLE_MAGIC.to_be_bytes());
+        greeting.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        greeting.extend_from_slice(&[0u8; 4 + 124]);
+        p.send(&greeting);
     });
     let e = connect(&f).unwrap_err();
     assert!(matches!(e, NbdError::OldStyle { .. }), "{e}");

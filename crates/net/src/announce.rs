@@ -14,6 +14,7 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use tern_sandbox::ThreadKind;
 
 use crate::{NetError, Tap};
 
@@ -251,20 +252,19 @@ pub fn announce_with(tap: &Tap, announcement: Announcement) -> io::Result<Announ
     let tap = tap.try_clone()?;
     let stop = Arc::new(Stop::default());
     let thread_stop = Arc::clone(&stop);
-    let thread = std::thread::Builder::new()
-        .name(format!("announce-{}", tap.name()))
-        .spawn(move || {
-            let result = run(&tap, &announcement, &thread_stop);
-            if let Err(e) = &result {
-                log::warn!(
-                    "announcing {} on {}: {e}",
-                    fmt_mac(announcement.mac),
-                    tap.name()
-                );
-            }
-            result
-        })
-        .map_err(|e| NetError::os("announce", "spawn thread", e))?;
+    let name = format!("announce-{}", tap.name());
+    let thread = tern_sandbox::thread::spawn(ThreadKind::Device, name, move || {
+        let result = run(&tap, &announcement, &thread_stop);
+        if let Err(e) = &result {
+            log::warn!(
+                "announcing {} on {}: {e}",
+                fmt_mac(announcement.mac),
+                tap.name()
+            );
+        }
+        result
+    })
+    .map_err(|e| NetError::os("announce", "spawn thread", e))?;
     Ok(AnnounceHandle {
         thread: Some(thread),
         stop,

@@ -23,7 +23,9 @@ pub fn netns_exists(name: &str) -> bool {
 
 /// Makes `cmd` run in network namespace `ns`, as `ip netns exec` would: the child joins the
 /// namespace and gets a private mount namespace with `/sys` remounted, so that
-/// `/sys/class/net` shows the namespace's interfaces. Unlike wrapping the program in
+/// `/sys/class/net` shows the namespace's interfaces. The host's control-group hierarchies
+/// are mounted again under the new `/sys` (the same hierarchies: a daemon there limits its
+/// guests as on the host). Unlike wrapping the program in
 /// `ip netns exec`, everything else set on `cmd` (stdio, environment, directory) is kept and
 /// the child's PID is the program's.
 pub fn enter_netns(cmd: &mut Command, ns: &str) -> anyhow::Result<()> {
@@ -31,6 +33,7 @@ pub fn enter_netns(cmd: &mut Command, ns: &str) -> anyhow::Result<()> {
     let file = File::open(&path)
         .with_context(|| format!("no network namespace {ns} ({})", path.display()))?;
     let ns_name = CString::new(ns).context("namespace name with a NUL byte")?;
+    let cgroups = cgroup_mounts();
     // SAFETY: the hook only makes system calls on data prepared before the fork (no
     // allocation, no locks), which is what a pre_exec hook may do.
     unsafe {
@@ -67,10 +70,70 @@ pub fn enter_netns(cmd: &mut Command, ns: &str) -> anyhow::Result<()> {
                 c"sysfs".as_ptr(),
                 flags,
                 std::ptr::null(),
-            ))
+            ))?;
+            if !cgroups.is_empty() {
+                check(libc::mount(
+                    c"tmpfs".as_ptr(),
+                    c"/sys/fs/cgroup".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    c"mode=755".as_ptr().cast(),
+                ))?;
+            }
+            for m in &cgroups {
+                libc::mkdir(m.target.as_ptr(), 0o755);
+                check(libc::mount(
+                    m.fstype.as_ptr(),
+                    m.target.as_ptr(),
+                    m.fstype.as_ptr(),
+                    0,
+                    m.options.as_ptr().cast(),
+                ))?;
+            }
+            Ok(())
         });
     }
     Ok(())
+}
+
+/// A control-group hierarchy mounted under `/sys/fs/cgroup`.
+struct CgroupMount {
+    target: CString,
+    fstype: CString,
+    options: CString,
+}
+
+/// The host's control-group hierarchies under `/sys/fs/cgroup`, from `/proc/self/mountinfo`
+/// (fields: id, parent, dev, root, mount point, options, optional fields, `-`, type, source,
+/// super options).
+fn cgroup_mounts() -> Vec<CgroupMount> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            let fields: Vec<&str> = before.split(' ').collect();
+            let (root, target) = (*fields.get(3)?, *fields.get(4)?);
+            let mut after = after.split(' ');
+            let (fstype, _source, options) = (after.next()?, after.next()?, after.next()?);
+            let wanted = root == "/"
+                && target.starts_with("/sys/fs/cgroup/")
+                && matches!(fstype, "cgroup" | "cgroup2");
+            let options: Vec<&str> = options
+                .split(',')
+                .filter(|o| !matches!(*o, "rw" | "ro"))
+                .collect();
+            if !wanted {
+                return None;
+            }
+            Some(CgroupMount {
+                target: CString::new(target).ok()?,
+                fstype: CString::new(fstype).ok()?,
+                options: CString::new(options.join(",")).ok()?,
+            })
+        })
+        .collect()
 }
 
 /// Runs `f` on a thread that has joined network namespace `ns`, and returns its result.

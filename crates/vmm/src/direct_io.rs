@@ -32,24 +32,14 @@ pub struct DirectFileWriter {
 }
 
 impl DirectFileWriter {
-    /// Creates `path` (it must not exist), mode 0600. Falls back to buffered writes where the
-    /// file system does not support O_DIRECT.
-    pub fn create(path: &Path) -> io::Result<Self> {
-        let buffered = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)?;
-        let direct = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok();
-        Ok(DirectFileWriter {
+    /// Writes a new, empty file through `buffered` and, where the file system has O_DIRECT,
+    /// through `direct`, the same file opened with it.
+    pub fn new(buffered: File, direct: Option<File>) -> Self {
+        DirectFileWriter {
             buffered,
             direct,
             offset: 0,
-        })
+        }
     }
 
     /// The file, for flushing to disk.
@@ -218,7 +208,8 @@ mod tests {
     fn mixed_writes_produce_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let mut w = DirectFileWriter::create(&path).unwrap();
+        let files = crate::save::CheckpointFiles::create(&path).unwrap();
+        let mut w = DirectFileWriter::new(files.file, files.direct);
         let mut page = AlignedBuf::new();
         page.resize(2 * ALIGN).fill(7);
         let head = vec![1u8; ALIGN - 10];

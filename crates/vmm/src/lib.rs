@@ -33,6 +33,7 @@ use tern_api::{read_message, write_message, RestoreSummary, SaveSummary};
 use tern_devices::serial::SerialDevice;
 use tern_devices::GuestEvent;
 use tern_machine::{Machine, MachineConfig};
+use tern_sandbox::ThreadKind;
 
 use console::ConsoleHub;
 use lifecycle::{Event, Lifecycle, State};
@@ -145,13 +146,18 @@ impl Vmm {
                 let _ = self.main.send(MainEvent::Destroy);
                 Ok(())
             }
+            VmmRequest::TestForbiddenCall => self.attempt_forbidden_call(),
             VmmRequest::Console
             | VmmRequest::Monitor
-            | VmmRequest::Save { .. }
+            | VmmRequest::SaveInto { .. }
             | VmmRequest::Migrate { .. }
             | VmmRequest::ResumePostcopy { .. } => Ok(()),
             VmmRequest::HandoverDecision { .. } => {
                 Err("no migration asked about a handover".into())
+            }
+            VmmRequest::SavePlaced { .. } => Err("no save waits for its file to be placed".into()),
+            VmmRequest::Save { .. } => {
+                Err("this guest process saves only into a file its daemon opens (save_into)".into())
             }
         };
         match result {
@@ -162,6 +168,28 @@ impl Vmm {
 }
 
 impl Vmm {
+    /// [`VmmRequest::TestForbiddenCall`]: only when tests asked for such requests and the
+    /// filters kill, so that the call can never go through.
+    fn attempt_forbidden_call(&self) -> Result<(), String> {
+        let sandbox = &self.record.sandbox;
+        if !sandbox.test_requests {
+            return Err("this host takes no test requests ([sandbox] test_requests)".into());
+        }
+        if sandbox.seccomp != tern_config::SeccompMode::Enforce || !tern_sandbox::seccomp::armed() {
+            return Err("no system-call filter is enforced here".into());
+        }
+        log::warn!("test request: attempting execve, which the sandbox forbids");
+        let argv = [c"true".as_ptr(), std::ptr::null()];
+        let envp = [std::ptr::null()];
+        // SAFETY: null-terminated argument and environment arrays of C strings; the filter
+        // stops the call before it replaces anything.
+        unsafe { libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        Err(format!(
+            "execve was not stopped: {}",
+            std::io::Error::last_os_error()
+        ))
+    }
+
     /// Ends what a migration left on when the user forces the guest to run from `before`;
     /// what the user should know about it.
     fn forced_unpause(&self, before: &State) -> Option<String> {
@@ -199,13 +227,17 @@ impl Vmm {
         warning
     }
 
-    /// Pauses, writes a checkpoint, then either ends the guest or lets it run on. A failed
-    /// save leaves the guest running as before.
+    /// Pauses, writes a checkpoint into `files` (to be `path`), then either lets the guest run
+    /// on or ends it. `report` is told the summary once the file is on disk; without
+    /// `keep_running` it says whether the daemon gave the file its final name, and only then
+    /// does the guest end. A failed save leaves the guest running as before.
     fn save(
         &self,
+        files: save::CheckpointFiles,
         path: &str,
         keep_running: bool,
         progress: impl FnMut(&tern_api::Progress),
+        report: impl FnOnce(&SaveSummary) -> bool,
     ) -> anyhow::Result<SaveSummary> {
         let before = self
             .life
@@ -222,7 +254,7 @@ impl Vmm {
             machine.pause().map_err(anyhow::Error::from)
         }
         .and_then(|()| {
-            save::write_checkpoint(&machine, &self.record, Path::new(path), started, progress)
+            save::write_checkpoint(&machine, &self.record, files, path, started, progress)
         });
         let resumed = |machine: &mut Machine| {
             if resume && !self.life.ending() {
@@ -236,15 +268,23 @@ impl Vmm {
                 let _ = self.life.apply(Event::Saved { keep_running: true });
                 resumed?;
                 summary.kept_running = true;
+                report(&summary);
                 Ok(summary)
             }
-            Ok(summary) => {
+            Ok(summary) if report(&summary) => {
                 // The guest stays paused until the process ends: it now lives in the file.
                 let _ = self.life.apply(Event::Saved {
                     keep_running: false,
                 });
                 let _ = self.main.send(MainEvent::Saved);
                 Ok(summary)
+            }
+            Ok(_) => {
+                log::warn!("the checkpoint was not put in place as {path}; the guest runs on");
+                let resumed = resumed(&mut machine);
+                let _ = self.life.apply(Event::SaveFailed);
+                resumed?;
+                anyhow::bail!("the checkpoint was not put in place as {path}")
             }
             Err(e) => {
                 let resumed = resumed(&mut machine);
@@ -271,7 +311,13 @@ pub fn run(dir: &Path) -> i32 {
     logging::init("vmm");
     let started = Instant::now();
     let dir = DomainDir::new(dir);
-    match start(&dir, started) {
+    let started = start(&dir, started).and_then(|s| {
+        // Set up: from here on this thread, and every thread it starts, is filtered (the
+        // vCPUs, devices and page servers already entered their own filters).
+        tern_sandbox::seccomp::enter(ThreadKind::Control)?;
+        Ok(s)
+    });
+    match started {
         Ok((vmm, listener, events, restore, incoming)) => {
             announce(&VmmStartup::Ready {
                 pid: std::process::id(),
@@ -290,6 +336,26 @@ pub fn run(dir: &Path) -> i32 {
         }
         Err(e) => fail(&dir, &e),
     }
+}
+
+/// Builds the filters every thread enters as it starts (none have started yet), as the
+/// daemon's `[sandbox]` says.
+fn arm_sandbox(dir: &DomainDir, sandbox: &tern_config::SandboxConfig) -> anyhow::Result<()> {
+    use tern_config::SeccompMode;
+    use tern_sandbox::seccomp::OnViolation;
+    let on_violation = match sandbox.seccomp {
+        SeccompMode::Enforce => OnViolation::Kill,
+        SeccompMode::Log => OnViolation::Log,
+        SeccompMode::Off => return Ok(()),
+    };
+    let report = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.violation_file())
+        .with_context(|| format!("cannot create {}", dir.violation_file().display()))?;
+    tern_sandbox::seccomp::arm(on_violation, report)?;
+    Ok(())
 }
 
 /// Reports a start-up failure and ends the process at once: threads of a half-built guest
@@ -343,12 +409,12 @@ fn machine_config(record: &DomainRecord) -> anyhow::Result<MachineConfig> {
 
 fn start(dir: &DomainDir, started: Instant) -> anyhow::Result<Started> {
     let record = dir.load_record()?;
+    arm_sandbox(dir, &record.sandbox)?;
     let console = ConsoleHub::open(dir.path()).context("cannot open the console log")?;
     let socket = dir.control_socket();
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    std::fs::write(dir.pid_file(), std::process::id().to_string())?;
 
     let mut incoming = None;
     let disks;
@@ -402,6 +468,7 @@ fn start(dir: &DomainDir, started: Instant) -> anyhow::Result<Started> {
     std::thread::Builder::new()
         .name("guest-events".into())
         .spawn(move || {
+            tern_sandbox::seccomp::enter_or_abort(ThreadKind::Control);
             while let Ok(e) = guest_events.recv() {
                 if forward.send(MainEvent::Guest(e)).is_err() {
                     break;
@@ -526,18 +593,8 @@ fn serve_connection(vmm: &Arc<Vmm>, stream: UnixStream) {
         if let VmmRequest::ResumePostcopy { migration_id } = &req {
             return postcopy_in::take_resumed(vmm, reader, writer, migration_id);
         }
-        if let VmmRequest::Save { path, keep_running } = &req {
-            let mut progress_out = &writer;
-            let result = vmm.save(path, *keep_running, |p| {
-                let _ = write_message(&mut progress_out, &VmmReply::Progress(p.clone()));
-            });
-            let reply = match result {
-                Ok(summary) => VmmReply::Saved(summary),
-                Err(e) => VmmReply::Error {
-                    message: format!("{e:#}"),
-                },
-            };
-            if write_message(&mut writer, &reply).is_err() {
+        if let VmmRequest::SaveInto { path, keep_running } = &req {
+            if !save_into(vmm, &mut reader, &mut writer, path, *keep_running) {
                 return;
             }
             continue;
@@ -552,6 +609,87 @@ fn serve_connection(vmm: &Arc<Vmm>, stream: UnixStream) {
             _ => {}
         }
     }
+}
+
+/// How long a guest saved to a file waits for the daemon to give the file its name.
+const PLACE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`VmmRequest::SaveInto`] on a control connection; whether the connection is still usable.
+fn save_into(
+    vmm: &Vmm,
+    reader: &mut BufReader<UnixStream>,
+    writer: &mut UnixStream,
+    path: &str,
+    keep_running: bool,
+) -> bool {
+    let files = match take_checkpoint_files(reader, writer) {
+        Ok(files) => files,
+        Err(e) => {
+            let message = format!("{e:#}");
+            return write_message(writer, &VmmReply::Error { message }).is_ok();
+        }
+    };
+    let out: &UnixStream = writer;
+    let mut progress_out = out;
+    let report = |summary: &SaveSummary| {
+        let mut out = out;
+        if write_message(&mut out, &VmmReply::Saved(summary.clone())).is_err() {
+            return false;
+        }
+        if keep_running {
+            return true;
+        }
+        let _ = out.set_read_timeout(Some(PLACE_TIMEOUT));
+        let placed = read_message::<VmmRequest>(reader);
+        let _ = out.set_read_timeout(None);
+        matches!(placed, Ok(VmmRequest::SavePlaced { placed: true }))
+    };
+    let result = vmm.save(
+        files,
+        path,
+        keep_running,
+        |p| {
+            let _ = write_message(&mut progress_out, &VmmReply::Progress(p.clone()));
+        },
+        report,
+    );
+    match result {
+        Ok(_) => true,
+        Err(e) => {
+            let message = format!("{e:#}");
+            write_message(&mut (&*writer), &VmmReply::Error { message }).is_ok()
+        }
+    }
+}
+
+/// Says Ok, then receives the checkpoint file and its O_DIRECT twin, one byte each.
+fn take_checkpoint_files(
+    reader: &BufReader<UnixStream>,
+    writer: &mut UnixStream,
+) -> anyhow::Result<save::CheckpointFiles> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    write_message(writer, &VmmReply::Ok).context("the daemon went away")?;
+    anyhow::ensure!(
+        reader.buffer().is_empty(),
+        "the daemon sent more than the request before the checkpoint file"
+    );
+    writer.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let receive = || {
+        let mut byte = [0u8; 1];
+        let (n, file) = reader
+            .get_ref()
+            .recv_with_fd(&mut byte)
+            .context("cannot receive the checkpoint file")?;
+        anyhow::ensure!(n == 1, "the daemon hung up before the checkpoint file");
+        anyhow::Ok(file)
+    };
+    let file = receive().and_then(|f| f.context("the daemon sent no checkpoint file"));
+    let direct = file.as_ref().ok().map(|_| receive()).transpose();
+    writer.set_read_timeout(None)?;
+    Ok(save::CheckpointFiles {
+        file: file?,
+        direct: direct?.flatten(),
+    })
 }
 
 /// Console stream: frames of guest output out, raw console input in.

@@ -22,6 +22,9 @@ pub struct DomainRecord {
     /// Receive the guest from a migration instead of booting the kernel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incoming: Option<IncomingSpec>,
+    /// How the process contains itself (the daemon's `[sandbox]`).
+    #[serde(default)]
+    pub sandbox: tern_config::SandboxConfig,
 }
 
 /// An incoming migration, as the daemon hands it to the guest process.
@@ -120,6 +123,16 @@ impl DomainDir {
 
     pub fn pid_file(&self) -> PathBuf {
         self.0.join("vmm.pid")
+    }
+
+    /// Where the process names the system call its sandbox killed it for.
+    pub fn violation_file(&self) -> PathBuf {
+        self.0.join("sandbox-violation")
+    }
+
+    /// The control-group directories the daemon put the process in (one per line).
+    pub fn cgroup_file(&self) -> PathBuf {
+        self.0.join("cgroup")
     }
 
     /// Reads `domain.json`.

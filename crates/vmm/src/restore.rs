@@ -19,6 +19,7 @@ use tern_devices::state::StateEncoding;
 use tern_machine::uffd::Uffd;
 use tern_machine::{Machine, MachineState};
 use tern_migration::{guest_slice, GuestSlice, RamRegion};
+use tern_sandbox::ThreadKind;
 use tern_snapshot::{PagesIndex, RecordType, SnapshotIndex};
 
 use crate::direct_io::{self, AlignedBuf};
@@ -395,13 +396,17 @@ impl LazyLoader {
             shown,
         });
         let handler_state = state.clone();
-        let handler = std::thread::Builder::new()
-            .name("restore-faults".into())
-            .spawn(move || serve_faults(&handler_state))?;
+        let handler = tern_sandbox::thread::spawn(
+            ThreadKind::PageServer,
+            "restore-faults".into(),
+            move || serve_faults(&handler_state),
+        )?;
         let prefetch_state = state.clone();
-        let prefetcher = std::thread::Builder::new()
-            .name("restore-prefetch".into())
-            .spawn(move || prefetch(&prefetch_state))?;
+        let prefetcher = tern_sandbox::thread::spawn(
+            ThreadKind::PageServer,
+            "restore-prefetch".into(),
+            move || prefetch(&prefetch_state),
+        )?;
         Ok(LazyLoader {
             state,
             prefetcher: Some(prefetcher),

@@ -4,6 +4,11 @@
 //! every guest page that is neither a hole in the RAM file nor all zero, then END. The file is
 //! written under a temporary name next to its final one, flushed to disk and renamed, so a
 //! checkpoint never exists half-written under its final name.
+//!
+//! The daemon opens the temporary file ([`CheckpointFiles::create`]) and hands it to the guest
+//! process, which writes and flushes it ([`write_checkpoint`]); the daemon then gives it its
+//! name ([`place`]). The guest process never opens a path for a save: the daemon decides where
+//! a checkpoint may go, and sees the file system as the user does.
 
 use std::fs::File;
 use std::io::Write;
@@ -25,13 +30,14 @@ pub const BLOCK_PAGES: u32 = 64;
 const RECORD_PAGES: u64 = 16 * 1024;
 const PAGE: u64 = 4096;
 
-/// Temporary name of a checkpoint being written by process `pid`.
-pub fn partial_path(path: &Path, pid: u32) -> PathBuf {
+/// Temporary name of a checkpoint of the guest `uuid` being written (one save of a guest at
+/// a time; its process's PID would not do: in a PID namespace of its own, every one is 1).
+pub fn partial_path(path: &Path, uuid: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{pid}.partial"))
+    path.with_file_name(format!(".{name}.{uuid}.partial"))
 }
 
 /// Removes temporary files a save of `path` left behind (after its writer died).
@@ -51,48 +57,77 @@ pub fn remove_partials(path: &Path) {
     }
 }
 
-/// Writes a checkpoint of `machine` (paused) to `path`.
+/// A new checkpoint file, opened twice: once for records, once with O_DIRECT for page data
+/// (none where the file system has no O_DIRECT).
+pub struct CheckpointFiles {
+    pub file: File,
+    pub direct: Option<File>,
+}
+
+impl CheckpointFiles {
+    /// Creates `partial` (it must not exist), mode 0600.
+    pub fn create(partial: &Path) -> std::io::Result<CheckpointFiles> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(partial)?;
+        let direct = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(partial)
+            .ok();
+        Ok(CheckpointFiles { file, direct })
+    }
+}
+
+/// Gives a written checkpoint its final name: renames `partial` over `path` and makes the
+/// rename durable.
+pub fn place(partial: &Path, path: &Path) -> anyhow::Result<()> {
+    std::fs::rename(partial, path).with_context(|| {
+        format!(
+            "cannot move the checkpoint into place as {}",
+            path.display()
+        )
+    })?;
+    sync_dir(path);
+    Ok(())
+}
+
+/// Writes a checkpoint of `machine` (paused) into `files` and flushes it to disk; `shown` is
+/// where it is going, for messages.
 pub fn write_checkpoint(
     machine: &Machine,
     record: &DomainRecord,
-    path: &Path,
+    files: CheckpointFiles,
+    shown: &str,
     started: Instant,
     mut progress: impl FnMut(&Progress),
 ) -> anyhow::Result<SaveSummary> {
-    let shown = path.display().to_string();
-    let tmp = partial_path(path, std::process::id());
-    let result = write_to(machine, record, &tmp, &mut progress).and_then(|mut written| {
+    let result = write_to(machine, record, files, &mut progress).and_then(|mut written| {
         let write_seconds = started.elapsed().as_secs_f64();
         let t = Instant::now();
         written
             .file
             .sync_all()
             .context("cannot flush the checkpoint to disk")?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot move the checkpoint into place as {shown}"))?;
-        sync_dir(path);
         written.phases.fsync = t.elapsed().as_secs_f64();
         Ok((written, write_seconds))
     });
-    match result {
-        Ok((written, write_seconds)) => {
-            log::info!("save to {shown}: {:?}", written.phases);
-            Ok(SaveSummary {
-                path: shown,
-                file_bytes: written.bytes,
-                memory_bytes: machine.ram().size(),
-                pages_stored: written.pages,
-                write_seconds,
-                total_seconds: started.elapsed().as_secs_f64(),
-                kept_running: false,
-                phases: written.phases,
-            })
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e.context(format!("cannot write checkpoint {shown}")))
-        }
-    }
+    let (written, write_seconds) =
+        result.map_err(|e| e.context(format!("cannot write checkpoint {shown}")))?;
+    log::info!("save to {shown}: {:?}", written.phases);
+    Ok(SaveSummary {
+        path: shown.to_string(),
+        file_bytes: written.bytes,
+        memory_bytes: machine.ram().size(),
+        pages_stored: written.pages,
+        write_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+        kept_running: false,
+        phases: written.phases,
+    })
 }
 
 /// A checkpoint written but not yet flushed.
@@ -103,11 +138,11 @@ struct Written {
     phases: SavePhases,
 }
 
-/// Writes all records into `tmp`.
+/// Writes all records into `files`.
 fn write_to(
     machine: &Machine,
     record: &DomainRecord,
-    tmp: &Path,
+    files: CheckpointFiles,
     progress: &mut impl FnMut(&Progress),
 ) -> anyhow::Result<Written> {
     let mut phases = SavePhases::default();
@@ -120,8 +155,7 @@ fn write_to(
     phases.scan = t.elapsed().as_secs_f64();
     let t = Instant::now();
 
-    let file = DirectFileWriter::create(tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let file = DirectFileWriter::new(files.file, files.direct);
     let mut w = SnapshotWriter::new(file, true)?;
     let info = guest_info(machine, record);
     w.record(RecordType::INFO, &serde_json::to_vec(&info)?)?;
@@ -375,7 +409,7 @@ mod tests {
     fn partial_files_are_named_and_found() {
         let dir = tempfile::tempdir().unwrap();
         let final_path = dir.path().join("g.tern");
-        let tmp = partial_path(&final_path, 42);
+        let tmp = partial_path(&final_path, "42");
         assert_eq!(tmp.file_name().unwrap(), ".g.tern.42.partial");
         std::fs::write(&tmp, b"x").unwrap();
         std::fs::write(dir.path().join("other"), b"y").unwrap();

@@ -11,6 +11,7 @@ use tern_vmm::record::{DomainDir, DomainRecord, IncomingSpec, RestoreSpec};
 use super::{domains_dir, Domain, Life, Registry};
 use crate::admission;
 use crate::guest_process;
+use crate::sandbox;
 
 /// How a domain's process starts.
 pub(crate) enum Launch {
@@ -80,6 +81,7 @@ impl Registry {
             restore,
             hidden_cpu_features: self.policy.hidden_cpu_features.clone(),
             incoming,
+            sandbox: self.policy.sandbox.clone(),
         };
         let started = std::fs::create_dir_all(dir.path())
             .with_context(|| format!("cannot create {}", dir.path().display()))
@@ -123,7 +125,25 @@ impl Registry {
         incoming: Option<&IncomingSpec>,
     ) -> anyhow::Result<Option<RestoreSummary>> {
         let _ = std::fs::remove_file(dir.exit_file());
-        let started = guest_process::spawn(dir, connection)?;
+        let _ = std::fs::remove_file(dir.violation_file());
+        let record = dir.load_record()?;
+        let cgroup = sandbox::create_cgroup(dir, &record.config, &self.policy.sandbox)?;
+        let joiner = cgroup.as_ref().map(|c| c.joiner()).transpose();
+        let started = joiner.map_err(anyhow::Error::from).and_then(|joiner| {
+            guest_process::spawn(
+                dir,
+                connection,
+                joiner.as_ref(),
+                self.policy.sandbox.namespaces,
+            )
+        });
+        let started = match started {
+            Ok(started) => started,
+            Err(e) => {
+                sandbox::remove_cgroup(dir);
+                return Err(e);
+            }
+        };
         let pid = started.pid;
         let life = match incoming {
             Some(spec) => Life::Incoming {

@@ -2,7 +2,6 @@
 //! `on_reboot` and `on_crash` when the process ends, and shutting it down or destroying it.
 
 use std::io::Read;
-use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,8 @@ use tern_vmm::record::DomainDir;
 
 use super::{Domain, Life, Registry};
 use crate::guest_process::{self, Control};
+use crate::sandbox;
+use tern_sandbox::process::Child;
 
 /// Most automatic restarts within [`RESTART_WINDOW`] before a domain is left crashed.
 const MAX_RESTARTS: usize = 5;
@@ -55,7 +56,7 @@ impl Registry {
                 // Drain until the process really closed the socket.
                 let mut sink = [0u8; 64];
                 while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
-                if let Some(mut child) = child {
+                if let Some(child) = child {
                     let _ = child.wait();
                 }
                 registry.guest_ended(id, reason);
@@ -71,6 +72,19 @@ impl Registry {
             .map(|d| (d.dir.clone(), d.life.clone()))
         else {
             return;
+        };
+        sandbox::remove_cgroup(&dir);
+        // A process the sandbox killed said nothing on its way out; its report says why.
+        let reason = match sandbox::violation(&dir) {
+            Some(message) => {
+                log::error!("domain {id}'s guest process was {message}");
+                let reason = ExitReason::Crash { message };
+                if let Ok(json) = serde_json::to_vec(&reason) {
+                    let _ = tern_vmm::record::write_atomically(&dir.exit_file(), &json);
+                }
+                Some(reason)
+            }
+            None => reason,
         };
         if let Life::Incoming { migration_id, .. } = life {
             self.incoming_ended(id, &migration_id, reason);

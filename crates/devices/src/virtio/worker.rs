@@ -5,6 +5,7 @@ use std::os::fd::RawFd;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 
+use tern_sandbox::ThreadKind;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -42,9 +43,10 @@ impl<W: Work> Worker<W> {
         let control = EventFd::new(libc::EFD_NONBLOCK)?;
         let (tx, rx) = mpsc::channel();
         let thread_control = control.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || run(work, &thread_control, &rx, paused))?;
+        let thread =
+            tern_sandbox::thread::spawn(ThreadKind::Device, name.to_string(), move || {
+                run(work, &thread_control, &rx, paused)
+            })?;
         Ok(Worker {
             control,
             commands: tx,

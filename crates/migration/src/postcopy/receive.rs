@@ -156,7 +156,10 @@ impl<'a, T: Transport + AsRawFd> PostcopyDestination<'a, T> {
         std::thread::scope(|scope| {
             let spawned = std::thread::Builder::new()
                 .name("postcopy-faults".into())
-                .spawn_scoped(scope, move || reader.run());
+                .spawn_scoped(scope, move || {
+                    tern_sandbox::seccomp::enter_or_abort(tern_sandbox::ThreadKind::PageServer);
+                    reader.run()
+                });
             if let Err(e) = spawned {
                 return Err(MigrationError::io("start reading page faults", e));
             }
