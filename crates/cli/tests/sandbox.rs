@@ -192,7 +192,8 @@ fn a_forbidden_call_ends_that_guest_alone_and_is_named() {
         .expect("victim listed");
     let note = victim["note"].as_str().unwrap_or_default();
     assert!(
-        note.contains("killed by its sandbox") && note.contains("execve"),
+        note.contains("killed by its sandbox: thread control-conn (inherited control)")
+            && note.contains("system call 59 (execve)"),
         "tern list does not say why: {victim}"
     );
     let listed = host.ok(&["list"]);

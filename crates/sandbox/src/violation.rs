@@ -73,13 +73,21 @@ const SI_SYSCALL_OFFSET: usize = 24;
 extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel hands a valid siginfo for SIGSYS; the offset is the x86_64 layout.
     let nr = unsafe { *(info as *const u8).add(SI_SYSCALL_OFFSET).cast::<i32>() };
-    let (kind, name) = LABEL.with(|l| (l.kind.get(), l.name.get()));
+    let (kind, mut name) = LABEL.with(|l| (l.kind.get(), l.name.get()));
+    if name[0] == 0 {
+        // A thread that inherited its filter never named itself here: ask the kernel (the
+        // name std gave it), which every filter allows.
+        // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer.
+        unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+    }
     let mut line = Line::default();
     line.push(b"thread ");
     let name_len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     line.push(&name[..name_len]);
     line.push(b" (");
-    let kind = ThreadKind::from_u8(kind).map_or("unfiltered", ThreadKind::label);
+    // Threads started by a filtered thread without entering a filter of their own run under
+    // the one they inherited: the control filter, for every such thread tern starts.
+    let kind = ThreadKind::from_u8(kind).map_or("inherited control", ThreadKind::label);
     line.push(kind.as_bytes());
     line.push(b") made system call ");
     line.push_number(nr as i64);

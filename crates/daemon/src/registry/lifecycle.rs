@@ -10,12 +10,12 @@ use tern_api::vmm::{ExitReason, VmmEvent, VmmRequest};
 use tern_api::DomainState;
 use tern_api::{read_message, write_message};
 use tern_config::{Action, DomainConfig};
+use tern_sandbox::process::Child;
 use tern_vmm::record::DomainDir;
 
 use super::{Domain, Life, Registry};
 use crate::guest_process::{self, Control};
 use crate::sandbox;
-use tern_sandbox::process::Child;
 
 /// Most automatic restarts within [`RESTART_WINDOW`] before a domain is left crashed.
 const MAX_RESTARTS: usize = 5;
