@@ -335,8 +335,19 @@ fn an_evacuation_survives_a_killed_etcd_member_and_a_killed_daemon_run_again_fin
         "the first evacuation ended with its daemon"
     );
 
-    // Restarted (it adopts the guests still there), run again: it moves what is left.
+    // Restarted (it adopts the guests still there), run again: it moves what is left — once
+    // the move the killed daemon had under way has ended one way or the other (its guest
+    // process finishes or gives it up by itself; until then the guest is still migrating).
     pool.hosts[0].start_daemon();
+    assert!(
+        common::wait_for(Duration::from_secs(30), || pool
+            .host("host1")
+            .list()
+            .iter()
+            .all(|d| d["state"] != "migrating")),
+        "a migration the killed daemon started never ended: {:?}",
+        pool.host("host1").list()
+    );
     let out = pool
         .host("host1")
         .ok(&["host", "evacuate", "host1", "--live", "--json"]);

@@ -182,13 +182,23 @@ impl Cgroup {
         Ok(Joiner { files })
     }
 
-    /// Removes the group; it must have no process left. Failures are logged: a leftover empty
-    /// group costs nothing.
+    /// Removes the group. A process that just ended may still be leaving it (one the daemon
+    /// adopted is not its child to wait for): a busy group is tried again for up to two
+    /// seconds. Failures are logged: a leftover empty group costs nothing.
     pub fn remove(&self) {
         for dir in &self.dirs {
-            if let Err(e) = std::fs::remove_dir(dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    log::warn!("cannot remove {}: {e}", dir.display());
+            let mut tries = 0;
+            loop {
+                match std::fs::remove_dir(dir) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 20 => {
+                        tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        log::warn!("cannot remove {}: {e}", dir.display());
+                        break;
+                    }
+                    _ => break,
                 }
             }
         }
